@@ -1,0 +1,344 @@
+"""The pipeline: sources -> download -> enrichers -> sinks, streaming and resumable.
+
+Downloads run in a bounded thread pool: the work is network-bound, requests and Pillow
+release the GIL while waiting or decoding, and threads keep the plugin API synchronous
+(a plugin author writes a plain generator, not a coroutine). Everything that touches the
+run state, the image folder and the sinks happens on the engine's own thread, so there is
+one writer and no lock around any of it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import signal
+import time
+from collections.abc import Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from contextlib import ExitStack
+from itertools import islice
+from pathlib import Path
+
+from PIL import Image
+
+from .errors import PluginConfigError, RecordError
+from .fetch import Fetched, Fetcher
+from .http import HttpClient
+from .plugin import Context, Plugin
+from .recipe import PluginSpec, Recipe
+from .record import FileInfo, Query, Record
+from .state import FINAL, RunState
+from .storage import image_relpath, inside
+from .summary import Progress, Summary
+
+STATE_DIR = ".harvest"
+FLUSH_SECONDS = 5.0
+
+log = logging.getLogger("harvest.engine")
+
+
+class Interrupted(Exception):
+    """SIGTERM, turned into an exception so the run stops as cleanly as on Ctrl-C."""
+
+
+class Engine:
+    def __init__(self, recipe: Recipe, *, limit: int | None = None, progress: bool = True):
+        self.recipe = recipe
+        self.settings = recipe.run
+        self.limit = limit
+        self.output = recipe.output
+        self.state_dir = self.output / STATE_DIR
+        self.temp_dir = self.state_dir / "tmp"
+        self.summary = Summary(recipe.name)
+        self.show_progress = progress
+        self.http = HttpClient(rate_per_host=self.settings.rate_per_host,
+                               timeout=self.settings.timeout, retries=self.settings.retries,
+                               backoff=self.settings.backoff, user_agent=self.settings.user_agent,
+                               pool_size=self.settings.concurrency)
+        # Pillow's own guard would warn or fail at its default; ours is the recipe's setting.
+        Image.MAX_IMAGE_PIXELS = self.settings.max_pixels
+        self.fetcher = Fetcher(self.http, self.temp_dir, max_bytes=self.settings.max_bytes,
+                               max_pixels=self.settings.max_pixels,
+                               verify=self.settings.verify_images)
+
+    def _context(self, spec: PluginSpec) -> Context:
+        return Context(recipe_name=self.recipe.name, recipe_dir=self.recipe.directory,
+                       output_dir=self.output, terms=self.recipe.terms, http=self.http,
+                       log=logging.getLogger(f"harvest.{spec.kind}.{spec.label}"))
+
+    def _build(self, spec: PluginSpec) -> Plugin:
+        try:
+            return spec.cls(spec.options, self._context(spec))
+        except PluginConfigError:
+            raise
+        except (ValueError, TypeError) as exc:
+            raise PluginConfigError(f"{self.recipe.path}: {spec.key_path}: {exc}") from None
+
+    def run(self) -> Summary:
+        (self.output / "images").mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(self.temp_dir, ignore_errors=True)  # parts of downloads a crash cut off
+        self.temp_dir.mkdir(parents=True)
+        self.state = RunState(self.state_dir / "state.sqlite")
+        run_id = self.state.start_run()
+        progress = Progress(self.summary, enabled=self.show_progress)
+        previous_sigterm = signal.signal(signal.SIGTERM, _raise_interrupted)
+        try:
+            with ExitStack() as stack:
+                sources = [(spec, self._open(stack, spec)) for spec in self.recipe.sources]
+                self.enrichers = [(spec, self._open(stack, spec)) for spec in self.recipe.enrichers]
+                self.sinks = [(spec, self._open(stack, spec)) for spec in self.recipe.sinks]
+                for spec, sink in self.sinks:
+                    sink.resume(self.state.checkpoint(spec.label))
+                try:
+                    self._pump(sources, progress)
+                    self.summary.outcome = "complete"
+                except (KeyboardInterrupt, Interrupted):
+                    self.summary.outcome = "interrupted"
+                    log.warning("interrupted: progress is saved; run again to resume")
+        finally:
+            signal.signal(signal.SIGTERM, previous_sigterm)
+            progress.close()
+            if self.summary.outcome == "running":
+                self.summary.outcome = "failed"
+            self._note_pending()
+            self.state.finish_run(run_id, self.summary.outcome, self.summary.to_dict())
+            self.state.close()
+            (self.state_dir / "last-run.json").write_text(
+                json.dumps(self.summary.to_dict(), ensure_ascii=False, indent=2), encoding="utf-8")
+            shutil.rmtree(self.temp_dir, ignore_errors=True)
+        return self.summary
+
+    def _open(self, stack: ExitStack, spec: PluginSpec) -> Plugin:
+        plugin = self._build(spec)
+        plugin.open()
+        stack.callback(plugin.close)
+        return plugin
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    def _pump(self, sources, progress: Progress) -> None:
+        max_in_flight = self.settings.concurrency * 2
+        in_flight: dict[Future, Record] = {}
+        in_flight_ids: set[str] = set()
+        self.batch: list[Record] = []
+        self.last_flush = time.monotonic()
+        pool = ThreadPoolExecutor(self.settings.concurrency, thread_name_prefix="download")
+        try:
+            for record in self._candidates(sources):
+                if record.id in in_flight_ids:
+                    self.summary.count(record.source, record.term, "skipped")
+                    continue
+                known = self.state.record(record.id)
+                if known is not None and known.status in FINAL:
+                    self.summary.count(record.source, record.term, "skipped")
+                    continue
+                if known is not None and known.status == "downloaded" and self._reuse(record, known):
+                    self._add_to_batch(record)
+                    continue
+                while len(in_flight) >= max_in_flight:
+                    self._collect(in_flight, in_flight_ids, FIRST_COMPLETED)
+                    progress.update()
+                future = pool.submit(self.fetcher.fetch, record.url)
+                in_flight[future] = record
+                in_flight_ids.add(record.id)
+                self._collect(in_flight, in_flight_ids, None)
+                progress.update()
+            while in_flight:
+                self._collect(in_flight, in_flight_ids, FIRST_COMPLETED)
+                progress.update()
+            self._flush()
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)
+            done = {f: r for f, r in in_flight.items() if f.done() and not f.cancelled()}
+            self._collect(done, in_flight_ids, None)
+            self._flush()
+            raise
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
+            progress.update()
+
+    def _candidates(self, sources) -> Iterator[Record]:
+        found = 0
+        for spec, source in sources:
+            if source.uses_terms:
+                streams = ((q, source.records(q)) for term in self.recipe.terms
+                           for q in (Query(term.key, lang, text) for lang, text in term.queries))
+            else:
+                streams = iter([(None, source.records(None))])
+            for query, stream in streams:
+                limit = None
+                if query is not None:
+                    limit = source.query_limit or self.settings.limit_per_term
+                try:
+                    for record in islice(stream, limit):
+                        if record.query is None and query is not None:
+                            record.query = query
+                        if not record.url:
+                            self.summary.fail(record.source, record.term, "source",
+                                              "no image URL", "rejected")
+                            continue
+                        self.summary.count(record.source, record.term, "found")
+                        yield record
+                        found += 1
+                        if self.limit is not None and found >= self.limit:
+                            return
+                except PluginConfigError:
+                    raise
+                except Exception as exc:
+                    # One failed query (an API outage after retries) must not end the run.
+                    reason = f"{exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                    log.error("%s: search %r failed: %s", spec.label,
+                              query.text if query else "", reason)
+                    self.summary.reasons[(spec.label, "search", reason)] += 1
+
+    def _collect(self, in_flight: dict, in_flight_ids: set, return_when) -> None:
+        if return_when is None:
+            finished = [f for f in in_flight if f.done()]
+        else:
+            finished, _ = wait(list(in_flight), return_when=return_when)
+        for future in finished:
+            record = in_flight.pop(future)
+            in_flight_ids.discard(record.id)
+            try:
+                fetched = future.result()
+            except RecordError as exc:
+                self._record_failed(record, "download", exc.reason, exc.permanent)
+                continue
+            except Exception as exc:  # a bug must not sink the whole run
+                log.debug("unexpected download error for %s", record.id, exc_info=True)
+                self._record_failed(record, "download", f"unexpected {exc.__class__.__name__}",
+                                    permanent=False)
+                continue
+            self._place(record, fetched)
+            self._add_to_batch(record)
+
+    # -- files --------------------------------------------------------------------------------
+
+    def _place(self, record: Record, fetched: Fetched) -> None:
+        """Stores the file once per content; a second record with the same bytes points at it."""
+        known = self.state.file(fetched.sha256)
+        if known is not None and (self.output / known[0].path).is_file():
+            fetched.temp_path.unlink(missing_ok=True)
+            record.file, first_id = known
+            if first_id != record.id:
+                record.duplicate_of = first_id
+                self.summary.count(record.source, record.term, "duplicate")
+        else:
+            folder = record.term or record.source
+            relpath = image_relpath(folder, record.source, record.source_id, fetched.format)
+            target = inside(self.output, relpath)
+            owner = self.state.path_owner(relpath)
+            if (owner not in (None, fetched.sha256)
+                    or (target.exists() and _sha256(target) != fetched.sha256)):
+                relpath = image_relpath(folder, record.source, record.source_id, fetched.format,
+                                        suffix="-" + fetched.sha256[:8])
+                target = inside(self.output, relpath)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(fetched.temp_path, target)
+            record.file = FileInfo(relpath, fetched.bytes, fetched.sha256, fetched.width,
+                                   fetched.height, fetched.format)
+            self.state.add_file(record.file, record.id)
+        self.summary.count(record.source, record.term, "downloaded")
+        self.state.set_status(record.id, record.source, record.term, "downloaded",
+                              sha256=fetched.sha256, duplicate_of=record.duplicate_of)
+
+    def _reuse(self, record: Record, known) -> bool:
+        """A record downloaded by an earlier, interrupted run: use its file, skip the network."""
+        if known.sha256 is None:
+            return False
+        stored = self.state.file(known.sha256)
+        if stored is None or not (self.output / stored[0].path).is_file():
+            return False
+        record.file, first_id = stored
+        if first_id != record.id:
+            record.duplicate_of = first_id
+        self.summary.count(record.source, record.term, "downloaded")
+        return True
+
+    # -- enrich and store ---------------------------------------------------------------------
+
+    def _add_to_batch(self, record: Record) -> None:
+        self.batch.append(record)
+        if (len(self.batch) >= self.settings.batch_size
+                or time.monotonic() - self.last_flush >= FLUSH_SECONDS):
+            self._flush()
+
+    def _flush(self) -> None:
+        batch, self.batch = self.batch, []
+        self.last_flush = time.monotonic()
+        if not batch:
+            self.state.commit()
+            return
+        for spec, enricher in self.enrichers:
+            batch = self._enrich(spec, enricher, batch)
+        for spec, sink in self.sinks:
+            if not batch:
+                break
+            try:
+                checkpoint = sink.write(batch)
+            except Exception as exc:
+                reason = f"{exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                log.error("sink %s failed a batch of %d: %s", spec.label, len(batch), reason)
+                for record in batch:
+                    self._record_failed(record, f"sink {spec.label}", reason, permanent=False)
+                batch = []
+                break
+            self.state.set_checkpoint(spec.label, checkpoint)
+        for record in batch:
+            self.summary.count(record.source, record.term, "stored")
+            self.state.set_status(record.id, record.source, record.term, "done",
+                                  sha256=record.file.sha256 if record.file else None)
+        self.state.commit()
+
+    def _enrich(self, spec: PluginSpec, enricher, batch: list[Record]) -> list[Record]:
+        stage = f"enrich {spec.label}"
+        try:
+            enricher.enrich(batch)
+        except Exception:
+            log.debug("%s failed a batch; retrying record by record", stage, exc_info=True)
+            survivors = []
+            for record in batch:
+                try:
+                    enricher.enrich([record])
+                    survivors.append(record)
+                except Exception as exc:
+                    self._record_failed(record, stage, f"{exc.__class__.__name__}: {exc}",
+                                        permanent=False)
+            batch = survivors
+        kept = []
+        for record in batch:
+            if record.dropped:
+                self.summary.fail(record.source, record.term, stage, record.dropped, "dropped")
+                self.state.set_status(record.id, record.source, record.term, "dropped",
+                                      reason=f"{stage}: {record.dropped}")
+            else:
+                kept.append(record)
+        return kept
+
+    def _record_failed(self, record: Record, stage: str, reason: str, permanent: bool) -> None:
+        outcome = "rejected" if permanent else "failed"
+        log.info("%s: %s %s: %s", record.id, stage, outcome, reason)
+        self.summary.fail(record.source, record.term, stage, reason, outcome)
+        self.state.set_status(record.id, record.source, record.term, outcome,
+                              reason=f"{stage}: {reason}")
+
+    def _note_pending(self) -> None:
+        counts = self.state.counts()
+        retry = counts.get("failed", 0) + counts.get("downloaded", 0)
+        if retry:
+            self.summary.pending_note = (f"{retry} record(s) not finished; run again to retry them")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _raise_interrupted(signum, frame):
+    raise Interrupted()

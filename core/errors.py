@@ -1,0 +1,49 @@
+"""Exceptions that cross module boundaries, and the exit status each maps to."""
+
+from __future__ import annotations
+
+
+class HarvestError(Exception):
+    """A failure the CLI reports in one line instead of a traceback."""
+
+    exit_status = 1
+
+
+class UsageError(HarvestError):
+    """Bad input from the user: a recipe, an argument, a secret, a file."""
+
+    exit_status = 2
+
+
+class RecipeError(UsageError):
+    """A recipe problem, located by file, key path and (when YAML knows it) line."""
+
+    def __init__(self, file, key_path: str, message: str, line: int | None = None):
+        self.file = str(file)
+        self.key_path = key_path
+        self.line = line
+        self.message = message
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        where = self.file if self.line is None else f"{self.file}:{self.line}"
+        if self.key_path:
+            where = f"{where}: {self.key_path}"
+        return f"{where}: {self.message}"
+
+
+class PluginConfigError(UsageError):
+    """A plugin found at start-up that its configuration cannot work (e.g. an API key refused)."""
+
+
+class RecordError(Exception):
+    """One record failed; the run goes on.
+
+    ``permanent`` failures (404, not an image, too large) are not retried on the next run;
+    transient ones (timeouts, 5xx after retries) are.
+    """
+
+    def __init__(self, reason: str, *, permanent: bool = True):
+        super().__init__(reason)
+        self.reason = reason
+        self.permanent = permanent

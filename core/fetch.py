@@ -1,0 +1,160 @@
+"""Downloading one image to a temporary file, and checking that it is a sound image."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import threading
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+import requests
+from PIL import Image
+
+from .errors import RecordError
+from .http import HttpClient
+
+CHUNK = 64 * 1024
+PERMANENT_STATUSES = {400, 401, 403, 404, 410, 451}
+
+
+@dataclass
+class Fetched:
+    temp_path: Path
+    bytes: int
+    sha256: str
+    width: int
+    height: int
+    format: str
+
+
+class Fetcher:
+    """Thread-safe: one requests session per worker thread, all sharing the rate limiter."""
+
+    def __init__(self, http: HttpClient, temp_dir: Path, *, max_bytes: int, max_pixels: int,
+                 verify: bool = True):
+        self.http = http
+        self.temp_dir = temp_dir
+        self.max_bytes = max_bytes
+        self.max_pixels = max_pixels
+        self.verify = verify
+        self._local = threading.local()
+
+    def _session(self) -> requests.Session:
+        session = getattr(self._local, "session", None)
+        if session is None:
+            session = self._local.session = self.http.session()
+        return session
+
+    def fetch(self, url: str) -> Fetched:
+        handle, name = tempfile.mkstemp(dir=self.temp_dir, suffix=".part")
+        temp_path = Path(name)
+        try:
+            with os.fdopen(handle, "wb") as out:
+                if urlsplit(url).scheme == "file":
+                    size, digest = self._copy_local(url, out)
+                else:
+                    size, digest = self._download(url, out)
+            width, height, image_format = inspect_image(temp_path, self.max_pixels, self.verify)
+        except BaseException:
+            temp_path.unlink(missing_ok=True)
+            raise
+        return Fetched(temp_path, size, digest, width, height, image_format)
+
+    def _copy_local(self, url: str, out) -> tuple[int, str]:
+        path = Path(unquote(urlsplit(url).path))
+        try:
+            with path.open("rb") as src:
+                return self._stream(iter(lambda: src.read(CHUNK), b""), out)
+        except FileNotFoundError:
+            raise RecordError(f"file not found: {path}") from None
+        except OSError as exc:
+            raise RecordError(f"cannot read {path}: {exc.strerror}") from None
+
+    def _download(self, url: str, out) -> tuple[int, str]:
+        try:
+            response = self._session().get(url, stream=True)
+        except requests.exceptions.RetryError as exc:
+            raise RecordError(f"gave up after retries: {_root_cause(exc)}", permanent=False) from None
+        except requests.exceptions.Timeout:
+            raise RecordError("timed out", permanent=False) from None
+        except requests.exceptions.ConnectionError as exc:
+            raise RecordError(f"connection failed: {_root_cause(exc)}", permanent=False) from None
+        except requests.exceptions.RequestException as exc:
+            raise RecordError(f"bad request: {exc.__class__.__name__}") from None
+        with response:
+            if response.status_code != 200:
+                permanent = response.status_code in PERMANENT_STATUSES
+                raise RecordError(f"HTTP {response.status_code}", permanent=permanent)
+            content_type = response.headers.get("Content-Type", "").split(";")[0].strip().lower()
+            if content_type and not (content_type.startswith("image/")
+                                     or content_type == "application/octet-stream"):
+                raise RecordError(f"not an image: Content-Type {content_type}")
+            declared = response.headers.get("Content-Length")
+            if declared and declared.isdigit() and int(declared) > self.max_bytes:
+                raise RecordError(f"too large: {int(declared)} bytes > max_bytes {self.max_bytes}")
+            try:
+                return self._stream(response.iter_content(CHUNK), out)
+            except (requests.exceptions.ChunkedEncodingError,
+                    requests.exceptions.ConnectionError) as exc:
+                raise RecordError(f"connection broken mid-download: {_root_cause(exc)}",
+                                  permanent=False) from None
+
+    def _stream(self, chunks, out) -> tuple[int, str]:
+        digest = hashlib.sha256()
+        size = 0
+        for chunk in chunks:
+            size += len(chunk)
+            if size > self.max_bytes:
+                raise RecordError(f"too large: over max_bytes {self.max_bytes}")
+            digest.update(chunk)
+            out.write(chunk)
+        if size == 0:
+            raise RecordError("empty response")
+        return size, digest.hexdigest()
+
+
+def inspect_image(path: Path, max_pixels: int, full_decode: bool = True) -> tuple[int, int, str]:
+    """Width, height and format of a sound image, or RecordError saying what is wrong.
+
+    The pixel count is checked from the header before anything is decoded (the
+    decompression-bomb guard); then ``verify`` checks the structure and a reduced-size
+    decode (``draft``) reads the whole compressed stream, which catches truncated JPEGs
+    that ``verify`` alone lets through.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                width, height = image.size
+                image_format = image.format or ""
+                if width * height > max_pixels:
+                    raise RecordError(f"decompression-bomb guard: {width}x{height} pixels "
+                                      f"> max_pixels {max_pixels}")
+                image.verify()
+            if full_decode:
+                with Image.open(path) as image:
+                    if image.format == "JPEG":
+                        image.draft("RGB", (max(1, width // 8), max(1, height // 8)))
+                    image.load()
+    except RecordError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise RecordError(f"decompression-bomb guard: {exc}") from None
+    except Image.DecompressionBombWarning as exc:
+        raise RecordError(f"decompression-bomb guard: {exc}") from None
+    except Image.UnidentifiedImageError:
+        raise RecordError("not an image: Pillow cannot identify it") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise RecordError(f"corrupt image: {exc}") from None
+    return width, height, image_format
+
+
+def _root_cause(exc: BaseException) -> str:
+    while exc.__cause__ is not None or exc.__context__ is not None:
+        exc = exc.__cause__ or exc.__context__
+    reason = getattr(exc, "reason", None)
+    return str(reason or exc).splitlines()[0][:200]

@@ -1,0 +1,106 @@
+"""Base classes for the three kinds of plugin, and the context the engine gives them."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import pluggy
+
+from .options import Option
+from .record import Query, Record, Term
+
+if TYPE_CHECKING:
+    import requests
+
+    from .http import HttpClient
+
+hookimpl = pluggy.HookimplMarker("harvest")
+
+
+@dataclass
+class Context:
+    """What the engine lends a plugin: where to write, how to reach the network, how to log."""
+
+    recipe_name: str
+    recipe_dir: Path
+    output_dir: Path
+    terms: Sequence[Term]
+    http: "HttpClient"
+    log: logging.Logger
+
+    def session(self, *, retry_post: bool = False) -> "requests.Session":
+        """A polite HTTP session: per-host rate limit, retries with backoff, timeouts."""
+        return self.http.session(retry_post=retry_post)
+
+
+class Plugin:
+    """Common ground: declared options, validated before the plugin is built."""
+
+    options: ClassVar[Sequence[Option]] = ()
+
+    def __init__(self, options: Mapping[str, Any], context: Context):
+        self.config = dict(options)
+        self.context = context
+        self.log = context.log
+
+    def open(self) -> None:
+        """Acquire resources (connections, files); called once before the first record."""
+
+    def close(self) -> None:
+        """Release what ``open`` acquired; called once, even after an error."""
+
+    @classmethod
+    def summary(cls) -> str:
+        doc = (cls.__doc__ or "").strip()
+        return doc.splitlines()[0] if doc else ""
+
+
+class Source(Plugin):
+    """Yields records. ``uses_terms`` sources are asked once per term and language."""
+
+    uses_terms: ClassVar[bool] = True
+
+    @property
+    def query_limit(self) -> int | None:
+        """Records wanted per query, when the source's options say (else the run's limit)."""
+        return None
+
+    def records(self, query: Query | None) -> Iterator[Record]:
+        raise NotImplementedError
+
+
+class Enricher(Plugin):
+    """Adds fields to records of a batch, or drops some with ``record.drop(reason)``.
+
+    Raising fails the batch; the engine then retries record by record so that one bad
+    record does not take its neighbours down with it.
+    """
+
+    def enrich(self, records: list[Record]) -> None:
+        raise NotImplementedError
+
+
+class Sink(Plugin):
+    """Stores records. ``write`` must be idempotent by ``record.id``.
+
+    ``write`` may return a checkpoint (any JSON value); the engine stores it in the run
+    state in the same transaction that marks the batch done, and gives the last one back
+    to ``resume`` at the next start, so a sink can discard a batch whose commit never landed.
+    """
+
+    is_default: ClassVar[bool] = False
+
+    def resume(self, checkpoint: Any) -> None:
+        """Called after ``open`` with the last committed checkpoint (None on a first run)."""
+
+    def write(self, records: list[Record]) -> Any:
+        raise NotImplementedError
+
+
+def describe(plugin_class: type[Plugin]) -> Iterable[str]:
+    for option in plugin_class.options:
+        yield option.describe()

@@ -1,0 +1,101 @@
+"""The record: one image and what is known about it, as it moves through the pipeline."""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Term:
+    """A search term and its wordings; ``key`` names the term in every record it finds."""
+
+    key: str
+    queries: tuple[tuple[str, str], ...]  # (language, text), in recipe order
+
+    @property
+    def languages(self) -> list[str]:
+        return [lang for lang, _ in self.queries]
+
+
+@dataclass(frozen=True)
+class Query:
+    """One wording of one term, as a source is asked to search it."""
+
+    term: str
+    lang: str
+    text: str
+
+
+@dataclass
+class FileInfo:
+    path: str  # relative to the output folder, with forward slashes
+    bytes: int
+    sha256: str
+    width: int
+    height: int
+    format: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "bytes": self.bytes, "sha256": self.sha256,
+                "width": self.width, "height": self.height, "format": self.format}
+
+
+@dataclass
+class Record:
+    """A harvested image.
+
+    ``fields`` holds what sources and enrichers know (title, license, place...);
+    ``personal`` names the fields that hold personal data, which sinks protect.
+    """
+
+    source: str
+    source_id: str
+    url: str | None
+    query: Query | None = None
+    fields: dict[str, Any] = field(default_factory=dict)
+    personal: set[str] = field(default_factory=set)
+    file: FileInfo | None = None
+    duplicate_of: str | None = None
+    dropped: str | None = None
+
+    @property
+    def id(self) -> str:
+        return f"{self.source}:{self.source_id}"
+
+    @property
+    def term(self) -> str | None:
+        return self.query.term if self.query else self.fields.get("term")
+
+    def drop(self, reason: str) -> None:
+        """Called by an enricher to leave this record out of the dataset."""
+        self.dropped = reason
+
+    def to_dict(self) -> dict[str, Any]:
+        """The record as sinks store it; core keys win over same-named fields."""
+        data = dict(self.fields)
+        data.update({
+            "id": self.id,
+            "source": self.source,
+            "source_id": self.source_id,
+            "url": self.url,
+        })
+        if self.query is not None:
+            data.update({"term": self.query.term, "lang": self.query.lang, "query": self.query.text})
+        if self.file is not None:
+            data["file"] = self.file.to_dict()
+        if self.duplicate_of:
+            data["duplicate_of"] = self.duplicate_of
+        return data
+
+
+def json_default(value: Any) -> Any:
+    """``json.dumps(default=...)`` for the values records carry."""
+    if isinstance(value, (dt.datetime, dt.date)):
+        return value.isoformat()
+    if isinstance(value, (set, frozenset, tuple)):
+        return list(value)
+    if isinstance(value, bytes):
+        return value.hex()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")

@@ -1,0 +1,96 @@
+"""Secrets: ``${NAME}`` references resolved from the environment or a credentials file,
+and a log filter that keeps resolved values out of every log line."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import stat
+from pathlib import Path
+
+from .errors import UsageError
+
+REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+CREDENTIALS_ENV = "HARVEST_CREDENTIALS"
+DEFAULT_CREDENTIALS = Path("~/.config/harvest/credentials.json")
+
+
+def check_private_file(path: Path, what: str) -> None:
+    """Refuse a secret-bearing file that others can read: it must be 0600 or stricter."""
+    if os.name != "posix":
+        return
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o077:
+        raise UsageError(f"{path}: {what} is readable by others (mode {mode:04o}); "
+                         f"run: chmod 600 {path}")
+
+
+class SecretResolver:
+    """Looks names up in the environment first, then in a JSON credentials file.
+
+    The seed's ``credentials.json`` (``FLICKER_KEY``, ``FLICKER_SECRET``,
+    ``GOOGLE_VISION_KEY``) is one accepted form of that file.
+    """
+
+    def __init__(self, credentials_file: Path | None = None, environ=None):
+        self.environ = os.environ if environ is None else environ
+        self.credentials_file = credentials_file
+        self._credentials: dict[str, str] | None = None
+        self.revealed: set[str] = set()
+
+    def _load_credentials(self) -> dict[str, str]:
+        if self._credentials is not None:
+            return self._credentials
+        path = self.credentials_file
+        if path is None and self.environ.get(CREDENTIALS_ENV):
+            path = Path(self.environ[CREDENTIALS_ENV])
+        if path is None and DEFAULT_CREDENTIALS.expanduser().is_file():
+            path = DEFAULT_CREDENTIALS
+        self._credentials = {}
+        if path is None:
+            return self._credentials
+        path = path.expanduser()
+        if not path.is_file():
+            raise UsageError(f"{path}: credentials file not found")
+        check_private_file(path, "credentials file")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"{path}: not a JSON credentials file ({exc.__class__.__name__})") from None
+        if not isinstance(data, dict):
+            raise UsageError(f"{path}: expected a JSON object of NAME: value")
+        self._credentials = {str(k): str(v) for k, v in data.items() if v is not None}
+        return self._credentials
+
+    def lookup(self, name: str) -> str | None:
+        value = self.environ.get(name)
+        if not value:
+            value = self._load_credentials().get(name)
+        if value:
+            self.revealed.add(value)
+        return value or None
+
+    def where(self) -> str:
+        path = self.credentials_file or self.environ.get(CREDENTIALS_ENV) or DEFAULT_CREDENTIALS
+        return f"the environment or {path}"
+
+
+class RedactingFilter(logging.Filter):
+    """Replaces every resolved secret in a log record's final message."""
+
+    def __init__(self, resolver: SecretResolver):
+        super().__init__()
+        self.resolver = resolver
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        secrets = [s for s in self.resolver.revealed if len(s) >= 4]
+        if secrets:
+            message = record.getMessage()
+            redacted = message
+            for secret in secrets:
+                redacted = redacted.replace(secret, "***")
+            if redacted != message:
+                record.msg, record.args = redacted, None
+        return True

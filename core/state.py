@@ -1,0 +1,143 @@
+"""The run state: an SQLite file in the output folder that makes runs resumable.
+
+Only the engine's thread touches it. It holds ids, statuses, file facts and sink
+checkpoints; never titles, owners or any other personal field.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .record import FileInfo
+
+FINAL = ("done", "dropped", "rejected")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS records (
+    id TEXT PRIMARY KEY,
+    source TEXT NOT NULL,
+    term TEXT,
+    status TEXT NOT NULL,            -- downloaded | done | dropped | rejected | failed
+    reason TEXT,
+    sha256 TEXT,
+    duplicate_of TEXT,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    updated REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS files (
+    sha256 TEXT PRIMARY KEY,
+    path TEXT NOT NULL UNIQUE,
+    bytes INTEGER NOT NULL,
+    width INTEGER NOT NULL,
+    height INTEGER NOT NULL,
+    format TEXT NOT NULL,
+    record_id TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS checkpoints (
+    sink TEXT PRIMARY KEY,
+    value TEXT
+);
+CREATE TABLE IF NOT EXISTS runs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    started REAL NOT NULL,
+    finished REAL,
+    outcome TEXT,
+    summary TEXT
+);
+"""
+
+
+@dataclass
+class KnownRecord:
+    status: str
+    sha256: str | None
+    duplicate_of: str | None
+
+
+class RunState:
+    def __init__(self, path: Path):
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(path, isolation_level=None)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.executescript(SCHEMA)
+        self._in_transaction = False
+
+    def close(self) -> None:
+        self.commit()
+        self.db.close()
+
+    def begin(self) -> None:
+        if not self._in_transaction:
+            self.db.execute("BEGIN")
+            self._in_transaction = True
+
+    def commit(self) -> None:
+        if self._in_transaction:
+            self.db.execute("COMMIT")
+            self._in_transaction = False
+
+    def record(self, record_id: str) -> KnownRecord | None:
+        row = self.db.execute("SELECT status, sha256, duplicate_of FROM records WHERE id = ?",
+                              (record_id,)).fetchone()
+        return KnownRecord(*row) if row else None
+
+    def set_status(self, record_id: str, source: str, term: str | None, status: str,
+                   reason: str | None = None, sha256: str | None = None,
+                   duplicate_of: str | None = None) -> None:
+        self.begin()
+        self.db.execute(
+            """INSERT INTO records (id, source, term, status, reason, sha256, duplicate_of,
+                                    attempts, updated)
+               VALUES (?, ?, ?, ?, ?, ?, ?, 1, ?)
+               ON CONFLICT(id) DO UPDATE SET status = excluded.status, reason = excluded.reason,
+                   sha256 = COALESCE(excluded.sha256, records.sha256),
+                   duplicate_of = COALESCE(excluded.duplicate_of, records.duplicate_of),
+                   attempts = records.attempts + 1, updated = excluded.updated""",
+            (record_id, source, term, status, reason, sha256, duplicate_of, time.time()))
+
+    def file(self, sha256: str) -> tuple[FileInfo, str] | None:
+        row = self.db.execute("SELECT path, bytes, width, height, format, record_id FROM files "
+                              "WHERE sha256 = ?", (sha256,)).fetchone()
+        if row is None:
+            return None
+        path, size, width, height, image_format, record_id = row
+        return FileInfo(path, size, sha256, width, height, image_format), record_id
+
+    def path_owner(self, relpath: str) -> str | None:
+        row = self.db.execute("SELECT sha256 FROM files WHERE path = ?", (relpath,)).fetchone()
+        return row[0] if row else None
+
+    def add_file(self, info: FileInfo, record_id: str) -> None:
+        self.begin()
+        self.db.execute("INSERT INTO files VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(sha256) "
+                        "DO UPDATE SET path = excluded.path, record_id = excluded.record_id",
+                        (info.sha256, info.path, info.bytes, info.width, info.height,
+                         info.format, record_id))
+
+    def checkpoint(self, sink: str) -> Any:
+        row = self.db.execute("SELECT value FROM checkpoints WHERE sink = ?", (sink,)).fetchone()
+        return json.loads(row[0]) if row and row[0] is not None else None
+
+    def set_checkpoint(self, sink: str, value: Any) -> None:
+        self.begin()
+        self.db.execute("INSERT INTO checkpoints VALUES (?, ?) ON CONFLICT(sink) DO UPDATE "
+                        "SET value = excluded.value", (sink, json.dumps(value)))
+
+    def start_run(self) -> int:
+        cursor = self.db.execute("INSERT INTO runs (started) VALUES (?)", (time.time(),))
+        return cursor.lastrowid
+
+    def finish_run(self, run_id: int, outcome: str, summary: dict) -> None:
+        self.commit()
+        self.db.execute("UPDATE runs SET finished = ?, outcome = ?, summary = ? WHERE id = ?",
+                        (time.time(), outcome, json.dumps(summary), run_id))
+
+    def counts(self) -> dict[str, int]:
+        return dict(self.db.execute("SELECT status, COUNT(*) FROM records GROUP BY status"))

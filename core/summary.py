@@ -1,0 +1,109 @@
+"""Counting what happened, per source, term and stage, and printing it."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections import Counter
+
+OUTCOMES = ("found", "skipped", "downloaded", "duplicate", "dropped", "rejected", "failed",
+            "stored")
+
+
+class Summary:
+    def __init__(self, recipe_name: str):
+        self.recipe_name = recipe_name
+        self.started = time.monotonic()
+        self.counts: Counter[tuple[str, str, str]] = Counter()  # (source, term, outcome)
+        self.reasons: Counter[tuple[str, str, str]] = Counter()  # (source, stage, reason)
+        self.outcome = "running"
+        self.pending_note = ""
+
+    def count(self, source: str, term: str | None, outcome: str, n: int = 1) -> None:
+        self.counts[(source, term or "-", outcome)] += n
+
+    def fail(self, source: str, term: str | None, stage: str, reason: str, outcome: str) -> None:
+        self.count(source, term, outcome)
+        self.reasons[(source, stage, reason)] += 1
+
+    def total(self, outcome: str) -> int:
+        return sum(n for (_, _, kind), n in self.counts.items() if kind == outcome)
+
+    @property
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    def to_dict(self) -> dict:
+        rows: dict[tuple[str, str], dict[str, int]] = {}
+        for (source, term, outcome), n in self.counts.items():
+            rows.setdefault((source, term), dict.fromkeys(OUTCOMES, 0))[outcome] += n
+        return {
+            "recipe": self.recipe_name,
+            "outcome": self.outcome,
+            "seconds": round(self.elapsed, 3),
+            "totals": {outcome: self.total(outcome) for outcome in OUTCOMES},
+            "by_source_term": [{"source": s, "term": t, **c} for (s, t), c in sorted(rows.items())],
+            "failures": [{"source": s, "stage": st, "reason": r, "count": n}
+                         for (s, st, r), n in sorted(self.reasons.items())],
+        }
+
+    def render(self) -> str:
+        data = self.to_dict()
+        header = ["source", "term", *OUTCOMES]
+        table = [header] + [[row["source"], row["term"], *(str(row[o]) for o in OUTCOMES)]
+                            for row in data["by_source_term"]]
+        table.append(["all", "", *(str(data["totals"][o]) for o in OUTCOMES)])
+        widths = [max(_width(row[i]) for row in table) for i in range(len(header))]
+        lines = [f"harvest {self.recipe_name}: {self.outcome} in {self.elapsed:.1f} s"]
+        for row in table:
+            lines.append("  " + "  ".join(cell + " " * (widths[i] - _width(cell))
+                                          for i, cell in enumerate(row)))
+        if data["failures"]:
+            lines.append("  reasons:")
+            for failure in data["failures"]:
+                lines.append(f"    {failure['count']:>5}  {failure['source']} "
+                             f"{failure['stage']}: {failure['reason']}")
+        if self.pending_note:
+            lines.append(f"  {self.pending_note}")
+        return "\n".join(lines)
+
+
+def _width(text: str) -> int:
+    import unicodedata
+    return sum(2 if unicodedata.east_asian_width(ch) in "WF" else 1 for ch in text)
+
+
+class Progress:
+    """A tqdm bar on a terminal; a line every few seconds otherwise (logs, CI)."""
+
+    def __init__(self, summary: Summary, enabled: bool = True, interval: float = 5.0):
+        self.summary = summary
+        self.interval = interval
+        self.bar = None
+        self.last_line = time.monotonic()
+        self.enabled = enabled
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+            self.bar = tqdm(unit="img", desc=summary.recipe_name, dynamic_ncols=True)
+        self.shown = 0
+
+    def update(self) -> None:
+        if not self.enabled:
+            return
+        stored = self.summary.total("stored")
+        if self.bar is not None:
+            self.bar.update(stored - self.shown)
+            self.shown = stored
+            self.bar.set_postfix(found=self.summary.total("found"),
+                                 failed=self.summary.total("failed") + self.summary.total("rejected"),
+                                 refresh=False)
+        elif time.monotonic() - self.last_line >= self.interval:
+            self.last_line = time.monotonic()
+            s = self.summary
+            print(f"progress: {s.total('found')} found, {s.total('downloaded')} downloaded, "
+                  f"{stored} stored, {s.total('failed') + s.total('rejected')} failed, "
+                  f"{s.elapsed:.0f} s", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

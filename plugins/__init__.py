@@ -1,0 +1,8 @@
+"""harvest's built-in plugins. The core registers exactly these modules; third-party
+plugins arrive through the ``harvest`` entry-point group instead."""
+
+BUILTIN_MODULES = (
+    "harvest.plugins.sources.flickr",
+    "harvest.plugins.sources.folder",
+    "harvest.plugins.sinks.jsonl",
+)

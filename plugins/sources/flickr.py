@@ -1,0 +1,233 @@
+"""``flickr``: photos from Flickr's ``flickr.photos.search``, through the flickrapi library."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import flickrapi
+from flickrapi.exceptions import FlickrError
+from flickrapi.shorturl import url as short_url
+from harvest.core import (
+    BBox,
+    Bool,
+    Choice,
+    Date,
+    Int,
+    ListOf,
+    Option,
+    PluginConfigError,
+    Query,
+    Record,
+    Secret,
+    Source,
+    Str,
+    hookimpl,
+)
+
+# flickrapi logs whole error bodies at ERROR; harvest reports the failure itself, once.
+logging.getLogger("flickrapi").setLevel(logging.CRITICAL)
+
+FLICKR_LAUNCH = int(dt.datetime(2004, 2, 1, tzinfo=dt.timezone.utc).timestamp())
+RESULT_CAP = 4000  # Flickr repeats results past this many per query
+MIN_SLICE_SECONDS = 3600
+SIZES = ("o", "6k", "5k", "4k", "3k", "k", "h", "l", "c", "z", "m", "n")
+SAFE_SEARCH = {"safe": 1, "moderate": 2, "restricted": 3}
+CONTENT_TYPES = {"photos": 1, "screenshots": 2, "other": 3, "photos_and_screenshots": 4,
+                 "screenshots_and_other": 5, "photos_and_other": 6, "all": 7}
+SORTS = ("relevance", "date-posted-desc", "date-posted-asc", "date-taken-desc", "date-taken-asc",
+         "interestingness-desc", "interestingness-asc")
+# Error codes that mean "your key or request is wrong", not "try later".
+CONFIG_ERROR_CODES = {3, 4, 95, 96, 97, 98, 99, 100, 111, 112, 114, 115, 116}
+PERSONAL = {"owner", "owner_name", "path_alias"}
+EXTRAS = ("description", "license", "date_upload", "date_taken", "owner_name", "path_alias",
+          "geo", "tags", "machine_tags", "views", "media", "original_format")
+
+
+class FlickrSource(Source):
+    """Photos from the Flickr API (flickr.photos.search), largest size available."""
+
+    options = (
+        Option("api_key", Secret(), "${FLICKER_KEY}", help="Flickr API key reference"),
+        Option("api_secret", Secret(), "${FLICKER_SECRET}", help="Flickr API secret reference"),
+        Option("endpoint", Str(), flickrapi.FlickrAPI.REST_URL, help="REST endpoint URL"),
+        Option("match", Choice("text", "tags"), "text",
+               help="search the term in title/description/tags (text) or in tags only"),
+        Option("tags", ListOf(Str()), None, help="extra tags every photo must carry (see tag_mode)"),
+        Option("tag_mode", Choice("any", "all"), "any", help="match any or all tags"),
+        Option("bbox", BBox(), None, help="min_lon,min_lat,max_lon,max_lat"),
+        Option("min_taken_date", Date(), None, help="taken on or after"),
+        Option("max_taken_date", Date(), None, help="taken on or before"),
+        Option("min_upload_date", Date(), None, help="uploaded on or after"),
+        Option("max_upload_date", Date(), None, help="uploaded on or before"),
+        Option("licenses", ListOf(Int(0, 20)), None, help="Flickr license ids to accept"),
+        Option("safe_search", Choice(*SAFE_SEARCH), "safe", help="Flickr safe-search level"),
+        Option("content_type", Choice(*CONTENT_TYPES), "photos", help="kind of content"),
+        Option("sort", Choice(*SORTS), "relevance", help="result order"),
+        Option("geotagged_only", Bool(), False, help="only photos with a location"),
+        Option("count", Int(1), None, help="photos per term and language (default: run.limit_per_term)"),
+        Option("per_page", Int(1, 500), 250, help="results per API call"),
+        Option("sizes", ListOf(Choice(*SIZES)), list(SIZES),
+               help="image sizes to ask for; the largest one present is downloaded"),
+        Option("slice_dates", Bool(), True,
+               help="split the upload-date range to get past Flickr's 4,000-results cap"),
+    )
+
+    @property
+    def query_limit(self) -> int | None:
+        return self.config["count"]
+
+    def open(self) -> None:
+        self.api = flickrapi.FlickrAPI(self.config["api_key"].reveal(),
+                                       self.config["api_secret"].reveal(),
+                                       format="parsed-json", store_token=False)
+        self.api.REST_URL = self.config["endpoint"]
+        # Polite session: shared per-host rate limit, retries with backoff (searches are
+        # read-only, so retrying their POSTs is safe).
+        self.api.flickr_oauth.session = self.context.session(retry_post=True)
+
+    def base_params(self) -> dict[str, Any]:
+        c = self.config
+        params: dict[str, Any] = {
+            "safe_search": SAFE_SEARCH[c["safe_search"]],
+            "content_type": CONTENT_TYPES[c["content_type"]],
+            "sort": c["sort"],
+            "media": "photos",
+            "per_page": c["per_page"],
+            "extras": ",".join(EXTRAS + tuple(f"url_{s}" for s in c["sizes"])),
+        }
+        if c["bbox"]:
+            params["bbox"] = ",".join(f"{v:g}" for v in c["bbox"])
+        for key in ("min_taken_date", "max_taken_date"):
+            if c[key]:
+                params[key] = c[key].astimezone(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+        if c["licenses"]:
+            params["license"] = ",".join(str(i) for i in c["licenses"])
+        if c["geotagged_only"]:
+            params["has_geo"] = 1
+        return params
+
+    def records(self, query: Query | None) -> Iterator[Record]:
+        params = self.base_params()
+        tags = list(self.config["tags"] or [])
+        if self.config["match"] == "tags":
+            tags.insert(0, query.text)
+        else:
+            params["text"] = query.text
+        if tags:
+            params["tags"] = ",".join(tags)
+            params["tag_mode"] = self.config["tag_mode"]
+        low = int(self.config["min_upload_date"].timestamp()) if self.config["min_upload_date"] \
+            else FLICKR_LAUNCH
+        high = int(self.config["max_upload_date"].timestamp()) if self.config["max_upload_date"] \
+            else int(time.time())
+        seen: set[str] = set()
+        for photo in self._search(params, low, high):
+            if photo["id"] in seen:
+                continue
+            seen.add(photo["id"])
+            yield self._record(photo, query)
+
+    def _search(self, params: dict, low: int, high: int) -> Iterator[dict]:
+        first = self._call(params, low, high, page=1)
+        total = int(first.get("total") or 0)
+        if total > RESULT_CAP and self.config["slice_dates"] and high - low > MIN_SLICE_SECONDS:
+            middle = (low + high) // 2
+            newest_first = params["sort"] != "date-posted-asc"
+            halves = [(middle + 1, high), (low, middle)]
+            for slice_low, slice_high in (halves if newest_first else halves[::-1]):
+                yield from self._search(params, slice_low, slice_high)
+            return
+        reachable = min(total, RESULT_CAP)
+        pages = min(int(first.get("pages") or 1), -(-reachable // params["per_page"]))
+        yield from first.get("photo", [])
+        for page in range(2, pages + 1):
+            photos = self._call(params, low, high, page).get("photo", [])
+            if not photos:
+                return
+            yield from photos
+
+    def _call(self, params: dict, low: int, high: int, page: int) -> dict:
+        try:
+            reply = self.api.photos.search(min_upload_date=low, max_upload_date=high, page=page,
+                                           **params)
+        except FlickrError as exc:
+            if exc.code in CONFIG_ERROR_CODES:
+                raise PluginConfigError(f"flickr: the API refused the request: {exc} "
+                                        f"(check the api_key/api_secret and options)") from None
+            raise
+        return reply["photos"]
+
+    def _record(self, photo: dict, query: Query) -> Record:
+        url, width, height = _largest(photo, self.config["sizes"])
+        description = photo.get("description")
+        if isinstance(description, dict):
+            description = description.get("_content")
+        latitude, longitude = _number(photo.get("latitude")), _number(photo.get("longitude"))
+        has_geo = latitude is not None and longitude is not None and (latitude, longitude) != (0, 0)
+        fields = {
+            "title": photo.get("title") or "",
+            "description": description or "",
+            "license": str(photo["license"]) if photo.get("license") is not None else None,
+            "date_taken": None if str(photo.get("datetakenunknown", "0")) == "1"
+            else photo.get("datetaken"),
+            "date_upload": _iso(photo.get("dateupload")),
+            "owner": photo.get("owner"),
+            "owner_name": photo.get("ownername"),
+            "path_alias": photo.get("pathalias") or None,
+            "latitude": latitude if has_geo else None,
+            "longitude": longitude if has_geo else None,
+            "geo_accuracy": int(photo["accuracy"]) if has_geo and photo.get("accuracy") else None,
+            "geo_origin": "flickr" if has_geo else None,
+            "tags": (photo.get("tags") or "").split(),
+            "machine_tags": (photo.get("machine_tags") or "").split(),
+            "views": int(photo["views"]) if str(photo.get("views", "")).isdigit() else None,
+            "page_url": short_url(photo["id"]),
+            "image_width": width,
+            "image_height": height,
+        }
+        return Record(source="flickr", source_id=str(photo["id"]), url=url, query=query,
+                      fields=fields, personal=set(PERSONAL))
+
+
+def _largest(photo: dict, sizes) -> tuple[str | None, int | None, int | None]:
+    best = (None, None, None)
+    best_area = -1
+    for size in sizes:
+        url = photo.get(f"url_{size}")
+        if not url:
+            continue
+        width, height = _int(photo.get(f"width_{size}")), _int(photo.get(f"height_{size}"))
+        area = (width or 0) * (height or 0)
+        if best[0] is None or area > best_area:
+            best, best_area = (url, width, height), area
+    return best
+
+
+def _int(value) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _number(value) -> float | None:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _iso(unix) -> str | None:
+    try:
+        return dt.datetime.fromtimestamp(int(unix), dt.timezone.utc).isoformat()
+    except (TypeError, ValueError):
+        return None
+
+
+@hookimpl
+def harvest_sources():
+    return {"flickr": FlickrSource}
