@@ -27,7 +27,7 @@ def exif_bytes(seed: int, gps: tuple[float, float] | None = None, owner: str = "
                 piexif.ImageIFD.Artist: owner.encode("utf-8"),
                 piexif.ImageIFD.Software: b"harvest tests"},
         "Exif": {piexif.ExifIFD.DateTimeOriginal: b"2019:05:31 12:00:%02d" % (seed % 60),
-                 piexif.ExifIFD.FNumber: (28, 10), piexif.ExifIFD.ISOSpeedRatings: 100 + seed},
+                 piexif.ExifIFD.FNumber: (28, 10), piexif.ExifIFD.ISOSpeedRatings: 100 + seed % 3000},
         "GPS": {}, "1st": {}, "thumbnail": None,
     }
     if gps is not None:

@@ -10,7 +10,7 @@ from typing import Any
 
 import flickrapi
 from flickrapi.exceptions import FlickrError
-from flickrapi.shorturl import url as short_url
+from flickrapi.shorturl import encode as base58
 from harvest.core import (
     BBox,
     Bool,
@@ -185,7 +185,7 @@ class FlickrSource(Source):
             "tags": (photo.get("tags") or "").split(),
             "machine_tags": (photo.get("machine_tags") or "").split(),
             "views": int(photo["views"]) if str(photo.get("views", "")).isdigit() else None,
-            "page_url": short_url(photo["id"]),
+            "page_url": "https://flic.kr/p/" + base58(photo["id"]),
             "image_width": width,
             "image_height": height,
         }

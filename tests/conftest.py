@@ -1,0 +1,85 @@
+from __future__ import annotations
+
+import json
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from fakes import FakeFlickr, FakePhoto  # noqa: E402
+from harvest.core.cli import main  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def isolated_home(tmp_path_factory, monkeypatch):
+    """Each test gets its own HOME, so nothing is read from or written to the real one."""
+    home = tmp_path_factory.mktemp("home")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    for name in ("FLICKER_KEY", "FLICKER_SECRET", "HARVEST_CREDENTIALS", "GOOGLE_VISION_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    return home
+
+
+@pytest.fixture
+def flickr(monkeypatch):
+    fake = FakeFlickr().start()
+    monkeypatch.setenv("FLICKER_KEY", fake.api_key)
+    monkeypatch.setenv("FLICKER_SECRET", "test-secret-abcdef")
+    yield fake
+    fake.stop()
+
+
+def monkey_photos(n: int, start: int = 1, **overrides) -> list[FakePhoto]:
+    return [FakePhoto(id=str(1000 + i), title=f"monkey {i}", tags="monkey animal",
+                      dateupload=1_500_000_000 + i * 60, **overrides)
+            for i in range(start, start + n)]
+
+
+@pytest.fixture
+def recipe_file(tmp_path):
+    """Writes a recipe (YAML text, dedented) and returns its path."""
+    def write(text: str, name: str = "recipe.yml") -> Path:
+        path = tmp_path / name
+        path.write_text(textwrap.dedent(text), encoding="utf-8")
+        return path
+    return write
+
+
+@pytest.fixture
+def harvest(capsys):
+    """Runs the CLI in-process; returns (exit status, stdout, stderr)."""
+    def run(*args: str):
+        status = main([str(a) for a in args])
+        out, err = capsys.readouterr()
+        return status, out, err
+    return run
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def flickr_recipe(endpoint: str, output: Path, *, terms: str = "[monkey]", run: str = "",
+                  options: str = "") -> str:
+    return f"""
+name: flickr-test
+terms: {terms}
+output: {output}
+run:
+  concurrency: 4
+  rate_per_host: 1000
+  backoff: 0.01
+{textwrap.indent(textwrap.dedent(run).strip(), '  ') if run.strip() else ''}
+sources:
+  - use: flickr
+    options:
+      endpoint: {endpoint}
+      per_page: 10
+{textwrap.indent(textwrap.dedent(options).strip(), '      ') if options.strip() else ''}
+"""

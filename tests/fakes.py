@@ -1,0 +1,238 @@
+"""Local stand-ins for remote services: real HTTP servers on 127.0.0.1 that answer in the
+service's wire format. The client libraries under test talk to them over a socket."""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+import zlib
+from collections import defaultdict
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlsplit
+
+from imagegen import make_image
+
+
+class LocalServer:
+    """A ThreadingHTTPServer on an ephemeral loopback port, with a request log."""
+
+    def __init__(self, handler_factory):
+        self.requests: list[tuple[float, str, str, dict]] = []
+        self.lock = threading.Lock()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                server._dispatch(self, "GET")
+
+            def do_POST(self):
+                server._dispatch(self, "POST")
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.handle = handler_factory
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+    def start(self):
+        self.thread.start()
+        return self
+
+    def stop(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def _dispatch(self, request: BaseHTTPRequestHandler, method: str):
+        length = int(request.headers.get("Content-Length") or 0)
+        body = request.rfile.read(length) if length else b""
+        with self.lock:
+            self.requests.append((time.monotonic(), method, request.path, dict(request.headers)))
+        status, headers, payload = self.handle(method, request.path, dict(request.headers), body)
+        request.send_response(status)
+        for key, value in headers.items():
+            request.send_header(key, value)
+        request.send_header("Content-Length", str(len(payload)))
+        request.end_headers()
+        request.wfile.write(payload)
+
+
+@dataclass
+class FakePhoto:
+    id: str
+    title: str = ""
+    owner: str = "12345678@N00"
+    ownername: str = "Ana Fotógrafa"
+    pathalias: str = "ana_photos"
+    description: str = ""
+    tags: str = ""
+    license: str = "4"
+    dateupload: int = 1_500_000_000
+    datetaken: str = "2017-07-14 02:40:00"
+    latitude: float = 0
+    longitude: float = 0
+    views: int = 10
+    sizes: tuple = ("l", "m")
+    image: bytes | None = None  # None: generated from the id
+
+
+@dataclass
+class FakeFlickr:
+    """Flickr's REST endpoint (``/services/rest/``, JSON) plus the image host (``/img/``).
+
+    ``image_script`` maps a photo id to the statuses to answer before the image itself,
+    e.g. ``[429, 429]``; ``image_latency`` slows every image response.
+    """
+
+    api_key: str = "test-key-0123456789"
+    photos: list[FakePhoto] = field(default_factory=list)
+    image_script: dict[str, list[int]] = field(default_factory=dict)
+    retry_after: str = "1"
+    image_latency: float = 0.0
+    content_types: dict[str, str] = field(default_factory=dict)
+    api_failures: list[int] = field(default_factory=list)
+    calls: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+
+    def start(self) -> FakeFlickr:
+        self.server = LocalServer(self.handle).start()
+        self.url = self.server.url
+        self.endpoint = self.url + "/services/rest/"
+        self._images: dict[str, bytes] = {}
+        return self
+
+    def stop(self):
+        self.server.stop()
+
+    # -- API -----------------------------------------------------------------------------------
+
+    def handle(self, method: str, path: str, headers: dict, body: bytes):
+        if path.startswith("/services/rest"):
+            return self.api(method, headers, body)
+        if path.startswith("/img/"):
+            return self.image(path)
+        return 404, {"Content-Type": "text/plain"}, b"not found"
+
+    def api(self, method: str, headers: dict, body: bytes):
+        params = {k: v[0] for k, v in parse_qs(body.decode("utf-8")).items()}
+        self.calls[params.get("method", "?")] += 1
+        if self.api_failures:
+            status = self.api_failures.pop(0)
+            return status, {"Content-Type": "text/plain", "Retry-After": "0"}, b"busy"
+        authorization = headers.get("Authorization", "")
+        key = re.search(r'oauth_consumer_key="([^"]*)"', authorization)
+        if method != "POST" or key is None or key.group(1) != self.api_key:
+            return self.json({"stat": "fail", "code": 100,
+                              "message": "Invalid API Key (Key has invalid format)"})
+        if params.get("method") != "flickr.photos.search":
+            return self.json({"stat": "fail", "code": 112,
+                              "message": f"Method \"{params.get('method')}\" not found"})
+        return self.json(self.search(params))
+
+    def json(self, payload: dict):
+        return 200, {"Content-Type": "application/json; charset=utf-8"}, \
+            json.dumps(payload).encode("utf-8")
+
+    def search(self, params: dict) -> dict:
+        text = params.get("text", "").lower()
+        tags = [t.lower() for t in params.get("tags", "").split(",") if t]
+        low = int(params.get("min_upload_date", 0))
+        high = int(params.get("max_upload_date", 2**40))
+        licenses = set(params["license"].split(",")) if params.get("license") else None
+        bbox = [float(v) for v in params["bbox"].split(",")] if params.get("bbox") else None
+        matching = []
+        for photo in self.photos:
+            haystack = f"{photo.title} {photo.description} {photo.tags}".lower()
+            if text and text not in haystack:
+                continue
+            if tags and not any(t in photo.tags.lower().split() for t in tags):
+                continue
+            if not low <= photo.dateupload <= high:
+                continue
+            if licenses is not None and photo.license not in licenses:
+                continue
+            if bbox and not (bbox[0] <= photo.longitude <= bbox[2]
+                             and bbox[1] <= photo.latitude <= bbox[3]):
+                continue
+            matching.append(photo)
+        per_page = min(int(params.get("per_page", 100)), 500)
+        total = len(matching)
+        pages = max(1, -(-total // per_page))
+        page = int(params.get("page", 1))
+        # Flickr serves at most 4,000 results per query: later pages repeat earlier ones.
+        last_reachable = max(1, 4000 // per_page)
+        served_page = min(page, last_reachable)
+        chunk = matching[(served_page - 1) * per_page: served_page * per_page]
+        extras = params.get("extras", "").split(",")
+        return {"photos": {"page": page, "pages": pages, "perpage": per_page, "total": str(total),
+                           "photo": [self.photo_json(p, extras) for p in chunk]}, "stat": "ok"}
+
+    def photo_json(self, photo: FakePhoto, extras: list[str]) -> dict:
+        data = {"id": photo.id, "owner": photo.owner, "secret": "abc123", "server": "65535",
+                "farm": 66, "title": photo.title, "ispublic": 1, "isfriend": 0, "isfamily": 0}
+        if "description" in extras:
+            data["description"] = {"_content": photo.description}
+        if "license" in extras:
+            data["license"] = photo.license
+        if "date_upload" in extras:
+            data["dateupload"] = str(photo.dateupload)
+        if "date_taken" in extras:
+            data.update(datetaken=photo.datetaken, datetakengranularity=0, datetakenunknown="0")
+        if "owner_name" in extras:
+            data["ownername"] = photo.ownername
+        if "path_alias" in extras:
+            data["pathalias"] = photo.pathalias
+        if "geo" in extras:
+            data.update(latitude=photo.latitude, longitude=photo.longitude,
+                        accuracy=16 if photo.latitude or photo.longitude else 0)
+        if "tags" in extras:
+            data["tags"] = photo.tags
+        if "views" in extras:
+            data["views"] = str(photo.views)
+        dimensions = {"o": (320, 240), "l": (160, 120), "m": (80, 60)}
+        for size in photo.sizes:
+            if f"url_{size}" in extras:
+                width, height = dimensions[size]
+                data[f"url_{size}"] = f"{self.url}/img/{photo.id}_{size}.jpg"
+                data[f"width_{size}"] = width
+                data[f"height_{size}"] = str(height)  # Flickr mixes ints and strings
+        return data
+
+    # -- images --------------------------------------------------------------------------------
+
+    def image(self, path: str):
+        name = urlsplit(path).path.rsplit("/", 1)[-1]
+        photo_id, _, size = name.rpartition(".")[0].rpartition("_")
+        if self.image_latency:
+            time.sleep(self.image_latency)
+        script = self.image_script.get(photo_id)
+        if script:
+            status = script.pop(0)
+            headers = {"Content-Type": "text/plain"}
+            if status == 429:
+                headers["Retry-After"] = self.retry_after
+            return status, headers, b"slow down" if status == 429 else b"error"
+        photo = next((p for p in self.photos if p.id == photo_id), None)
+        if photo is None:
+            return 404, {"Content-Type": "text/plain"}, b"no such photo"
+        if photo.image is not None:
+            data = photo.image
+        else:
+            if photo_id not in self._images:
+                scale = {"o": (320, 240), "l": (160, 120), "m": (80, 60)}[size]
+                self._images[photo_id] = make_image(zlib.crc32(photo_id.encode()), size=scale)
+            data = self._images[photo_id]
+        content_type = self.content_types.get(photo_id, "image/jpeg")
+        return 200, {"Content-Type": content_type}, data
+
+    def image_requests(self) -> int:
+        return sum(1 for _, _, path, _ in self.server.requests if path.startswith("/img/"))

@@ -1,0 +1,156 @@
+"""The Flickr source through the real flickrapi library, against a local Flickr REST server."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from conftest import FakePhoto, flickr_recipe, monkey_photos, read_jsonl
+from harvest.core.options import SecretValue
+from harvest.core.record import Query
+from harvest.plugins.sources.flickr import FlickrSource
+
+
+def test_run_stores_images_and_records(flickr, recipe_file, harvest, tmp_path):
+    flickr.photos = monkey_photos(25) + [FakePhoto(id="9", title="a cage", tags="cage")]
+    flickr.photos[0].latitude, flickr.photos[0].longitude = 14.6, 121.0
+    output = tmp_path / "out"
+    recipe = recipe_file(flickr_recipe(flickr.endpoint, output, run="limit_per_term: 20"))
+    status, out, err = harvest("run", recipe, "--no-progress")
+    assert status == 0, err
+    records = read_jsonl(output / "records.jsonl")
+    assert len(records) == 20
+    assert len({r["id"] for r in records}) == 20
+    first = next(r for r in records if r["source_id"] == "1001")
+    assert first["term"] == "monkey" and first["lang"] == "en" and first["query"] == "monkey"
+    assert first["url"].endswith("/img/1001_l.jpg")  # the largest size offered
+    assert first["license"] == "4"
+    assert first["latitude"] == 14.6 and first["geo_origin"] == "flickr"
+    assert first["page_url"].startswith("https://flic.kr/p/")
+    assert first["file"]["width"] == 160 and first["file"]["format"] == "JPEG"
+    assert (output / first["file"]["path"]).stat().st_size == first["file"]["bytes"]
+    # Personal fields are left out of the JSONL unless the recipe asks for them.
+    assert "owner_name" not in first and "owner" not in first
+    assert first["omitted_personal_fields"] == ["owner", "owner_name", "path_alias"]
+    no_geo = next(r for r in records if r["source_id"] == "1002")
+    assert no_geo["latitude"] is None  # Flickr's 0,0 means "no geotag"
+    assert "monkey" in out and "20" in out
+
+
+def test_secrets_never_reach_disk_or_logs(flickr, recipe_file, harvest, tmp_path):
+    flickr.photos = monkey_photos(5)
+    output = tmp_path / "out"
+    recipe = recipe_file(flickr_recipe(flickr.endpoint, output))
+    status, out, err = harvest("-v", "run", recipe, "--no-progress")
+    assert status == 0, err
+    logging.getLogger("harvest.test").warning("leak attempt %s", flickr.api_key)
+    secret_values = [flickr.api_key.encode(), b"test-secret-abcdef"]
+    for path in output.rglob("*"):
+        if path.is_file():
+            data = path.read_bytes()
+            assert not any(s in data for s in secret_values), path
+    assert flickr.api_key not in out + err
+    # The key travelled where Flickr expects it: in the OAuth Authorization header.
+    api_calls = [h for _, _, p, h in flickr.server.requests if p.startswith("/services/rest")]
+    assert api_calls and all(flickr.api_key in h["Authorization"] for h in api_calls)
+    assert repr(SecretValue(flickr.api_key, "${FLICKER_KEY}")) == "<secret ${FLICKER_KEY}>"
+
+
+def test_no_token_cache_in_home(flickr, recipe_file, harvest, tmp_path, isolated_home):
+    flickr.photos = monkey_photos(2)
+    recipe = recipe_file(flickr_recipe(flickr.endpoint, tmp_path / "out"))
+    assert harvest("run", recipe, "--no-progress")[0] == 0
+    assert list(isolated_home.iterdir()) == []
+
+
+def test_invalid_key_is_a_clear_error(flickr, recipe_file, harvest, tmp_path, monkeypatch):
+    flickr.photos = monkey_photos(3)
+    monkeypatch.setenv("FLICKER_KEY", "wrong-key-000")
+    recipe = recipe_file(flickr_recipe(flickr.endpoint, tmp_path / "out"))
+    status, out, err = harvest("run", recipe, "--no-progress")
+    assert status == 2
+    line = [ln for ln in err.splitlines() if ln.startswith("harvest: error")]
+    assert len(line) == 1 and "Invalid API Key" in line[0] and "api_key" in line[0]
+    assert "wrong-key-000" not in err + out
+
+
+def test_multilingual_terms_keep_term_and_language(flickr, recipe_file, harvest, tmp_path):
+    flickr.photos = [FakePhoto(id="1", title="monkey"), FakePhoto(id="2", title="猿 in a tree"),
+                     FakePhoto(id="3", title="قرد"), FakePhoto(id="4", title="cage")]
+    output = tmp_path / "out"
+    terms = "\n  - {en: monkey, ja: 猿, ar: قرد}\n  - cage"
+    recipe = recipe_file(flickr_recipe(flickr.endpoint, output, terms=terms))
+    assert harvest("run", recipe, "--no-progress")[0] == 0
+    found = {r["source_id"]: (r["term"], r["lang"], r["query"])
+             for r in read_jsonl(output / "records.jsonl")}
+    assert found == {"1": ("monkey", "en", "monkey"), "2": ("monkey", "ja", "猿"),
+                     "3": ("monkey", "ar", "قرد"), "4": ("cage", "en", "cage")}
+    folders = {p.parent.name for p in (output / "images").rglob("*.jpg")}
+    assert folders == {"monkey", "cage"}
+
+
+def test_search_parameters_reach_flickr(flickr, recipe_file, harvest, tmp_path):
+    flickr.photos = [FakePhoto(id="1", title="monkey", latitude=14.5, longitude=121.0, license="4"),
+                     FakePhoto(id="2", title="monkey", latitude=5.8, longitude=118.1, license="4"),
+                     FakePhoto(id="3", title="monkey", latitude=14.5, longitude=121.0, license="0")]
+    output = tmp_path / "out"
+    recipe = recipe_file(flickr_recipe(flickr.endpoint, output, options="""
+        bbox: 120.0,10.0,127.0,21.0
+        licenses: [4, 5]
+        min_taken_date: 2010-01-01
+    """))
+    assert harvest("run", recipe, "--no-progress")[0] == 0
+    assert [r["source_id"] for r in read_jsonl(output / "records.jsonl")] == ["1"]
+
+
+def make_source(flickr, tmp_path, **options) -> FlickrSource:
+    from harvest.core.http import HttpClient
+    from harvest.core.plugin import Context
+    from harvest.core.recipe import RunSettings
+    from harvest.core.registry import load_registry
+
+    declared = {o.name: o.default for o in FlickrSource.options}
+    declared.update(api_key=SecretValue(flickr.api_key, "${K}"),
+                    api_secret=SecretValue("s", "${S}"), endpoint=flickr.endpoint,
+                    sizes=["l", "m"], **options)
+    assert load_registry().get("sources", "flickr").cls is FlickrSource
+    settings = RunSettings()
+    http = HttpClient(rate_per_host=1000, timeout=10, retries=3, backoff=0.01,
+                      user_agent=settings.user_agent)
+    context = Context("t", tmp_path, tmp_path, [], http, logging.getLogger("t"))
+    source = FlickrSource(declared, context)
+    source.open()
+    return source
+
+
+def test_pagination_past_the_4000_results_cap(flickr, tmp_path):
+    flickr.photos = [FakePhoto(id=str(i), title="monkey", dateupload=1_300_000_000 + i * 3600)
+                     for i in range(9000)]
+    source = make_source(flickr, tmp_path, per_page=500)
+    ids = [r.source_id for r in source.records(Query("monkey", "en", "monkey"))]
+    assert len(ids) == 9000 and len(set(ids)) == 9000
+
+
+def test_without_slicing_flickr_stops_at_its_cap(flickr, tmp_path):
+    flickr.photos = [FakePhoto(id=str(i), title="monkey", dateupload=1_300_000_000 + i * 3600)
+                     for i in range(4500)]
+    source = make_source(flickr, tmp_path, per_page=500, slice_dates=False)
+    ids = [r.source_id for r in source.records(Query("monkey", "en", "monkey"))]
+    assert len(set(ids)) == 4000
+
+
+def test_api_5xx_is_retried_then_served(flickr, tmp_path):
+    flickr.photos = monkey_photos(3)
+    flickr.api_failures = [503, 502]
+    source = make_source(flickr, tmp_path)
+    ids = [r.source_id for r in source.records(Query("monkey", "en", "monkey"))]
+    assert len(ids) == 3
+    assert flickr.api_failures == []  # both failures were answered, then retried
+    assert flickr.calls["flickr.photos.search"] == 3
+
+
+def test_records_are_json_serializable(flickr, tmp_path):
+    flickr.photos = monkey_photos(2)
+    source = make_source(flickr, tmp_path)
+    for record in source.records(Query("monkey", "en", "monkey")):
+        json.dumps(record.to_dict())

@@ -1,0 +1,157 @@
+"""Every kind of bad recipe: exit status 2 and one line naming file, key path and line."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+GOOD_SOURCE = """
+sources:
+  - use: flickr
+    options:
+      bbox: "116.9,4.5,127.0,21.0"
+"""
+
+
+def check_one_line(err: str, *needles: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    assert "Traceback" not in err
+    return lines[0]
+
+
+@pytest.fixture
+def keys(monkeypatch):
+    monkeypatch.setenv("FLICKER_KEY", "k" * 16)
+    monkeypatch.setenv("FLICKER_SECRET", "s" * 16)
+
+
+CASES = {
+    "unknown plugin": (
+        "name: x\nterms: [monkey]\noutput: out\nsources:\n  - use: flikr\n",
+        ["recipe.yml:5", "sources[0].use", "unknown source 'flikr'", "flickr", "folder"]),
+    "unknown option": (
+        "name: x\nterms: [monkey]\noutput: out\nsources:\n  - use: flickr\n"
+        "    options:\n      per_pag: 10\n",
+        ["recipe.yml:7", "sources[0].options.per_pag", "unknown option", "per_page"]),
+    "mistyped option": (
+        "name: x\nterms: [monkey]\noutput: out\nsources:\n  - use: flickr\n"
+        "    options:\n      count: ten\n",
+        ["recipe.yml:7", "sources[0].options.count", "expected an integer", "'ten'"]),
+    "bbox with min above max": (
+        "name: x\nterms: [monkey]\noutput: out\nsources:\n  - use: flickr\n"
+        "    options:\n      bbox: [127, 4.5, 116.9, 21]\n",
+        ["recipe.yml:7", "sources[0].options.bbox", "min_lon 127 must be less than max_lon 116.9"]),
+    "bbox latitude out of range": (
+        "name: x\nterms: [monkey]\noutput: out\nsources:\n  - use: flickr\n"
+        "    options:\n      bbox: 116.9,4.5,127.0,95\n",
+        ["sources[0].options.bbox", "latitude 95 is outside -90..90"]),
+    "bbox wrong shape": (
+        "name: x\nterms: [monkey]\noutput: out\nsources:\n  - use: flickr\n"
+        "    options:\n      bbox: 116.9,4.5\n",
+        ["sources[0].options.bbox", "expected four numbers"]),
+    "yaml syntax": (
+        "name: x\nterms: [monkey\noutput: out\n",
+        ["recipe.yml:", "YAML syntax error"]),
+    "unknown top-level key": (
+        "name: x\nterms: [monkey]\noutput: out\nsorces: []\n",
+        ["recipe.yml:4", "sorces", "unknown key"]),
+    "no terms": (
+        "name: x\noutput: out\n" + GOOD_SOURCE,
+        ["terms", "expected a non-empty list of terms"]),
+    "bad language code": (
+        "name: x\nterms:\n  - {English: monkey}\noutput: out\n" + GOOD_SOURCE,
+        ["recipe.yml:3", "terms[0].English", "language code"]),
+    "duplicate key": (
+        "name: x\nterms: [monkey]\noutput: out\noutput: other\n" + GOOD_SOURCE,
+        ["recipe.yml:4", "output", "duplicate key (first at line 3)"]),
+    "secret written in clear": (
+        "name: x\nterms: [monkey]\noutput: out\nsources:\n  - use: flickr\n"
+        "    options:\n      api_key: 0123456789abcdef\n",
+        ["recipe.yml:7", "sources[0].options.api_key", "secrets are never written in a recipe"]),
+    "bad run setting": (
+        "name: x\nterms: [monkey]\noutput: out\nrun:\n  concurrency: 0\n" + GOOD_SOURCE,
+        ["recipe.yml:5", "run.concurrency", "out of range"]),
+    "bad date": (
+        "name: x\nterms: [monkey]\noutput: out\nsources:\n  - use: flickr\n"
+        "    options:\n      min_taken_date: last tuesday\n",
+        ["sources[0].options.min_taken_date", "expected a date"]),
+    "bad choice": (
+        "name: x\nterms: [monkey]\noutput: out\nsources:\n  - use: flickr\n"
+        "    options:\n      sort: newest\n",
+        ["sources[0].options.sort", "expected one of relevance"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_recipe_exits_2_with_one_clear_line(case, keys, recipe_file, harvest):
+    text, needles = CASES[case]
+    path = recipe_file(text)
+    status, out, err = harvest("validate", path)
+    assert status == 2
+    check_one_line(err, str(path), *needles)
+
+
+def test_missing_secret_names_the_variable(recipe_file, harvest):
+    path = recipe_file("name: x\nterms: [monkey]\noutput: out\nsources:\n  - use: flickr\n")
+    status, _, err = harvest("validate", path)
+    assert status == 2
+    check_one_line(err, "sources[0].options.api_key", "${FLICKER_KEY} is not set")
+
+
+def test_missing_recipe_file(tmp_path, harvest):
+    status, _, err = harvest("run", tmp_path / "nope.yml")
+    assert status == 2
+    check_one_line(err, "nope.yml", "no such recipe file")
+
+
+def test_good_recipe_validates(keys, recipe_file, harvest):
+    path = recipe_file("name: x\nterms:\n  - monkey\n  - {en: cage, ja: 檻, ar: قفص}\n"
+                       "output: out\n" + GOOD_SOURCE)
+    status, out, err = harvest("validate", path)
+    assert status == 0, err
+    assert "ok (2 terms, 1 sources, 0 enrichers, 1 sinks)" in out
+
+
+def test_validate_makes_no_network_call_and_writes_nothing(keys, recipe_file, harvest, tmp_path):
+    path = recipe_file("name: x\nterms: [monkey]\noutput: out\nsources:\n  - use: flickr\n"
+                       "    options:\n      endpoint: http://127.0.0.1:9/services/rest/\n")
+    status, _, err = harvest("validate", path)
+    assert status == 0, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_credentials_file_in_the_seed_format(recipe_file, harvest, tmp_path):
+    credentials = tmp_path / "credentials.json"
+    credentials.write_text('{"FLICKER_KEY": "abcdef0123", "FLICKER_SECRET": "xyz987", '
+                           '"GOOGLE_VISION_KEY": "g"}')
+    credentials.chmod(0o600)
+    path = recipe_file(f"name: x\nterms: [monkey]\noutput: out\ncredentials: {credentials}\n"
+                       "sources: [flickr]\n")
+    status, _, err = harvest("validate", path)
+    assert status == 0, err
+
+
+def test_credentials_file_readable_by_others_is_refused(recipe_file, harvest, tmp_path):
+    credentials = tmp_path / "credentials.json"
+    credentials.write_text('{"FLICKER_KEY": "abcdef0123", "FLICKER_SECRET": "xyz987"}')
+    credentials.chmod(0o644)
+    path = recipe_file(f"name: x\nterms: [monkey]\noutput: out\ncredentials: {credentials}\n"
+                       "sources: [flickr]\n")
+    status, _, err = harvest("validate", path)
+    assert status == 2
+    check_one_line(err, str(credentials), "readable by others", "chmod 600")
+
+
+def test_console_script_exit_status(recipe_file, tmp_path):
+    """The installed `harvest` command, as a user runs it, exits 2 on a bad recipe."""
+    path = recipe_file("name: x\nterms: [monkey]\noutput: out\nsources:\n  - use: nosuch\n")
+    harvest_bin = os.path.join(os.path.dirname(sys.executable), "harvest")
+    done = subprocess.run([harvest_bin, "validate", str(path)], capture_output=True, text=True)
+    assert done.returncode == 2
+    check_one_line(done.stderr, "sources[0].use", "unknown source 'nosuch'")
