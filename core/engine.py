@@ -58,8 +58,9 @@ class Engine:
                                timeout=self.settings.timeout, retries=self.settings.retries,
                                backoff=self.settings.backoff, user_agent=self.settings.user_agent,
                                pool_size=self.settings.concurrency)
-        # Pillow's own guard would warn or fail at its default; ours is the recipe's setting.
-        Image.MAX_IMAGE_PIXELS = self.settings.max_pixels
+        # The fetcher checks width x height against max_pixels from the header, before any
+        # decode; Pillow's global guard would fire first, at its own limit, with its own words.
+        Image.MAX_IMAGE_PIXELS = None
         self.fetcher = Fetcher(self.http, self.temp_dir, max_bytes=self.settings.max_bytes,
                                max_pixels=self.settings.max_pixels,
                                verify=self.settings.verify_images)

@@ -6,6 +6,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -67,15 +68,13 @@ def read_jsonl(path: Path) -> list[dict]:
 
 def flickr_recipe(endpoint: str, output: Path, *, terms: str = "[monkey]", run: str = "",
                   options: str = "") -> str:
+    settings = {"concurrency": 4, "rate_per_host": 1000, "backoff": 0.01}
+    settings.update(yaml.safe_load(textwrap.dedent(run)) or {})
     return f"""
 name: flickr-test
 terms: {terms}
 output: {output}
-run:
-  concurrency: 4
-  rate_per_host: 1000
-  backoff: 0.01
-{textwrap.indent(textwrap.dedent(run).strip(), '  ') if run.strip() else ''}
+run: {json.dumps(settings)}
 sources:
   - use: flickr
     options:

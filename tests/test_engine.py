@@ -1,0 +1,156 @@
+"""The download and store pipeline's error paths, each judged by its outcome."""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+
+import pytest
+from conftest import FakePhoto, flickr_recipe, monkey_photos, read_jsonl
+from harvest.core.storage import image_relpath, inside, safe_component
+from imagegen import make_image, truncated_jpeg
+from PIL import Image
+
+
+def last_run(output) -> dict:
+    return json.loads((output / ".harvest" / "last-run.json").read_text(encoding="utf-8"))
+
+
+def failures(output) -> dict[str, int]:
+    return {f["reason"]: f["count"] for f in last_run(output)["failures"]}
+
+
+def run_flickr(harvest, recipe_file, flickr, output, run="", options=""):
+    recipe = recipe_file(flickr_recipe(flickr.endpoint, output, run=run, options=options))
+    status, out, err = harvest("run", recipe, "--no-progress")
+    assert status == 0, err
+    return out
+
+
+def test_429_storm_is_waited_out_honouring_retry_after(flickr, recipe_file, harvest, tmp_path):
+    flickr.photos = monkey_photos(6)
+    flickr.image_script = {p.id: [429, 429] for p in flickr.photos}
+    flickr.retry_after = "1"
+    output = tmp_path / "out"
+    run_flickr(harvest, recipe_file, flickr, output, run="concurrency: 6")
+    assert len(read_jsonl(output / "records.jsonl")) == 6
+    totals = last_run(output)["totals"]
+    assert totals["stored"] == 6 and totals["failed"] == 0
+    times = [t for t, _, path, _ in flickr.server.requests if path == "/img/1001_l.jpg"]
+    assert len(times) == 3
+    assert times[1] - times[0] >= 0.95 and times[2] - times[1] >= 0.95  # Retry-After: 1
+
+
+def test_persistent_5xx_fails_the_record_and_the_next_run_retries_it(flickr, recipe_file,
+                                                                      harvest, tmp_path):
+    flickr.photos = monkey_photos(4)
+    flickr.image_script = {"1002": [503] * 10}
+    output = tmp_path / "out"
+    out = run_flickr(harvest, recipe_file, flickr, output, run="retries: 2")
+    assert failures(output) == {"HTTP 503": 1}
+    assert last_run(output)["totals"]["failed"] == 1
+    assert "1 record(s) not finished; run again" in out
+    flickr.image_script = {}
+    run_flickr(harvest, recipe_file, flickr, output, run="retries: 2")
+    ids = [r["source_id"] for r in read_jsonl(output / "records.jsonl")]
+    assert sorted(ids) == ["1001", "1002", "1003", "1004"]
+
+
+def test_bad_images_are_rejected_with_reasons(flickr, recipe_file, harvest, tmp_path):
+    noise = io.BytesIO()
+    Image.frombytes("RGB", (300, 300), random.Random(1).randbytes(300 * 300 * 3)).save(noise, "JPEG")
+    assert len(noise.getvalue()) > 40_000
+    bomb = io.BytesIO()
+    Image.new("L", (3000, 3000)).save(bomb, "PNG")
+    flickr.photos = monkey_photos(2) + [
+        FakePhoto(id="20", title="monkey truncated", image=truncated_jpeg()),
+        FakePhoto(id="21", title="monkey html"),
+        FakePhoto(id="22", title="monkey huge file", image=noise.getvalue()),
+        FakePhoto(id="23", title="monkey bomb", image=bomb.getvalue()),
+        FakePhoto(id="24", title="monkey gone"),
+        FakePhoto(id="25", title="monkey not an image", image=b"GIF89a but not really" * 10),
+    ]
+    flickr.content_types = {"21": "text/html; charset=utf-8"}
+    flickr.image_script = {"24": [404]}
+    output = tmp_path / "out"
+    run_flickr(harvest, recipe_file, flickr, output,
+               run="max_bytes: 40KB\nmax_pixels: 1000000")
+    stored = {r["source_id"] for r in read_jsonl(output / "records.jsonl")}
+    assert stored == {"1001", "1002"}
+    reasons = failures(output)
+    assert any(r.startswith("corrupt image: image file is truncated") for r in reasons)
+    assert "not an image: Content-Type text/html" in reasons
+    assert any(r.startswith("too large") for r in reasons)
+    assert any(r.startswith("decompression-bomb guard: 3000x3000") for r in reasons)
+    assert "HTTP 404" in reasons
+    assert any(r.startswith("not an image") and "identify" in r for r in reasons)
+    assert last_run(output)["totals"]["rejected"] == 6
+    assert len(list((output / "images").rglob("*.*"))) == 2
+    assert not list((output / ".harvest").glob("tmp/*"))
+
+
+def test_rejected_records_are_not_fetched_again(flickr, recipe_file, harvest, tmp_path):
+    flickr.photos = monkey_photos(1) + [FakePhoto(id="20", title="monkey bad",
+                                                  image=truncated_jpeg())]
+    output = tmp_path / "out"
+    run_flickr(harvest, recipe_file, flickr, output)
+    before = flickr.image_requests()
+    run_flickr(harvest, recipe_file, flickr, output)
+    assert flickr.image_requests() == before
+    assert last_run(output)["totals"]["skipped"] == 2
+
+
+def test_same_bytes_from_two_urls_are_stored_once(flickr, recipe_file, harvest, tmp_path):
+    same = make_image(42)
+    flickr.photos = [FakePhoto(id="1", title="monkey", image=same),
+                     FakePhoto(id="2", title="monkey again", image=same),
+                     FakePhoto(id="3", title="monkey other")]
+    output = tmp_path / "out"
+    run_flickr(harvest, recipe_file, flickr, output, run="concurrency: 1")
+    records = {r["source_id"]: r for r in read_jsonl(output / "records.jsonl")}
+    assert len(records) == 3
+    assert records["1"]["file"]["path"] == records["2"]["file"]["path"]
+    assert records["2"]["duplicate_of"] == "flickr:1"
+    assert "duplicate_of" not in records["1"]
+    assert len(list((output / "images").rglob("*.jpg"))) == 2
+    assert last_run(output)["totals"]["duplicate"] == 1
+
+
+def test_summary_counts_per_source_and_term(flickr, recipe_file, harvest, tmp_path):
+    flickr.photos = monkey_photos(3) + [FakePhoto(id="7", title="cage", image=truncated_jpeg())]
+    output = tmp_path / "out"
+    recipe = recipe_file(flickr_recipe(flickr.endpoint, output, terms="[monkey, cage]"))
+    status, out, _ = harvest("run", recipe, "--no-progress")
+    assert status == 0
+    rows = {row["term"]: row for row in last_run(output)["by_source_term"]}
+    assert rows["monkey"]["found"] == 3 and rows["monkey"]["stored"] == 3
+    assert rows["cage"]["found"] == 1 and rows["cage"]["rejected"] == 1
+    assert "reasons:" in out and "flickr download: corrupt image" in out
+
+
+@pytest.mark.parametrize("hostile", ["../../etc/passwd", "..", "a/../../b", "C:\\Windows\\x",
+                                     "CON", "nul.txt", "name\x00with\x1fcontrol", " . ",
+                                     "猿" * 200, "a:b*c?d|e<f>g\"h"])
+def test_hostile_ids_stay_inside_the_output_folder(hostile, tmp_path):
+    relpath = image_relpath(hostile, "flickr", hostile, "JPEG")
+    target = inside(tmp_path, relpath)
+    assert tmp_path in target.parents
+    parts = relpath.split("/")
+    assert len(parts) == 3 and parts[0] == "images"
+    for part in parts[1:]:
+        assert part not in ("", ".", "..")
+        assert not set(part) & set('<>:"/\\|?*')
+        assert len(part.encode("utf-8")) <= 110
+        assert part.split(".")[0].upper() not in ("CON", "NUL")
+
+
+def test_unicode_names_are_kept_readable():
+    assert safe_component("猿 と 檻") == "猿 と 檻"
+    assert safe_component("قرد") == "قرد"
+    assert safe_component("e\u0301") == "é"  # NFC, as macOS and Windows users would type it
+
+
+def test_inside_refuses_escapes(tmp_path):
+    with pytest.raises(ValueError):
+        inside(tmp_path, "../outside.jpg")
