@@ -225,7 +225,7 @@ def _parse_terms(checker: _Checker, raw: Any, default_language: str) -> list[Ter
                     queries.append((lang, str(text).strip()))
         else:
             raise checker.fail(here, "expected a term (text) or a mapping language: text")
-        key = dict(queries).get("en", queries[0][1])
+        key = next((text for lang, text in queries if lang == "en"), queries[0][1])
         if key in seen:
             raise checker.fail(here, f"term {key!r} is listed twice")
         seen.add(key)

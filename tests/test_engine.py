@@ -154,3 +154,24 @@ def test_unicode_names_are_kept_readable():
 def test_inside_refuses_escapes(tmp_path):
     with pytest.raises(ValueError):
         inside(tmp_path, "../outside.jpg")
+
+
+def test_requests_to_one_host_respect_the_rate_limit(flickr, recipe_file, harvest, tmp_path):
+    flickr.photos = monkey_photos(8)
+    output = tmp_path / "out"
+    run_flickr(harvest, recipe_file, flickr, output, run="concurrency: 8\nrate_per_host: 10")
+    times = sorted(t for t, _, path, _ in flickr.server.requests if path.startswith("/img/"))
+    assert len(times) == 8
+    # Eight concurrent downloads at 10 requests/s: spread over at least 0.7 s, not a burst.
+    assert times[-1] - times[0] >= 0.7 * 0.9, times
+
+
+def test_term_key_is_the_first_english_wording(recipe_file, harvest, monkeypatch):
+    from harvest.core.recipe import load_recipe
+    from harvest.core.registry import load_registry
+
+    path = recipe_file("terms:\n  - {ja: 猿, en: [ape, primate]}\n  - {fr: cage}\n"
+                       "output: out\nsources: [{use: folder, options: {path: .}}]\n")
+    recipe = load_recipe(path, load_registry())
+    assert [t.key for t in recipe.terms] == ["ape", "cage"]
+    assert recipe.terms[0].queries == (("ja", "猿"), ("en", "ape"), ("en", "primate"))
