@@ -18,11 +18,11 @@ from .options import (
     Str,
 )
 from .plugin import Context, Enricher, Sink, Source, hookimpl
-from .record import FileInfo, Query, Record, Term, json_default
+from .record import FileInfo, Query, Record, Term, json_default, license_family
 
 __all__ = [
     "BBox", "Bool", "Choice", "Context", "Date", "Enricher", "FileInfo", "Float", "HarvestError",
     "Int", "ListOf", "Option", "OptionType", "Path", "PluginConfigError", "Query", "Record",
-    "RecordError", "Secret", "SecretValue", "Sink", "Size", "Source", "Str", "Term", "UsageError",
-    "hookimpl", "json_default",
+    "RecordError", "Secret", "SecretValue", "Sink", "Size", "Source", "Str", "Term", "Thresholds",
+    "UsageError", "hookimpl", "json_default", "license_family",
 ]

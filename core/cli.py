@@ -31,6 +31,10 @@ def _parser() -> argparse.ArgumentParser:
     validate = commands.add_parser("validate", help="check a recipe without running it")
     validate.add_argument("recipe", type=Path)
 
+    credits = commands.add_parser("credits", help="write CREDITS.md and credits.csv for a harvest")
+    credits.add_argument("output", type=Path, help="the harvest's output folder")
+    credits.add_argument("--records", type=Path, help="records file (default OUTPUT/records.jsonl)")
+
     plugins = commands.add_parser("plugins", help="list plugins, their options and origin")
     plugins.add_argument("--json", action="store_true", help="machine-readable output")
     return parser
@@ -96,6 +100,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "plugins":
             return _cmd_plugins(args.json)
+        if args.command == "credits":
+            from .credits import write_credits
+
+            markdown, table, count = write_credits(args.output, args.records)
+            print(f"{count} credits written to {markdown} and {table}")
+            return 0
         _setup_logging(args.verbose)
         registry = load_registry()
         recipe = load_recipe(args.recipe, registry, output=getattr(args, "output", None))

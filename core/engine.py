@@ -53,6 +53,7 @@ class Engine:
         self.state_dir = self.output / STATE_DIR
         self.temp_dir = self.state_dir / "tmp"
         self.summary = Summary(recipe.name)
+        self.hints: dict = {}
         self.show_progress = progress
         self.http = HttpClient(rate_per_host=self.settings.rate_per_host,
                                timeout=self.settings.timeout, retries=self.settings.retries,
@@ -68,7 +69,8 @@ class Engine:
     def _context(self, spec: PluginSpec) -> Context:
         return Context(recipe_name=self.recipe.name, recipe_dir=self.recipe.directory,
                        output_dir=self.output, terms=self.recipe.terms, http=self.http,
-                       log=logging.getLogger(f"harvest.{spec.kind}.{spec.label}"))
+                       log=logging.getLogger(f"harvest.{spec.kind}.{spec.label}"),
+                       hints=self.hints)
 
     def _build(self, spec: PluginSpec) -> Plugin:
         try:
@@ -88,9 +90,11 @@ class Engine:
         previous_sigterm = signal.signal(signal.SIGTERM, _raise_interrupted)
         try:
             with ExitStack() as stack:
-                sources = [(spec, self._open(stack, spec)) for spec in self.recipe.sources]
-                self.enrichers = [(spec, self._open(stack, spec)) for spec in self.recipe.enrichers]
                 self.sinks = [(spec, self._open(stack, spec)) for spec in self.recipe.sinks]
+                self.enrichers = [(spec, self._open(stack, spec)) for spec in self.recipe.enrichers]
+                for _, enricher in self.enrichers:
+                    self.hints.update(enricher.source_hints())
+                sources = [(spec, self._open(stack, spec)) for spec in self.recipe.sources]
                 for spec, sink in self.sinks:
                     sink.resume(self.state.checkpoint(spec.label))
                 try:

@@ -199,6 +199,31 @@ class SecretValue:
         return hash(self._value)
 
 
+class Thresholds(OptionType):
+    """``{term: ">=0.6", other: "<0.3"}``: a comparison per key."""
+
+    name = "mapping of key: comparison (e.g. \">=0.6\")"
+    _pattern = re.compile(r"\s*(>=|<=|>|<|==)\s*([0-9]*\.?[0-9]+)\s*")
+
+    def convert(self, value):
+        if not isinstance(value, dict) or not value:
+            raise ValueError('expected a mapping such as {monkey: ">=0.6", cage: "<0.3"}')
+        result = {}
+        for key, expression in value.items():
+            match = self._pattern.fullmatch(str(expression))
+            if match is None:
+                raise ValueError(f"{key}: expected a comparison such as >=0.6 or <0.3, "
+                                 f"got {expression!r}")
+            result[str(key)] = (match.group(1), float(match.group(2)))
+        return result
+
+    @staticmethod
+    def holds(comparison: tuple[str, float], value: float) -> bool:
+        operator, bound = comparison
+        return {">=": value >= bound, "<=": value <= bound, ">": value > bound,
+                "<": value < bound, "==": value == bound}[operator]
+
+
 class Path(Str):
     """A file-system path; relative paths are resolved against the recipe's folder."""
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -31,6 +31,9 @@ class Context:
     terms: Sequence[Term]
     http: "HttpClient"
     log: logging.Logger
+    # What enrichers will drop anyway (e.g. {"license_families": [...]}); a source that
+    # can filter on its server's side uses it so that quota is not spent on them.
+    hints: Mapping[str, Any] = field(default_factory=dict)
 
     def session(self, *, retry_post: bool = False) -> "requests.Session":
         """A polite HTTP session: per-host rate limit, retries with backoff, timeouts."""
@@ -82,6 +85,10 @@ class Enricher(Plugin):
 
     def enrich(self, records: list[Record]) -> None:
         raise NotImplementedError
+
+    def source_hints(self) -> dict[str, Any]:
+        """Filters this enricher applies that sources may push to their servers."""
+        return {}
 
 
 class Sink(Plugin):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -88,6 +89,15 @@ class Record:
         if self.duplicate_of:
             data["duplicate_of"] = self.duplicate_of
         return data
+
+
+_VERSION = re.compile(r"-\d+(\.\d+)*$")
+
+
+def license_family(license_id: str) -> str:
+    """``CC-BY-SA-2.0`` -> ``CC-BY-SA``: records carry SPDX-style license ids; filters
+    usually care about the family, not the version."""
+    return _VERSION.sub("", license_id)
 
 
 def json_default(value: Any) -> Any:

@@ -6,5 +6,6 @@ BUILTIN_MODULES = (
     "harvest.plugins.sources.folder",
     "harvest.plugins.enrichers.exif",
     "harvest.plugins.enrichers.geocode",
+    "harvest.plugins.enrichers.license",
     "harvest.plugins.sinks.jsonl",
 )

@@ -11,6 +11,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).parent))
 
 from fakes import FakeFlickr, FakePhoto  # noqa: E402
+
 from harvest.core.cli import main  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

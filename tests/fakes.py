@@ -67,6 +67,24 @@ class LocalServer:
         request.wfile.write(payload)
 
 
+# flickr.photos.licenses.getInfo as Flickr's API documentation lists it.
+FLICKR_GETINFO = {
+    0: ("All Rights Reserved", ""),
+    1: ("Attribution-NonCommercial-ShareAlike License",
+        "https://creativecommons.org/licenses/by-nc-sa/2.0/"),
+    2: ("Attribution-NonCommercial License", "https://creativecommons.org/licenses/by-nc/2.0/"),
+    3: ("Attribution-NonCommercial-NoDerivs License",
+        "https://creativecommons.org/licenses/by-nc-nd/2.0/"),
+    4: ("Attribution License", "https://creativecommons.org/licenses/by/2.0/"),
+    5: ("Attribution-ShareAlike License", "https://creativecommons.org/licenses/by-sa/2.0/"),
+    6: ("Attribution-NoDerivs License", "https://creativecommons.org/licenses/by-nd/2.0/"),
+    7: ("No known copyright restrictions", "https://www.flickr.com/commons/usage/"),
+    8: ("United States Government Work", "http://www.usa.gov/copyright.shtml"),
+    9: ("Public Domain Dedication (CC0)", "https://creativecommons.org/publicdomain/zero/1.0/"),
+    10: ("Public Domain Mark", "https://creativecommons.org/publicdomain/mark/1.0/"),
+}
+
+
 @dataclass
 class FakePhoto:
     id: str
@@ -102,6 +120,8 @@ class FakeFlickr:
     content_types: dict[str, str] = field(default_factory=dict)
     api_failures: list[int] = field(default_factory=list)
     calls: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    licenses: dict[int, tuple[str, str]] = field(default_factory=lambda: dict(FLICKR_GETINFO))
+    searches: list[dict] = field(default_factory=list)
 
     def start(self) -> FakeFlickr:
         self.server = LocalServer(self.handle).start()
@@ -133,6 +153,10 @@ class FakeFlickr:
         if method != "POST" or key is None or key.group(1) != self.api_key:
             return self.json({"stat": "fail", "code": 100,
                               "message": "Invalid API Key (Key has invalid format)"})
+        if params.get("method") == "flickr.photos.licenses.getInfo":
+            return self.json({"licenses": {"license": [
+                {"id": number, "name": name, "url": url}
+                for number, (name, url) in sorted(self.licenses.items())]}, "stat": "ok"})
         if params.get("method") != "flickr.photos.search":
             return self.json({"stat": "fail", "code": 112,
                               "message": f"Method \"{params.get('method')}\" not found"})
@@ -143,6 +167,7 @@ class FakeFlickr:
             json.dumps(payload).encode("utf-8")
 
     def search(self, params: dict) -> dict:
+        self.searches.append(params)
         text = params.get("text", "").lower()
         tags = [t.lower() for t in params.get("tags", "").split(",") if t]
         low = int(params.get("min_upload_date", 0))

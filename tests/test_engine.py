@@ -8,9 +8,10 @@ import random
 
 import pytest
 from conftest import FakePhoto, flickr_recipe, monkey_photos, read_jsonl
-from harvest.core.storage import image_relpath, inside, safe_component
 from imagegen import make_image, truncated_jpeg
 from PIL import Image
+
+from harvest.core.storage import image_relpath, inside, safe_component
 
 
 def last_run(output) -> dict:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import time
 
-import harvest.plugins as builtin_plugins
 import piexif
 import pytest
 from conftest import REPO, FakePhoto, flickr_recipe, monkey_photos, read_jsonl
-from harvest.plugins.enrichers.exif import read_exif
 from imagegen import make_image
+
+import harvest.plugins as builtin_plugins
+from harvest.plugins.enrichers.exif import read_exif
 
 SAMPLES = REPO.parent / "shared" / "testdata" / "exif-samples" / "jpg"
 needs_samples = pytest.mark.skipif(not SAMPLES.is_dir(), reason="../shared/testdata not beside the checkout")

@@ -6,6 +6,7 @@ import json
 import logging
 
 from conftest import FakePhoto, flickr_recipe, monkey_photos, read_jsonl
+
 from harvest.core.options import SecretValue
 from harvest.core.record import Query
 from harvest.plugins.sources.flickr import FlickrSource
@@ -24,7 +25,8 @@ def test_run_stores_images_and_records(flickr, recipe_file, harvest, tmp_path):
     first = next(r for r in records if r["source_id"] == "1001")
     assert first["term"] == "monkey" and first["lang"] == "en" and first["query"] == "monkey"
     assert first["url"].endswith("/img/1001_l.jpg")  # the largest size offered
-    assert first["license"] == "4"
+    assert first["license"] == "CC-BY-2.0" and first["flickr_license"] == 4
+    assert first["license_url"] == "https://creativecommons.org/licenses/by/2.0/"
     assert first["latitude"] == 14.6 and first["geo_origin"] == "flickr"
     assert first["page_url"].startswith("https://flic.kr/p/")
     assert first["file"]["width"] == 160 and first["file"]["format"] == "JPEG"
@@ -141,8 +143,8 @@ def test_without_slicing_flickr_stops_at_its_cap(flickr, tmp_path):
 
 def test_api_5xx_is_retried_then_served(flickr, tmp_path):
     flickr.photos = monkey_photos(3)
-    flickr.api_failures = [503, 502]
     source = make_source(flickr, tmp_path)
+    flickr.api_failures = [503, 502]
     ids = [r.source_id for r in source.records(Query("monkey", "en", "monkey"))]
     assert len(ids) == 3
     assert flickr.api_failures == []  # both failures were answered, then retried
@@ -154,3 +156,30 @@ def test_records_are_json_serializable(flickr, tmp_path):
     source = make_source(flickr, tmp_path)
     for record in source.records(Query("monkey", "en", "monkey")):
         json.dumps(record.to_dict())
+
+
+def test_builtin_license_table_matches_the_api(flickr, tmp_path):
+    from harvest.plugins.sources.flickr import FLICKR_LICENSES
+
+    source = make_source(flickr, tmp_path)
+    assert flickr.calls["flickr.photos.licenses.getInfo"] == 1
+    assert {i: (name, url) for i, (name, url, _) in source.licenses.items()} == FLICKR_LICENSES
+    assert {i: spdx for i, (_, _, spdx) in source.licenses.items()} == {
+        0: "ARR", 1: "CC-BY-NC-SA-2.0", 2: "CC-BY-NC-2.0", 3: "CC-BY-NC-ND-2.0", 4: "CC-BY-2.0",
+        5: "CC-BY-SA-2.0", 6: "CC-BY-ND-2.0", 7: "NKCR", 8: "US-GOV-WORK", 9: "CC0-1.0",
+        10: "PDM-1.0"}
+
+
+def test_new_licenses_from_the_api_are_understood(flickr, tmp_path):
+    flickr.licenses[11] = ("CC BY 4.0", "https://creativecommons.org/licenses/by/4.0/")
+    flickr.photos = [FakePhoto(id="1", title="monkey", license="11")]
+    source = make_source(flickr, tmp_path)
+    [record] = source.records(Query("monkey", "en", "monkey"))
+    assert record.fields["license"] == "CC-BY-4.0"
+
+
+def test_unreachable_license_table_falls_back_to_the_builtin_copy(flickr, tmp_path, caplog):
+    flickr.api_failures = [500] * 10
+    source = make_source(flickr, tmp_path)
+    assert source.licenses[4][2] == "CC-BY-2.0"
+    assert "using the built-in copy" in caplog.text

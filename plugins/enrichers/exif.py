@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import piexif
-from harvest.core import Bool, Enricher, Option, Record, hookimpl
 from PIL import Image
+
+from harvest.core import Bool, Enricher, Option, Record, hookimpl
 
 # exiftool's names for the IFDs, which users meet in every other EXIF tool.
 IFD_NAMES = {"0th": "IFD0", "Exif": "ExifIFD", "GPS": "GPS", "Interop": "InteropIFD",

@@ -6,6 +6,7 @@ import threading
 import unicodedata
 
 import pycountry
+
 from harvest.core import Bool, Choice, Enricher, ListOf, Option, Record, Str, hookimpl
 
 _geocoders: dict[int, object] = {}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import re
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -11,6 +12,7 @@ from typing import Any
 import flickrapi
 from flickrapi.exceptions import FlickrError
 from flickrapi.shorturl import encode as base58
+
 from harvest.core import (
     BBox,
     Bool,
@@ -26,6 +28,7 @@ from harvest.core import (
     Source,
     Str,
     hookimpl,
+    license_family,
 )
 
 # flickrapi logs whole error bodies at ERROR; harvest reports the failure itself, once.
@@ -43,6 +46,42 @@ SORTS = ("relevance", "date-posted-desc", "date-posted-asc", "date-taken-desc", 
 # Error codes that mean "your key or request is wrong", not "try later".
 CONFIG_ERROR_CODES = {3, 4, 95, 96, 97, 98, 99, 100, 111, 112, 114, 115, 116}
 PERSONAL = {"owner", "owner_name", "path_alias"}
+# flickr.photos.licenses.getInfo, as Flickr documents it; refreshed from the API at start.
+FLICKR_LICENSES = {
+    0: ("All Rights Reserved", ""),
+    1: ("Attribution-NonCommercial-ShareAlike License",
+        "https://creativecommons.org/licenses/by-nc-sa/2.0/"),
+    2: ("Attribution-NonCommercial License", "https://creativecommons.org/licenses/by-nc/2.0/"),
+    3: ("Attribution-NonCommercial-NoDerivs License",
+        "https://creativecommons.org/licenses/by-nc-nd/2.0/"),
+    4: ("Attribution License", "https://creativecommons.org/licenses/by/2.0/"),
+    5: ("Attribution-ShareAlike License", "https://creativecommons.org/licenses/by-sa/2.0/"),
+    6: ("Attribution-NoDerivs License", "https://creativecommons.org/licenses/by-nd/2.0/"),
+    7: ("No known copyright restrictions", "https://www.flickr.com/commons/usage/"),
+    8: ("United States Government Work", "http://www.usa.gov/copyright.shtml"),
+    9: ("Public Domain Dedication (CC0)", "https://creativecommons.org/publicdomain/zero/1.0/"),
+    10: ("Public Domain Mark", "https://creativecommons.org/publicdomain/mark/1.0/"),
+}
+
+
+def spdx_style(name: str, url: str) -> str:
+    """An SPDX-style short id from a license's URL (or name, for those without one)."""
+    cc = re.search(r"creativecommons\.org/licenses/([a-z-]+)/(\d+(?:\.\d+)*)", url)
+    if cc:
+        return f"CC-{cc.group(1).upper()}-{cc.group(2)}"
+    public_domain = re.search(r"creativecommons\.org/publicdomain/(zero|mark)/(\d+(?:\.\d+)*)", url)
+    if public_domain:
+        return ("CC0-" if public_domain.group(1) == "zero" else "PDM-") + public_domain.group(2)
+    lowered = name.lower()
+    if "no known copyright" in lowered:
+        return "NKCR"
+    if "government" in lowered:
+        return "US-GOV-WORK"
+    if "all rights reserved" in lowered:
+        return "ARR"
+    return "LicenseRef-" + re.sub(r"[^A-Za-z0-9.]+", "-", name).strip("-")
+
+
 EXTRAS = ("description", "license", "date_upload", "date_taken", "owner_name", "path_alias",
           "geo", "tags", "machine_tags", "views", "media", "original_format")
 
@@ -74,6 +113,8 @@ class FlickrSource(Source):
                help="image sizes to ask for; the largest one present is downloaded"),
         Option("slice_dates", Bool(), True,
                help="split the upload-date range to get past Flickr's 4,000-results cap"),
+        Option("refresh_licenses", Bool(), True,
+               help="read Flickr's license table (licenses.getInfo) at start; else built-in"),
     )
 
     @property
@@ -88,6 +129,38 @@ class FlickrSource(Source):
         # Polite session: shared per-host rate limit, retries with backoff (searches are
         # read-only, so retrying their POSTs is safe).
         self.api.flickr_oauth.session = self.context.session(retry_post=True)
+        self.licenses = {i: (name, url, spdx_style(name, url))
+                         for i, (name, url) in FLICKR_LICENSES.items()}
+        if self.config["refresh_licenses"]:
+            self._refresh_licenses()
+        self.license_ids = self.config["licenses"] or self._hinted_license_ids()
+
+    def _refresh_licenses(self) -> None:
+        try:
+            reply = self.api.photos.licenses.getInfo()
+            table = {int(item["id"]): (item["name"], item.get("url") or "")
+                     for item in reply["licenses"]["license"]}
+        except FlickrError as exc:
+            if exc.code in CONFIG_ERROR_CODES:
+                raise PluginConfigError(f"flickr: the API refused the request: {exc} "
+                                        f"(check the api_key/api_secret)") from None
+            self.log.warning("flickr license table not reachable (%s); using the built-in copy",
+                             exc)
+            return
+        except Exception as exc:
+            self.log.warning("flickr license table not reachable (%s); using the built-in copy",
+                             exc.__class__.__name__)
+            return
+        self.licenses = {i: (name, url, spdx_style(name, url)) for i, (name, url) in table.items()}
+
+    def _hinted_license_ids(self) -> list[int] | None:
+        families = self.context.hints.get("license_families")
+        ids = self.context.hints.get("license_ids")
+        if families is None and ids is None:
+            return None
+        wanted = [number for number, (_, _, spdx) in self.licenses.items()
+                  if license_family(spdx) in set(families or ()) or spdx in set(ids or ())]
+        return wanted
 
     def base_params(self) -> dict[str, Any]:
         c = self.config
@@ -104,8 +177,8 @@ class FlickrSource(Source):
         for key in ("min_taken_date", "max_taken_date"):
             if c[key]:
                 params[key] = c[key].astimezone(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
-        if c["licenses"]:
-            params["license"] = ",".join(str(i) for i in c["licenses"])
+        if self.license_ids is not None:
+            params["license"] = ",".join(str(i) for i in self.license_ids) or "-1"
         if c["geotagged_only"]:
             params["has_geo"] = 1
         return params
@@ -171,7 +244,7 @@ class FlickrSource(Source):
         fields = {
             "title": photo.get("title") or "",
             "description": description or "",
-            "license": str(photo["license"]) if photo.get("license") is not None else None,
+            **self._license(photo.get("license")),
             "date_taken": None if str(photo.get("datetakenunknown", "0")) == "1"
             else photo.get("datetaken"),
             "date_upload": _iso(photo.get("dateupload")),
@@ -191,6 +264,14 @@ class FlickrSource(Source):
         }
         return Record(source="flickr", source_id=str(photo["id"]), url=url, query=query,
                       fields=fields, personal=set(PERSONAL))
+
+    def _license(self, raw) -> dict[str, Any]:
+        number = _int(raw)
+        if number is None:
+            return {"license": None}
+        name, url, spdx = self.licenses.get(number, (f"Flickr license {number}", "", None))
+        return {"license": spdx or f"LicenseRef-flickr-{number}", "license_name": name,
+                "license_url": url or None, "flickr_license": number}
 
 
 def _largest(photo: dict, sizes) -> tuple[str | None, int | None, int | None]:
