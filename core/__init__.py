@@ -9,6 +9,7 @@ from .options import (
     Float,
     Int,
     ListOf,
+    MapOf,
     Option,
     OptionType,
     Path,
@@ -19,10 +20,11 @@ from .options import (
 )
 from .plugin import Context, Enricher, Sink, Source, hookimpl
 from .record import FileInfo, Query, Record, Term, json_default, license_family
+from .scoring import LabelScorer, ScoringError
 
 __all__ = [
     "BBox", "Bool", "Choice", "Context", "Date", "Enricher", "FileInfo", "Float", "HarvestError",
-    "Int", "ListOf", "Option", "OptionType", "Path", "PluginConfigError", "Query", "Record",
-    "RecordError", "Secret", "SecretValue", "Sink", "Size", "Source", "Str", "Term", "Thresholds",
-    "UsageError", "hookimpl", "json_default", "license_family",
+    "hookimpl", "Int", "json_default", "LabelScorer", "license_family", "ListOf", "MapOf", "Option",
+    "OptionType", "Path", "PluginConfigError", "Query", "Record", "RecordError", "ScoringError",
+    "Secret", "SecretValue", "Sink", "Size", "Source", "Str", "Term", "Thresholds", "UsageError",
 ]

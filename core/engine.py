@@ -70,7 +70,7 @@ class Engine:
         return Context(recipe_name=self.recipe.name, recipe_dir=self.recipe.directory,
                        output_dir=self.output, terms=self.recipe.terms, http=self.http,
                        log=logging.getLogger(f"harvest.{spec.kind}.{spec.label}"),
-                       hints=self.hints)
+                       hints=self.hints, name=spec.label)
 
     def _build(self, spec: PluginSpec) -> Plugin:
         try:
@@ -302,6 +302,8 @@ class Engine:
         stage = f"enrich {spec.label}"
         try:
             enricher.enrich(batch)
+        except PluginConfigError:
+            raise
         except Exception:
             log.debug("%s failed a batch; retrying record by record", stage, exc_info=True)
             survivors = []
@@ -309,6 +311,8 @@ class Engine:
                 try:
                     enricher.enrich([record])
                     survivors.append(record)
+                except PluginConfigError:
+                    raise
                 except Exception as exc:
                     self._record_failed(record, stage, f"{exc.__class__.__name__}: {exc}",
                                         permanent=False)

@@ -103,6 +103,25 @@ class ListOf(OptionType):
         return converted
 
 
+class MapOf(OptionType):
+    """A YAML mapping of string keys to values of one type."""
+
+    def __init__(self, value: OptionType):
+        self.value = value
+        self.name = f"mapping of key: {value.name}"
+
+    def convert(self, value):
+        if not isinstance(value, dict):
+            raise ValueError(f"expected a {self.name}")
+        converted = {}
+        for key, item in value.items():
+            try:
+                converted[str(key)] = self.value.convert(item)
+            except ValueError as exc:
+                raise ValueError(f"{key}: {exc}") from None
+        return converted
+
+
 class Size(OptionType):
     """A byte count: an integer, or a string such as ``25MB`` or ``512 KiB``."""
 

@@ -34,6 +34,12 @@ class Context:
     # What enrichers will drop anyway (e.g. {"license_families": [...]}); a source that
     # can filter on its server's side uses it so that quota is not spent on them.
     hints: Mapping[str, Any] = field(default_factory=dict)
+    name: str = ""  # the plugin's name in the recipe
+
+    @property
+    def state_dir(self) -> Path:
+        """Where a plugin may keep files of its own (caches), beside the run state."""
+        return self.output_dir / ".harvest"
 
     def session(self, *, retry_post: bool = False) -> "requests.Session":
         """A polite HTTP session: per-host rate limit, retries with backoff, timeouts."""

@@ -7,5 +7,6 @@ BUILTIN_MODULES = (
     "harvest.plugins.enrichers.exif",
     "harvest.plugins.enrichers.geocode",
     "harvest.plugins.enrichers.license",
+    "harvest.plugins.enrichers.vision",
     "harvest.plugins.sinks.jsonl",
 )

@@ -3,6 +3,8 @@ service's wire format. The client libraries under test talk to them over a socke
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import re
 import threading
@@ -14,6 +16,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
 from imagegen import make_image
+from PIL import Image
 
 
 class LocalServer:
@@ -261,3 +264,72 @@ class FakeFlickr:
 
     def image_requests(self) -> int:
         return sum(1 for _, _, path, _ in self.server.requests if path.startswith("/img/"))
+
+
+@dataclass
+class FakeVision:
+    """Cloud Vision's REST ``POST /v1/images:annotate``. Labels follow the picture's
+    dominant colour: red is a monkey, blue a cage, green a tree (all with primate
+    leanings where stated), so tests choose what the "model" sees."""
+
+    api_key: str = "vision-key-0123456789"
+    quota_errors: int = 0
+    bad_images: set = field(default_factory=set)  # dominant colours answered with an error
+    batches: list[int] = field(default_factory=list)
+    image_sizes: list[int] = field(default_factory=list)
+
+    LABELS = {
+        "red": [("Monkey", 0.93), ("Primate", 0.91), ("Old world monkey", 0.88)],
+        "blue": [("Cage", 0.84), ("Metal", 0.7)],
+        "green": [("Tree", 0.9), ("Macaque", 0.55)],
+    }
+
+    def start(self):
+        self.server = LocalServer(self.handle).start()
+        self.url = self.server.url
+        return self
+
+    def stop(self):
+        self.server.stop()
+
+    def handle(self, method, path, headers, body):
+        if not path.startswith("/v1/images:annotate") or method != "POST":
+            return 404, {"Content-Type": "application/json"}, b'{"error": {"code": 404}}'
+        if headers.get("x-goog-api-key") != self.api_key:
+            return self.error(400, "API key not valid. Please pass a valid API key.",
+                              "INVALID_ARGUMENT", reason="API_KEY_INVALID", http=403)
+        if self.quota_errors:
+            self.quota_errors -= 1
+            return self.error(429, "Quota exceeded for quota metric 'Requests'",
+                              "RESOURCE_EXHAUSTED")
+        requests = json.loads(body)["requests"]
+        self.batches.append(len(requests))
+        responses = []
+        for request in requests:
+            assert request["features"][0]["type"] in (4, "LABEL_DETECTION")
+            data = base64.b64decode(request["image"]["content"])
+            with Image.open(io.BytesIO(data)) as sent:
+                self.image_sizes.append(sent.size)
+            colour = dominant_colour(data)
+            if colour in self.bad_images:
+                responses.append({"error": {"code": 3, "message": "Bad image data."}})
+                continue
+            responses.append({"labelAnnotations": [
+                {"mid": f"/m/{i}", "description": name, "score": score, "topicality": score}
+                for i, (name, score) in enumerate(self.LABELS.get(colour, [("Sky", 0.6)]))]})
+        return 200, {"Content-Type": "application/json; charset=UTF-8"}, \
+            json.dumps({"responses": responses}).encode()
+
+    def error(self, code, message, status, reason=None, http=None):
+        payload = {"error": {"code": http or code, "message": message, "status": status}}
+        if reason:
+            payload["error"]["details"] = [{"@type": "type.googleapis.com/google.rpc.ErrorInfo",
+                                            "reason": reason}]
+        return http or code, {"Content-Type": "application/json"}, json.dumps(payload).encode()
+
+
+def dominant_colour(data: bytes) -> str:
+    with Image.open(io.BytesIO(data)) as image:
+        red, green, blue = image.convert("RGB").resize((1, 1)).getpixel((0, 0))
+    channel = max((red, "red"), (green, "green"), (blue, "blue"))
+    return channel[1]

@@ -61,3 +61,16 @@ def truncated_jpeg(seed: int = 999) -> bytes:
     """A JPEG cut in the middle of its scan: the header is fine, the pixels are not."""
     data = make_image(seed, size=(256, 256))
     return data[: len(data) * 2 // 3]
+
+
+def coloured_image(colour: tuple[int, int, int], seed: int, size=(1200, 900)) -> bytes:
+    """Mostly one colour (what the fake Vision labels by), different bytes per seed."""
+    rng = random.Random(seed)
+    image = Image.new("RGB", size, colour)
+    draw = ImageDraw.Draw(image)
+    for _ in range(5):
+        x, y = rng.randrange(size[0]), rng.randrange(size[1])
+        draw.rectangle((x, y, x + 20, y + 20), fill=tuple(rng.randrange(256) for _ in range(3)))
+    out = io.BytesIO()
+    image.save(out, "JPEG", quality=90)
+    return out.getvalue()
