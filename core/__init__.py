@@ -1,5 +1,7 @@
 """harvest's public types: everything a plugin needs, and nothing it should not touch."""
 
+from .crypto import PROTECTION_OPTIONS, FieldCipher, Keyring, Protection
+from .dataset import rewrite_jsonl
 from .errors import HarvestError, PluginConfigError, RecordError, UsageError
 from .options import (
     BBox,
@@ -23,6 +25,8 @@ from .record import FileInfo, Query, Record, Term, json_default, license_family
 from .scoring import LabelScorer, ScoringError
 
 __all__ = [
+    "rewrite_jsonl",
+    "PROTECTION_OPTIONS", "FieldCipher", "Keyring", "Protection",
     "BBox", "Bool", "Choice", "Context", "Date", "Enricher", "FileInfo", "Float", "HarvestError",
     "hookimpl", "Int", "json_default", "LabelScorer", "license_family", "ListOf", "MapOf", "Option",
     "OptionType", "Path", "PluginConfigError", "Query", "Record", "RecordError", "ScoringError",

@@ -35,9 +35,77 @@ def _parser() -> argparse.ArgumentParser:
     credits.add_argument("output", type=Path, help="the harvest's output folder")
     credits.add_argument("--records", type=Path, help="records file (default OUTPUT/records.jsonl)")
 
+    keygen = commands.add_parser("keygen", help="make a Fernet key file (mode 0600)")
+    keygen.add_argument("--key-file", type=Path, default=Path("~/.config/harvest/harvest.key"))
+    keygen.add_argument("--force", action="store_true", help="allow a path inside a git work tree")
+
+    decrypt = commands.add_parser("decrypt", help="decrypt the personal fields of a JSONL file")
+    decrypt.add_argument("records", type=Path)
+    decrypt.add_argument("-o", "--out", type=Path, help="output file (default: stdout)")
+    _key_arguments(decrypt)
+
+    rekey = commands.add_parser("rekey", help="re-encrypt a recipe's sinks under a new key")
+    rekey.add_argument("recipe", type=Path)
+    rekey.add_argument("--new-key-file", type=Path)
+    rekey.add_argument("--new-key-env", help="environment variable holding the new key")
+
+    export = commands.add_parser("export", help="export a harvest as <class>/<image> folders")
+    export.add_argument("output", type=Path, help="the harvest's output folder")
+    export.add_argument("destination", type=Path)
+    export.add_argument("--records", type=Path, help="records file (default OUTPUT/records.jsonl)")
+    export.add_argument("--by", default="term", help="field naming the class folders (term, "
+                        "country, license...)")
+    export.add_argument("--all", action="store_true",
+                        help="include records marked keep: false or rejected in review")
+    export.add_argument("--copy", action="store_true", help="copy files instead of hard links")
+    _key_arguments(export, required=False)
+
     plugins = commands.add_parser("plugins", help="list plugins, their options and origin")
     plugins.add_argument("--json", action="store_true", help="machine-readable output")
     return parser
+
+
+def _key_arguments(parser, required: bool = True) -> None:
+    parser.add_argument("--key-file", type=Path, help="Fernet key file")
+    parser.add_argument("--key-env", help="environment variable holding the key"
+                        + ("" if required else " (only to decrypt)"))
+
+
+def _keyring(args, required: bool = True):
+    from .crypto import Keyring
+
+    if not required and not (args.key_file or args.key_env):
+        return None
+    return Keyring.load(args.key_file, args.key_env)
+
+
+def _cmd_rekey(args) -> int:
+    from .crypto import Keyring
+    from .dataset import rotation
+    from .engine import Engine
+
+    if not (args.new_key_file or args.new_key_env):
+        raise UsageError("rekey: give --new-key-file or --new-key-env")
+    new = Keyring.load(args.new_key_file, args.new_key_env)
+    recipe = load_recipe(args.recipe, load_registry())
+    engine = Engine(recipe, progress=False)
+    total = 0
+    for spec in recipe.sinks:
+        if spec.options.get("personal_fields") != "encrypt":
+            continue
+        old = Keyring.load(spec.options.get("key_file"), spec.options.get("key_env"))
+        sink = engine._build(spec)
+        sink.open()
+        try:
+            changed = sink.rekey(rotation(old, new))
+        except NotImplementedError as exc:
+            raise UsageError(f"{spec.key_path}: {exc}") from None
+        finally:
+            sink.close()
+        print(f"{spec.label}: {changed} record(s) re-encrypted under key id {new.current_id}")
+        total += changed
+    print("now point the recipe's key_file/key_env at the new key")
+    return 0
 
 
 def _setup_logging(verbose: bool, recipe: Recipe | None = None) -> None:
@@ -91,6 +159,26 @@ def _cmd_plugins(as_json: bool) -> int:
     return 0
 
 
+class _atomic_text:
+    """A text file that appears under its name only once fully written."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.temp = path.with_name(path.name + ".partial")
+
+    def __enter__(self):
+        self.handle = self.temp.open("w", encoding="utf-8")
+        return self.handle
+
+    def __exit__(self, kind, value, traceback):
+        self.handle.close()
+        if kind is None:
+            self.temp.replace(self.path)
+        else:
+            self.temp.unlink(missing_ok=True)
+        return False
+
+
 def _plain(value):
     return value if isinstance(value, (str, int, float, bool, type(None), list)) else str(value)
 
@@ -106,6 +194,35 @@ def main(argv: list[str] | None = None) -> int:
             markdown, table, count = write_credits(args.output, args.records)
             print(f"{count} credits written to {markdown} and {table}")
             return 0
+        if args.command == "keygen":
+            from .crypto import generate_key_file
+
+            identifier = generate_key_file(args.key_file, force=args.force)
+            print(f"key {identifier} written to {args.key_file.expanduser()} (mode 0600)")
+            return 0
+        if args.command == "decrypt":
+            from .dataset import decrypt_file
+
+            keyring = _keyring(args)
+            if args.out:
+                with _atomic_text(args.out) as out:
+                    count = decrypt_file(args.records, keyring, out)
+                print(f"{count} records decrypted to {args.out}", file=sys.stderr)
+            else:
+                decrypt_file(args.records, keyring, sys.stdout)
+            return 0
+        if args.command == "export":
+            from .dataset import export_tree
+
+            counts = export_tree(args.output, args.destination, records_path=args.records,
+                                 by=args.by, keyring=_keyring(args, required=False),
+                                 only_kept=not args.all, copy=args.copy)
+            print(f"{sum(counts.values())} images in {len(counts)} classes exported to "
+                  f"{args.destination}")
+            return 0
+        if args.command == "rekey":
+            _setup_logging(args.verbose)
+            return _cmd_rekey(args)
         _setup_logging(args.verbose)
         registry = load_registry()
         recipe = load_recipe(args.recipe, registry, output=getattr(args, "output", None))

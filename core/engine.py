@@ -36,6 +36,8 @@ from .summary import Progress, Summary
 
 STATE_DIR = ".harvest"
 FLUSH_SECONDS = 5.0
+SINK_RETRY_INTERVAL = 2.0
+MAX_PENDING_RECORDS = 10_000
 
 log = logging.getLogger("harvest.engine")
 
@@ -130,6 +132,10 @@ class Engine:
         in_flight_ids: set[str] = set()
         self.batch: list[Record] = []
         self.last_flush = time.monotonic()
+        self.pending: list[tuple[list[Record], list]] = []
+        self.pending_records = 0
+        self.next_pending_retry = 0.0
+        self.last_sink_error: dict[str, str] = {}
         pool = ThreadPoolExecutor(self.settings.concurrency, thread_name_prefix="download")
         try:
             for record in self._candidates(sources):
@@ -155,11 +161,14 @@ class Engine:
                 self._collect(in_flight, in_flight_ids, FIRST_COMPLETED)
                 progress.update()
             self._flush()
+            self._drain_pending()
         except BaseException:
             pool.shutdown(wait=False, cancel_futures=True)
             done = {f: r for f, r in in_flight.items() if f.done() and not f.cancelled()}
             self._collect(done, in_flight_ids, None)
             self._flush()
+            for batch, _ in self.pending:
+                self._give_up(batch)
             raise
         finally:
             pool.shutdown(wait=False, cancel_futures=True)
@@ -274,29 +283,84 @@ class Engine:
     def _flush(self) -> None:
         batch, self.batch = self.batch, []
         self.last_flush = time.monotonic()
-        if not batch:
-            self.state.commit()
-            return
         for spec, enricher in self.enrichers:
-            batch = self._enrich(spec, enricher, batch)
-        for spec, sink in self.sinks:
             if not batch:
                 break
+            batch = self._enrich(spec, enricher, batch)
+        if batch:
+            self._store(batch, list(self.sinks))
+        if self.pending and time.monotonic() >= self.next_pending_retry:
+            self._retry_pending()
+        self.state.commit()
+
+    def _store(self, batch: list[Record], sinks: list) -> bool:
+        """Writes a batch to each sink that does not have it yet; True when all have it."""
+        ids = [record.id for record in batch]
+        waiting = []
+        for spec, sink in sinks:
+            already = self.state.delivered(spec.label, ids)
+            todo = [record for record in batch if record.id not in already]
             try:
-                checkpoint = sink.write(batch)
+                checkpoint = sink.write(todo) if todo else None
+            except PluginConfigError:
+                raise
             except Exception as exc:
                 reason = f"{exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-                log.error("sink %s failed a batch of %d: %s", spec.label, len(batch), reason)
-                for record in batch:
-                    self._record_failed(record, f"sink {spec.label}", reason, permanent=False)
-                batch = []
-                break
-            self.state.set_checkpoint(spec.label, checkpoint)
+                log.warning("sink %s failed a batch of %d; keeping it to retry: %s",
+                            spec.label, len(todo), reason[:300])
+                self.last_sink_error[spec.label] = reason[:200]
+                waiting.append((spec, sink))
+                continue
+            if todo:
+                self.state.set_checkpoint(spec.label, checkpoint)
+        if waiting:
+            waiting_labels = {spec.label for spec, _ in waiting}
+            for spec, _ in sinks:
+                if spec.label not in waiting_labels:
+                    self.state.mark_delivered(spec.label, ids)
+            self._hold(batch, waiting)
+            return False
         for record in batch:
             self.summary.count(record.source, record.term, "stored")
             self.state.set_status(record.id, record.source, record.term, "done",
                                   sha256=record.file.sha256 if record.file else None)
-        self.state.commit()
+        self.state.forget_delivered(ids)
+        return True
+
+    def _hold(self, batch: list[Record], sinks: list) -> None:
+        self.pending.append((batch, sinks))
+        self.pending_records += len(batch)
+        self.next_pending_retry = time.monotonic() + SINK_RETRY_INTERVAL
+        while self.pending_records > MAX_PENDING_RECORDS:
+            # Past this, memory would grow with the outage; the run state keeps these
+            # records as downloaded, and the next run writes them.
+            dropped, _ = self.pending.pop(0)
+            self.pending_records -= len(dropped)
+            self._give_up(dropped)
+
+    def _retry_pending(self) -> None:
+        held, self.pending, self.pending_records = self.pending, [], 0
+        for index, (batch, sinks) in enumerate(held):
+            if not self._store(batch, sinks):
+                for rest_batch, rest_sinks in held[index + 1:]:
+                    self._hold(rest_batch, rest_sinks)
+                return
+
+    def _drain_pending(self) -> None:
+        deadline = time.monotonic() + self.settings.sink_retry_seconds
+        while self.pending and time.monotonic() < deadline:
+            time.sleep(max(0.0, min(self.next_pending_retry, deadline) - time.monotonic()))
+            self._retry_pending()
+            self.state.commit()
+        for batch, _ in self.pending:
+            self._give_up(batch)
+        self.pending, self.pending_records = [], 0
+
+    def _give_up(self, batch: list[Record]) -> None:
+        reason = "; ".join(f"{label}: {error}" for label, error in self.last_sink_error.items())
+        for record in batch:
+            self.summary.fail(record.source, record.term, "sink", f"not stored yet ({reason})",
+                              "failed")
 
     def _enrich(self, spec: PluginSpec, enricher, batch: list[Record]) -> list[Record]:
         stage = f"enrich {spec.label}"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -112,6 +112,12 @@ class Sink(Plugin):
 
     def write(self, records: list[Record]) -> Any:
         raise NotImplementedError
+
+    def rekey(self, rotate: Callable[[dict], dict | None]) -> int:
+        """Re-encrypt stored documents: ``rotate`` returns the new document, or None when it
+        is already under the new key. Returns how many changed. Must be safe to interrupt
+        and run again."""
+        raise NotImplementedError(f"{type(self).__name__} cannot re-encrypt")
 
 
 def describe(plugin_class: type[Plugin]) -> Iterable[str]:

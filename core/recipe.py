@@ -35,6 +35,8 @@ RUN_OPTIONS: tuple[Option, ...] = (
     Option("user_agent", Str(), "harvest/0.1 (+https://github.com/harvest-dataset/harvest)",
            help="User-Agent sent with every request"),
     Option("verify_images", Bool(), True, help="decode every image fully to catch truncation"),
+    Option("sink_retry_seconds", Float(0, 86400), 60.0,
+           help="at the end of a run, how long to keep retrying a sink that is down"),
 )
 
 
@@ -51,6 +53,7 @@ class RunSettings:
     batch_size: int = 64
     user_agent: str = "harvest/0.1"
     verify_images: bool = True
+    sink_retry_seconds: float = 60.0
 
 
 @dataclass

@@ -42,6 +42,11 @@ CREATE TABLE IF NOT EXISTS checkpoints (
     sink TEXT PRIMARY KEY,
     value TEXT
 );
+CREATE TABLE IF NOT EXISTS delivered (  -- only for records some sinks have and others not yet
+    sink TEXT NOT NULL,
+    record_id TEXT NOT NULL,
+    PRIMARY KEY (sink, record_id)
+);
 CREATE TABLE IF NOT EXISTS runs (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     started REAL NOT NULL,
@@ -129,6 +134,26 @@ class RunState:
         self.begin()
         self.db.execute("INSERT INTO checkpoints VALUES (?, ?) ON CONFLICT(sink) DO UPDATE "
                         "SET value = excluded.value", (sink, json.dumps(value)))
+
+    def delivered(self, sink: str, record_ids: list[str]) -> set[str]:
+        found: set[str] = set()
+        for start in range(0, len(record_ids), 500):
+            chunk = record_ids[start:start + 500]
+            marks = ",".join("?" * len(chunk))
+            found.update(row[0] for row in self.db.execute(
+                f"SELECT record_id FROM delivered WHERE sink = ? AND record_id IN ({marks})",
+                [sink, *chunk]))
+        return found
+
+    def mark_delivered(self, sink: str, record_ids: list[str]) -> None:
+        self.begin()
+        self.db.executemany("INSERT OR IGNORE INTO delivered VALUES (?, ?)",
+                            [(sink, record_id) for record_id in record_ids])
+
+    def forget_delivered(self, record_ids: list[str]) -> None:
+        self.begin()
+        self.db.executemany("DELETE FROM delivered WHERE record_id = ?",
+                            [(record_id,) for record_id in record_ids])
 
     def start_run(self) -> int:
         cursor = self.db.execute("INSERT INTO runs (started) VALUES (?)", (time.time(),))

@@ -9,4 +9,5 @@ BUILTIN_MODULES = (
     "harvest.plugins.enrichers.license",
     "harvest.plugins.enrichers.vision",
     "harvest.plugins.sinks.jsonl",
+    "harvest.plugins.sinks.mongodb",
 )

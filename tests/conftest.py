@@ -83,3 +83,21 @@ sources:
       per_page: 10
 {textwrap.indent(textwrap.dedent(options).strip(), '      ') if options.strip() else ''}
 """
+
+
+@pytest.fixture
+def mongo(tmp_path):
+    from mongo_server import MongoServer
+
+    server = MongoServer(tmp_path / "mongo-data").start()
+    yield server
+    server.stop(graceful=False)
+
+
+@pytest.fixture
+def key_file(tmp_path):
+    from harvest.core.crypto import generate_key_file
+
+    path = tmp_path / "keys" / "harvest.key"
+    generate_key_file(path)
+    return path

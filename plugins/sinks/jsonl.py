@@ -7,7 +7,18 @@ import os
 from pathlib import Path
 from typing import Any
 
-from harvest.core import Bool, Choice, Option, Record, Sink, Str, hookimpl, json_default
+from harvest.core import (
+    PROTECTION_OPTIONS,
+    Bool,
+    Option,
+    Protection,
+    Record,
+    Sink,
+    Str,
+    hookimpl,
+    json_default,
+    rewrite_jsonl,
+)
 
 
 class JsonlSink(Sink):
@@ -16,12 +27,12 @@ class JsonlSink(Sink):
     is_default = True
     options = (
         Option("path", Str(), "records.jsonl", help="file to append to, relative to the output folder"),
-        Option("personal_fields", Choice("omit", "clear"), "omit",
-               help="personal fields (owner names, ids): left out, or written in clear text"),
+        *PROTECTION_OPTIONS,
         Option("fsync", Bool(), True, help="sync each batch to disk before it counts as stored"),
     )
 
     def open(self) -> None:
+        self.protection = Protection(self.config)
         self.path = (self.context.output_dir / self.config["path"]).resolve()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.handle = open(self.path, "ab")
@@ -29,33 +40,66 @@ class JsonlSink(Sink):
 
     def resume(self, checkpoint: Any) -> None:
         size = self.handle.seek(0, os.SEEK_END)
-        if checkpoint is not None and size > checkpoint["offset"]:
-            # Lines past the checkpoint belong to a batch whose commit never landed;
-            # the engine will hand those records over again.
-            self.log.info("dropping %d uncommitted bytes at the end of %s",
-                          size - checkpoint["offset"], self.path.name)
-            self.handle.truncate(checkpoint["offset"])
-        elif checkpoint is None and size:
-            # A file the run state knows nothing of: keep it, and never write its ids again.
+        if checkpoint is not None and self._describes(checkpoint, size):
+            if size > checkpoint["offset"]:
+                # Lines past the checkpoint belong to a batch whose commit never landed;
+                # the engine will hand those records over again.
+                self.log.info("dropping %d uncommitted bytes at the end of %s",
+                              size - checkpoint["offset"], self.path.name)
+                self.handle.truncate(checkpoint["offset"])
+        elif size:
+            # A file the run state does not describe (first run after a crash, state lost,
+            # file edited): keep every line, and never write those ids again.
             self.known_ids = _ids_in(self.path, self.handle)
         self.handle.seek(0, os.SEEK_END)
+
+    def _describes(self, checkpoint: dict, size: int) -> bool:
+        offset, last_id = checkpoint.get("offset"), checkpoint.get("last_id")
+        if offset is None or offset > size:
+            return False
+        if offset == 0:
+            return True
+        with self.path.open("rb") as reader:
+            reader.seek(max(0, offset - 1))
+            if reader.read(1) != b"\n":
+                return False
+            start = max(0, offset - 1)
+            while start > 0:
+                step = min(start, 64 * 1024)
+                reader.seek(start - step)
+                chunk = reader.read(step)
+                newline = chunk.rfind(b"\n")
+                if newline != -1:
+                    start = start - step + newline + 1
+                    break
+                start -= step
+            reader.seek(start)
+            line = reader.read(offset - start)
+        try:
+            return json.loads(line).get("id") == last_id
+        except ValueError:
+            return False
 
     def write(self, records: list[Record]) -> dict:
         lines = []
         for record in records:
             if record.id in self.known_ids:
                 continue
-            data = record.to_dict()
-            if self.config["personal_fields"] == "omit":
-                omitted = sorted(name for name in record.personal if data.pop(name, None) is not None)
-                if omitted:
-                    data["omitted_personal_fields"] = omitted
+            data = self.protection.document(record)
             lines.append(json.dumps(data, ensure_ascii=False, default=json_default) + "\n")
+            self.last_id = record.id
         self.handle.write("".join(lines).encode("utf-8"))
         self.handle.flush()
         if self.config["fsync"]:
             os.fsync(self.handle.fileno())
-        return {"offset": self.handle.tell()}
+        return {"offset": self.handle.tell(), "last_id": getattr(self, "last_id", None)}
+
+    def rekey(self, rotate) -> int:
+        self.handle.close()
+        try:
+            return rewrite_jsonl(self.path, rotate) if self.path.exists() else 0
+        finally:
+            self.handle = open(self.path, "ab")
 
     def close(self) -> None:
         handle = getattr(self, "handle", None)

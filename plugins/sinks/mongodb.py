@@ -1,0 +1,98 @@
+"""``mongodb``: records upserted into a MongoDB collection, personal fields encrypted."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pymongo
+from pymongo import ASCENDING, ReplaceOne
+from pymongo.errors import ConfigurationError, OperationFailure
+
+from harvest.core import (
+    PROTECTION_OPTIONS,
+    Int,
+    Option,
+    PluginConfigError,
+    Protection,
+    Record,
+    Sink,
+    Str,
+    hookimpl,
+)
+
+INDEXED = ("term", "lang", "source", "country_code", "license", "file.sha256")
+
+
+class MongoSink(Sink):
+    """Records upserted by id into MongoDB (bulk writes, indexes, field encryption)."""
+
+    options = (
+        Option("uri", Str(), "mongodb://127.0.0.1:27017",
+               help="connection URI; write ${MONGODB_URI} when it holds a password"),
+        Option("database", Str(), "harvest", help="database name"),
+        Option("collection", Str(), None, help="collection name (default: the recipe's name)"),
+        Option("timeout_ms", Int(100, 600_000), 5000,
+               help="how long to wait for the server before a batch counts as pending"),
+        *[option if option.name != "personal_fields" else
+          Option("personal_fields", option.type, "encrypt", help=option.help)
+          for option in PROTECTION_OPTIONS],
+    )
+
+    def open(self) -> None:
+        self.protection = Protection(self.config)
+        timeout = self.config["timeout_ms"]
+        try:
+            self.client = pymongo.MongoClient(self.config["uri"], serverSelectionTimeoutMS=timeout,
+                                              connectTimeoutMS=timeout, socketTimeoutMS=timeout * 4,
+                                              tz_aware=True)
+        except ConfigurationError as exc:
+            raise PluginConfigError(f"{self.context.name}: bad MongoDB URI: {exc}") from None
+        name = self.config["collection"] or self.context.recipe_name
+        self.collection = self.client[self.config["database"]][name]
+        self._indexed = False
+
+    def _ensure_indexes(self) -> None:
+        if self._indexed:
+            return
+        self.collection.create_index([("id", ASCENDING)], unique=True, name="id_unique")
+        for field in INDEXED:
+            self.collection.create_index([(field, ASCENDING)])
+        for term in self.context.terms:
+            self.collection.create_index([(f"scores.{term.key}", ASCENDING)])
+        self._indexed = True
+
+    def write(self, records: list[Record]) -> Any:
+        # Indexes are made at the first write, not at open: a server that is down at start
+        # leaves the run going, with batches pending, instead of stopping it.
+        self._ensure_indexes()
+        operations = [ReplaceOne({"id": record.id}, self.protection.document(record), upsert=True)
+                      for record in records]
+        try:
+            self.collection.bulk_write(operations, ordered=False)
+        except OperationFailure as exc:
+            if exc.code in (13, 18):  # Unauthorized, AuthenticationFailed
+                raise PluginConfigError(f"{self.context.name}: MongoDB refused: "
+                                        f"{exc.details.get('errmsg', exc)}") from None
+            raise
+        return None
+
+    def rekey(self, rotate) -> int:
+        changed = 0
+        # Each document is rotated and replaced on its own: an interrupted rekey leaves
+        # every document readable, and a rerun skips those already under the new key.
+        for document in self.collection.find({"_encrypted": {"$exists": True}}):
+            rotated = rotate(document)
+            if rotated is not None:
+                self.collection.replace_one({"_id": document["_id"]}, rotated)
+                changed += 1
+        return changed
+
+    def close(self) -> None:
+        client = getattr(self, "client", None)
+        if client is not None:
+            client.close()
+
+
+@hookimpl
+def harvest_sinks():
+    return {"mongodb": MongoSink}

@@ -1,0 +1,168 @@
+"""Keys, field encryption, decrypt, rekey and export (JSONL sink)."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+
+import pytest
+from conftest import FakePhoto, flickr_recipe, monkey_photos, read_jsonl
+from imagegen import make_image
+
+from harvest.core.crypto import ENCRYPTED, Keyring, generate_key_file
+
+OWNER = "Zoë Fotógrafa 猿"
+
+
+def photos():
+    result = monkey_photos(4, ownername=OWNER, pathalias="zoe_alias")
+    result[0].image = make_image(7, gps=(14.5995, 120.9842))
+    return result
+
+
+def run(harvest, recipe_file, flickr, output, sink_options, name="recipe.yml", enrichers="[exif]"):
+    recipe = recipe_file(flickr_recipe(flickr.endpoint, output)
+                         + f"enrichers: {enrichers}\nsinks:\n  - use: jsonl\n"
+                         + f"    options: {sink_options}\n", name)
+    status, out, err = harvest("run", recipe, "--no-progress")
+    return status, out, err, recipe
+
+
+def test_keygen_makes_a_private_key_and_refuses_to_overwrite(tmp_path, harvest):
+    path = tmp_path / "k" / "harvest.key"
+    status, out, _ = harvest("keygen", "--key-file", path)
+    assert status == 0 and "(mode 0600)" in out
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert path.read_text().strip() not in out
+    status, _, err = harvest("keygen", "--key-file", path)
+    assert status == 2 and "refusing to overwrite" in err
+
+
+def test_keygen_refuses_a_git_work_tree_unless_forced(tmp_path, harvest):
+    (tmp_path / "repo" / ".git").mkdir(parents=True)
+    path = tmp_path / "repo" / "secrets" / "harvest.key"
+    status, _, err = harvest("keygen", "--key-file", path)
+    assert status == 2 and "inside a git work tree" in err and not path.exists()
+    assert harvest("keygen", "--key-file", path, "--force")[0] == 0
+
+
+def test_encrypted_run_leaves_no_personal_field_in_clear_and_decrypts_exactly(
+        flickr, recipe_file, harvest, tmp_path, key_file):
+    flickr.photos = photos()
+    clear_output, secret_output = tmp_path / "clear", tmp_path / "secret"
+    status, *_ = run(harvest, recipe_file, flickr, clear_output, "{personal_fields: clear}", "a.yml")
+    assert status == 0
+    status, out, err, _ = run(harvest, recipe_file, flickr, secret_output,
+                              f"{{personal_fields: encrypt, key_file: {key_file}}}", "b.yml")
+    assert status == 0, err
+    needles = [OWNER.encode(), b"zoe_alias", b"12345678@N00", b"Test Camera Owner", b"HarvestCam"]
+    for path in secret_output.rglob("*"):
+        if path.is_file() and "images" not in path.parts:
+            data = path.read_bytes()
+            assert not any(needle in data for needle in needles), (path, data[:200])
+    encrypted = {r["id"]: r for r in read_jsonl(secret_output / "records.jsonl")}
+    key_id = Keyring.load(key_file).current_id
+    assert all(r[ENCRYPTED]["key_id"] == key_id for r in encrypted.values())
+    assert set(encrypted["flickr:1001"][ENCRYPTED]["fields"]) == \
+        {"owner", "owner_name", "path_alias", "exif", "exif_gps"}
+
+    decrypted = tmp_path / "decrypted.jsonl"
+    status, _, err = harvest("decrypt", secret_output / "records.jsonl", "--key-file", key_file,
+                             "-o", decrypted)
+    assert status == 0, err
+    clear = {r["id"]: r for r in read_jsonl(clear_output / "records.jsonl")}
+    for record in read_jsonl(decrypted):
+        assert record == clear[record["id"]]
+    assert clear["flickr:1001"]["owner_name"] == OWNER
+    assert clear["flickr:1001"]["exif_gps"]["latitude"] == pytest.approx(14.5995, abs=1e-4)
+
+
+def test_wrong_or_missing_key_is_one_line_and_writes_nothing(flickr, recipe_file, harvest,
+                                                            tmp_path, key_file, monkeypatch):
+    flickr.photos = photos()
+    output = tmp_path / "out"
+    assert run(harvest, recipe_file, flickr, output,
+               f"{{personal_fields: encrypt, key_file: {key_file}}}")[0] == 0
+    other = tmp_path / "other.key"
+    generate_key_file(other)
+    target = tmp_path / "decrypted.jsonl"
+    status, out, err = harvest("decrypt", output / "records.jsonl", "--key-file", other,
+                               "-o", target)
+    assert status == 2 and len(err.strip().splitlines()) == 1
+    assert "does not decrypt" in err and "Traceback" not in err
+    assert not target.exists() and not list(tmp_path.glob("decrypted*"))
+
+    monkeypatch.delenv("HARVEST_KEY", raising=False)
+    status, _, err, _ = run(harvest, recipe_file, flickr, tmp_path / "nokey",
+                            "{personal_fields: encrypt}", "c.yml")
+    assert status == 2 and "no encryption key: set HARVEST_KEY" in err
+    assert not (tmp_path / "nokey" / "records.jsonl").exists()
+
+
+def test_key_from_the_environment(flickr, recipe_file, harvest, tmp_path, key_file, monkeypatch):
+    flickr.photos = photos()[:1]
+    monkeypatch.setenv("HARVEST_KEY", key_file.read_text().strip())
+    output = tmp_path / "out"
+    assert run(harvest, recipe_file, flickr, output, "{personal_fields: encrypt}")[0] == 0
+    status, out, _ = harvest("decrypt", output / "records.jsonl", "--key-env", "HARVEST_KEY")
+    assert status == 0 and OWNER in out
+
+
+def test_key_file_readable_by_others_is_refused(flickr, recipe_file, harvest, tmp_path, key_file):
+    flickr.photos = photos()[:1]
+    os.chmod(key_file, 0o644)
+    status, _, err, _ = run(harvest, recipe_file, flickr, tmp_path / "out",
+                            f"{{personal_fields: encrypt, key_file: {key_file}}}")
+    assert status == 2 and "readable by others" in err
+
+
+def test_rekey_is_idempotent_and_resumed_runs_still_append(flickr, recipe_file, harvest,
+                                                           tmp_path, key_file):
+    flickr.photos = photos()
+    output = tmp_path / "out"
+    status, _, _, recipe = run(harvest, recipe_file, flickr, output,
+                               f"{{personal_fields: encrypt, key_file: {key_file}}}")
+    assert status == 0
+    new_key = tmp_path / "new.key"
+    generate_key_file(new_key)
+    status, out, err = harvest("rekey", recipe, "--new-key-file", new_key)
+    assert status == 0, err
+    assert "jsonl: 4 record(s) re-encrypted" in out
+    status, out, _ = harvest("rekey", recipe, "--new-key-file", new_key)
+    assert "jsonl: 0 record(s) re-encrypted" in out
+    assert harvest("decrypt", output / "records.jsonl", "--key-file", key_file)[0] == 2
+    status, out, _ = harvest("decrypt", output / "records.jsonl", "--key-file", new_key)
+    assert status == 0 and out.count(OWNER) == 4
+
+    recipe.write_text(recipe.read_text().replace(str(key_file), str(new_key)))
+    flickr.photos = photos() + monkey_photos(2, start=10)
+    assert harvest("run", recipe, "--no-progress")[0] == 0
+    ids = [r["id"] for r in read_jsonl(output / "records.jsonl")]
+    assert len(ids) == len(set(ids)) == 6
+
+
+def test_export_is_an_image_folder_tree(flickr, recipe_file, harvest, tmp_path, key_file):
+    same = make_image(3)
+    flickr.photos = [FakePhoto(id="1", title="monkey a"), FakePhoto(id="2", title="monkey b",
+                     image=same), FakePhoto(id="3", title="monkey c", image=same),
+                     FakePhoto(id="4", title="cage d", ownername=OWNER)]
+    output = tmp_path / "out"
+    recipe = recipe_file(flickr_recipe(flickr.endpoint, output, terms="[monkey, cage]")
+                         + f"sinks: [{{use: jsonl, options: {{personal_fields: encrypt, "
+                           f"key_file: {key_file}}}}}]\n")
+    assert harvest("run", recipe, "--no-progress")[0] == 0
+    destination = tmp_path / "dataset"
+    status, out, _ = harvest("export", output, destination, "--key-file", key_file)
+    assert status == 0 and "3 images in 2 classes" in out
+
+    # What an ImageFolder-style loader does: one class per folder, files inside.
+    classes = sorted(p.name for p in destination.iterdir() if p.is_dir())
+    samples = [(path, classes.index(path.parent.name))
+               for path in sorted(destination.rglob("*.jpg"))]
+    assert classes == ["cage", "monkey"]
+    assert [label for _, label in samples] == [0, 1, 1]
+    metadata = [json.loads(line) for line in (destination / "metadata.jsonl").open()]
+    assert {m["export_path"] for m in metadata} == \
+        {p.relative_to(destination).as_posix() for p, _ in samples}
+    assert next(m for m in metadata if m["class"] == "cage")["owner_name"] == OWNER

@@ -1,0 +1,124 @@
+"""The MongoDB sink through pymongo, against a real wire-protocol server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import bson
+from conftest import flickr_recipe, monkey_photos, read_jsonl
+
+from harvest.core.crypto import ENCRYPTED, FieldCipher, Keyring
+
+OWNER = "Ana Fotógrafa"
+
+
+def mongo_recipe(flickr, output, mongo, key_file, run="", extra_sinks="") -> str:
+    return flickr_recipe(flickr.endpoint, output, run=run) + f"""
+sinks:
+  - use: mongodb
+    options:
+      uri: {mongo.uri}
+      database: harvest_test
+      collection: monkeys
+      key_file: {key_file}
+      timeout_ms: 500
+{extra_sinks}"""
+
+
+def test_upserts_encrypted_documents_once(flickr, mongo, recipe_file, harvest, tmp_path, key_file):
+    flickr.photos = monkey_photos(12)
+    output = tmp_path / "out"
+    recipe = recipe_file(mongo_recipe(flickr, output, mongo, key_file))
+    status, _, err = harvest("run", recipe, "--no-progress")
+    assert status == 0, err
+    flickr.photos = monkey_photos(15)
+    for path in (output / ".harvest").glob("state.sqlite*"):
+        path.unlink()  # even without run state, upserts by id never duplicate
+    assert harvest("run", recipe, "--no-progress")[0] == 0
+
+    client = mongo.client()
+    collection = client.harvest_test.monkeys
+    documents = list(collection.find())
+    assert len(documents) == 15 and len({d["id"] for d in documents}) == 15
+    index_keys = {tuple(spec["key"]) for spec in collection.index_information().values()}
+    assert ("id",) in {tuple(k for k, _ in key) for key in index_keys}
+    unique = [spec for spec in collection.index_information().values() if spec.get("unique")]
+    assert [list(spec["key"]) for spec in unique] == [[("id", 1)]]
+    for document in documents:
+        raw = bson.encode(document)
+        assert OWNER.encode() not in raw and b"12345678@N00" not in raw
+        assert set(document[ENCRYPTED]["fields"]) == {"owner", "owner_name", "path_alias"}
+    cipher = FieldCipher(Keyring.load(key_file))
+    plain = cipher.decrypt({k: v for k, v in documents[0].items() if k != "_id"})
+    assert plain["owner_name"] == OWNER and plain["term"] == "monkey"
+    client.close()
+
+
+def test_server_stopped_and_restarted_mid_run_loses_nothing(flickr, mongo, recipe_file, harvest,
+                                                            tmp_path, key_file):
+    flickr.photos = monkey_photos(40)
+    flickr.image_latency = 0.05
+    output = tmp_path / "out"
+    recipe = recipe_file(mongo_recipe(flickr, output, mongo, key_file,
+                                      run="concurrency: 2\nbatch_size: 4\nlimit_per_term: 40"))
+
+    def outage():
+        time.sleep(0.4)
+        mongo.stop()
+        time.sleep(1.5)
+        mongo.start()
+
+    thread = threading.Thread(target=outage)
+    thread.start()
+    status, out, err = harvest("run", recipe, "--no-progress")
+    thread.join()
+    assert status == 0, err
+    client = mongo.client()
+    ids = [d["id"] for d in client.harvest_test.monkeys.find()]
+    assert len(ids) == 40 and len(set(ids)) == 40
+    assert "failed a batch" in (output / ".harvest" / "harvest.log").read_text()
+    totals = json.loads((output / ".harvest" / "last-run.json").read_text())["totals"]
+    assert totals["stored"] == 40 and totals["failed"] == 0
+    client.close()
+
+
+def test_server_down_until_the_next_run(flickr, mongo, recipe_file, harvest, tmp_path, key_file):
+    flickr.photos = monkey_photos(6)
+    output = tmp_path / "out"
+    recipe = recipe_file(mongo_recipe(flickr, output, mongo, key_file,
+                                      run="sink_retry_seconds: 1",
+                                      extra_sinks="  - use: jsonl\n"))
+    mongo.stop()
+    status, out, err = harvest("run", recipe, "--no-progress")
+    assert status == 0, err
+    assert "6 record(s) not finished; run again" in out
+    assert len(read_jsonl(output / "records.jsonl")) == 6  # the other sink has them already
+    fetched = flickr.image_requests()
+
+    mongo.start()
+    assert harvest("run", recipe, "--no-progress")[0] == 0
+    assert flickr.image_requests() == fetched  # written from the files on disk
+    client = mongo.client()
+    assert client.harvest_test.monkeys.count_documents({}) == 6
+    client.close()
+    ids = [r["id"] for r in read_jsonl(output / "records.jsonl")]
+    assert len(ids) == len(set(ids)) == 6  # the JSONL sink was not written twice
+
+
+def test_rekey_in_mongodb(flickr, mongo, recipe_file, harvest, tmp_path, key_file):
+    from harvest.core.crypto import generate_key_file
+
+    flickr.photos = monkey_photos(3)
+    recipe = recipe_file(mongo_recipe(flickr, tmp_path / "out", mongo, key_file))
+    assert harvest("run", recipe, "--no-progress")[0] == 0
+    new_key = tmp_path / "new.key"
+    generate_key_file(new_key)
+    status, out, _ = harvest("rekey", recipe, "--new-key-file", new_key)
+    assert status == 0 and "mongodb: 3 record(s) re-encrypted" in out
+    assert "mongodb: 0 record(s)" in harvest("rekey", recipe, "--new-key-file", new_key)[1]
+    client = mongo.client()
+    new_id = Keyring.load(new_key).current_id
+    assert {d[ENCRYPTED]["key_id"] for d in client.harvest_test.monkeys.find()} == {new_id}
+    client.close()
