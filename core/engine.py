@@ -66,7 +66,9 @@ class Engine:
         Image.MAX_IMAGE_PIXELS = None
         self.fetcher = Fetcher(self.http, self.temp_dir, max_bytes=self.settings.max_bytes,
                                max_pixels=self.settings.max_pixels,
-                               verify=self.settings.verify_images)
+                               verify=self.settings.verify_images,
+                               allow_private=self.settings.allow_private_addresses,
+                               respect_opt_outs=self.settings.respect_opt_outs)
 
     def _context(self, spec: PluginSpec) -> Context:
         return Context(recipe_name=self.recipe.name, recipe_dir=self.recipe.directory,

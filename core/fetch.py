@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import os
+import socket
 import tempfile
 import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote, urljoin, urlsplit
 
 import requests
 from PIL import Image
@@ -19,6 +21,42 @@ from .http import HttpClient
 
 CHUNK = 64 * 1024
 PERMANENT_STATUSES = {400, 401, 403, 404, 410, 451}
+MAX_REDIRECTS = 5
+OPT_OUT_DIRECTIVES = ("noai", "noimageai")
+
+
+def ai_opt_out(header: str) -> str | None:
+    """The first AI opt-out directive in an X-Robots-Tag header, as img2dataset reads it.
+
+    Directives may be scoped to a user agent (``otherbot: noai``); harvest honours
+    unscoped ones and any scoped to it.
+    """
+    for part in header.split(","):
+        directive = part.strip().lower()
+        if ":" in directive:
+            agent, _, directive = directive.partition(":")
+            if agent.strip() not in ("harvest", "*"):
+                continue
+        if directive.strip() in OPT_OUT_DIRECTIVES:
+            return directive.strip()
+    return None
+
+
+def refuse_private(url: str) -> None:
+    """Refuses URLs whose host resolves to a private, loopback, link-local or otherwise
+    non-public address: a result page must not make harvest fetch from the local network."""
+    host = urlsplit(url).hostname
+    if host is None:
+        raise RecordError("bad URL: no host")
+    try:
+        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except socket.gaierror as exc:
+        raise RecordError(f"cannot resolve {host}: {exc.strerror}", permanent=False) from None
+    for info in infos:
+        address = ipaddress.ip_address(info[4][0].split("%")[0])
+        if not address.is_global:
+            raise RecordError(f"refused: {host} resolves to non-public address {address} "
+                              f"(run.allow_private_addresses allows it)")
 
 
 @dataclass
@@ -35,7 +73,9 @@ class Fetcher:
     """Thread-safe: one requests session per worker thread, all sharing the rate limiter."""
 
     def __init__(self, http: HttpClient, temp_dir: Path, *, max_bytes: int, max_pixels: int,
-                 verify: bool = True):
+                 verify: bool = True, allow_private: bool = False, respect_opt_outs: bool = True):
+        self.allow_private = allow_private
+        self.respect_opt_outs = respect_opt_outs
         self.http = http
         self.temp_dir = temp_dir
         self.max_bytes = max_bytes
@@ -75,17 +115,34 @@ class Fetcher:
             raise RecordError(f"cannot read {path}: {exc.strerror}") from None
 
     def _download(self, url: str, out) -> tuple[int, str]:
-        try:
-            response = self._session().get(url, stream=True)
-        except requests.exceptions.RetryError as exc:
-            raise RecordError(f"gave up after retries: {_root_cause(exc)}", permanent=False) from None
-        except requests.exceptions.Timeout:
-            raise RecordError("timed out", permanent=False) from None
-        except requests.exceptions.ConnectionError as exc:
-            raise RecordError(f"connection failed: {_root_cause(exc)}", permanent=False) from None
-        except requests.exceptions.RequestException as exc:
-            raise RecordError(f"bad request: {exc.__class__.__name__}") from None
+        session = self._session()
+        for _ in range(MAX_REDIRECTS + 1):
+            # Redirects are followed here, not by requests, so that every hop is checked.
+            if not self.allow_private:
+                refuse_private(url)
+            try:
+                response = session.get(url, stream=True, allow_redirects=False)
+            except requests.exceptions.RetryError as exc:
+                raise RecordError(f"gave up after retries: {_root_cause(exc)}",
+                                  permanent=False) from None
+            except requests.exceptions.Timeout:
+                raise RecordError("timed out", permanent=False) from None
+            except requests.exceptions.ConnectionError as exc:
+                raise RecordError(f"connection failed: {_root_cause(exc)}", permanent=False) from None
+            except requests.exceptions.RequestException as exc:
+                raise RecordError(f"bad request: {exc.__class__.__name__}") from None
+            if response.is_redirect and response.headers.get("Location"):
+                url = urljoin(url, response.headers["Location"])
+                response.close()
+                continue
+            break
+        else:
+            raise RecordError(f"more than {MAX_REDIRECTS} redirects")
         with response:
+            if self.respect_opt_outs:
+                opt_out = ai_opt_out(response.headers.get("X-Robots-Tag", ""))
+                if opt_out:
+                    raise RecordError(f"opted out of AI use: X-Robots-Tag {opt_out}")
             if response.status_code != 200:
                 permanent = response.status_code in PERMANENT_STATUSES
                 raise RecordError(f"HTTP {response.status_code}", permanent=permanent)

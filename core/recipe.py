@@ -35,6 +35,10 @@ RUN_OPTIONS: tuple[Option, ...] = (
     Option("user_agent", Str(), "harvest/0.1 (+https://github.com/harvest-dataset/harvest)",
            help="User-Agent sent with every request"),
     Option("verify_images", Bool(), True, help="decode every image fully to catch truncation"),
+    Option("allow_private_addresses", Bool(), False,
+           help="allow image URLs on loopback, private or link-local addresses"),
+    Option("respect_opt_outs", Bool(), True,
+           help="skip images served with X-Robots-Tag noai or noimageai"),
     Option("sink_retry_seconds", Float(0, 86400), 60.0,
            help="at the end of a run, how long to keep retrying a sink that is down"),
 )
@@ -54,6 +58,8 @@ class RunSettings:
     user_agent: str = "harvest/0.1"
     verify_images: bool = True
     sink_retry_seconds: float = 60.0
+    allow_private_addresses: bool = False
+    respect_opt_outs: bool = True
 
 
 @dataclass

@@ -69,7 +69,9 @@ def read_jsonl(path: Path) -> list[dict]:
 
 def flickr_recipe(endpoint: str, output: Path, *, terms: str = "[monkey]", run: str = "",
                   options: str = "") -> str:
-    settings = {"concurrency": 4, "rate_per_host": 1000, "backoff": 0.01}
+    # The fake servers live on 127.0.0.1, which harvest refuses unless told otherwise.
+    settings = {"concurrency": 4, "rate_per_host": 1000, "backoff": 0.01,
+                "allow_private_addresses": True}
     settings.update(yaml.safe_load(textwrap.dedent(run)) or {})
     return f"""
 name: flickr-test

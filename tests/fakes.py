@@ -123,6 +123,8 @@ class FakeFlickr:
     content_types: dict[str, str] = field(default_factory=dict)
     api_failures: list[int] = field(default_factory=list)
     calls: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    redirects: dict[str, str] = field(default_factory=dict)  # image path -> Location
+    image_headers: dict[str, dict] = field(default_factory=dict)  # photo id -> extra headers
     licenses: dict[int, tuple[str, str]] = field(default_factory=lambda: dict(FLICKR_GETINFO))
     searches: list[dict] = field(default_factory=list)
 
@@ -238,6 +240,8 @@ class FakeFlickr:
     # -- images --------------------------------------------------------------------------------
 
     def image(self, path: str):
+        if path in self.redirects:
+            return 302, {"Location": self.redirects[path], "Content-Type": "text/plain"}, b""
         name = urlsplit(path).path.rsplit("/", 1)[-1]
         photo_id, _, size = name.rpartition(".")[0].rpartition("_")
         if self.image_latency:
@@ -260,7 +264,7 @@ class FakeFlickr:
                 self._images[photo_id] = make_image(zlib.crc32(photo_id.encode()), size=scale)
             data = self._images[photo_id]
         content_type = self.content_types.get(photo_id, "image/jpeg")
-        return 200, {"Content-Type": content_type}, data
+        return 200, {"Content-Type": content_type, **self.image_headers.get(photo_id, {})}, data
 
     def image_requests(self) -> int:
         return sum(1 for _, _, path, _ in self.server.requests if path.startswith("/img/"))

@@ -176,3 +176,58 @@ def test_term_key_is_the_first_english_wording(recipe_file, harvest, monkeypatch
     recipe = load_recipe(path, load_registry())
     assert [t.key for t in recipe.terms] == ["ape", "cage"]
     assert recipe.terms[0].queries == (("ja", "猿"), ("en", "ape"), ("en", "primate"))
+
+
+def test_loopback_image_urls_are_refused_by_default(flickr, recipe_file, harvest, tmp_path):
+    flickr.photos = monkey_photos(2)
+    output = tmp_path / "out"
+    run_flickr(harvest, recipe_file, flickr, output, run="allow_private_addresses: false")
+    assert not (output / "records.jsonl").read_text()
+    assert failures(output) == {
+        "refused: 127.0.0.1 resolves to non-public address 127.0.0.1 "
+        "(run.allow_private_addresses allows it)": 2}
+    assert flickr.image_requests() == 0
+
+
+@pytest.mark.parametrize("url", ["http://localhost/a.jpg", "http://10.1.2.3/a.jpg",
+                                 "http://169.254.169.254/latest/meta-data", "http://[::1]/a.jpg",
+                                 "http://192.168.0.10/a.jpg", "http://0.0.0.0/a.jpg"])
+def test_private_addresses(url):
+    from harvest.core.errors import RecordError
+    from harvest.core.fetch import refuse_private
+
+    with pytest.raises(RecordError, match="non-public address"):
+        refuse_private(url)
+
+
+def test_public_address_passes():
+    from harvest.core.fetch import refuse_private
+
+    refuse_private("http://8.8.8.8/a.jpg")  # an IP literal: no DNS needed
+
+
+def test_redirects_are_followed_and_bounded(flickr, recipe_file, harvest, tmp_path):
+    flickr.photos = monkey_photos(2)
+    flickr.redirects = {"/img/1001_l.jpg": "/img/1001_m.jpg"}
+    flickr.redirects.update({f"/img/loop{i}": f"/img/loop{i + 1}" for i in range(10)})
+    flickr.redirects["/img/1002_l.jpg"] = "/img/loop0"
+    output = tmp_path / "out"
+    run_flickr(harvest, recipe_file, flickr, output)
+    [record] = read_jsonl(output / "records.jsonl")
+    assert record["source_id"] == "1001" and record["file"]["width"] == 80
+    assert failures(output) == {"more than 5 redirects": 1}
+
+
+def test_ai_opt_outs_are_respected(flickr, recipe_file, harvest, tmp_path):
+    flickr.photos = monkey_photos(4)
+    flickr.image_headers = {"1001": {"X-Robots-Tag": "noai"},
+                            "1002": {"X-Robots-Tag": "noindex, NoImageAI"},
+                            "1003": {"X-Robots-Tag": "otherbot: noai"}}
+    output = tmp_path / "out"
+    run_flickr(harvest, recipe_file, flickr, output)
+    assert sorted(r["source_id"] for r in read_jsonl(output / "records.jsonl")) == ["1003", "1004"]
+    assert failures(output) == {"opted out of AI use: X-Robots-Tag noai": 1,
+                                "opted out of AI use: X-Robots-Tag noimageai": 1}
+    output = tmp_path / "out2"
+    run_flickr(harvest, recipe_file, flickr, output, run="respect_opt_outs: false")
+    assert len(read_jsonl(output / "records.jsonl")) == 4
