@@ -4,6 +4,7 @@ plugins arrive through the ``harvest`` entry-point group instead."""
 BUILTIN_MODULES = (
     "harvest.plugins.sources.flickr",
     "harvest.plugins.sources.folder",
+    "harvest.plugins.sources.urls",
     "harvest.plugins.enrichers.exif",
     "harvest.plugins.enrichers.geocode",
     "harvest.plugins.enrichers.license",
