@@ -134,6 +134,7 @@ class Engine:
         in_flight_ids: set[str] = set()
         self.batch: list[Record] = []
         self.last_flush = time.monotonic()
+        self.held_ids: set[str] = set()  # in the batch or pending: found again, not redone
         self.pending: list[tuple[list[Record], list]] = []
         self.pending_records = 0
         self.next_pending_retry = 0.0
@@ -141,7 +142,7 @@ class Engine:
         pool = ThreadPoolExecutor(self.settings.concurrency, thread_name_prefix="download")
         try:
             for record in self._candidates(sources):
-                if record.id in in_flight_ids:
+                if record.id in in_flight_ids or record.id in self.held_ids:
                     self.summary.count(record.source, record.term, "skipped")
                     continue
                 known = self.state.record(record.id)
@@ -278,6 +279,7 @@ class Engine:
 
     def _add_to_batch(self, record: Record) -> None:
         self.batch.append(record)
+        self.held_ids.add(record.id)
         if (len(self.batch) >= self.settings.batch_size
                 or time.monotonic() - self.last_flush >= FLUSH_SECONDS):
             self._flush()
@@ -288,7 +290,9 @@ class Engine:
         for spec, enricher in self.enrichers:
             if not batch:
                 break
-            batch = self._enrich(spec, enricher, batch)
+            kept = self._enrich(spec, enricher, batch)
+            self.held_ids.difference_update(r.id for r in batch if r not in kept)
+            batch = kept
         if batch:
             self._store(batch, list(self.sinks))
         if self.pending and time.monotonic() >= self.next_pending_retry:
@@ -327,6 +331,7 @@ class Engine:
             self.state.set_status(record.id, record.source, record.term, "done",
                                   sha256=record.file.sha256 if record.file else None)
         self.state.forget_delivered(ids)
+        self.held_ids.difference_update(ids)
         return True
 
     def _hold(self, batch: list[Record], sinks: list) -> None:
@@ -360,6 +365,7 @@ class Engine:
 
     def _give_up(self, batch: list[Record]) -> None:
         reason = "; ".join(f"{label}: {error}" for label, error in self.last_sink_error.items())
+        self.held_ids.difference_update(record.id for record in batch)
         for record in batch:
             self.summary.fail(record.source, record.term, "sink", f"not stored yet ({reason})",
                               "failed")

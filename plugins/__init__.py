@@ -2,6 +2,7 @@
 plugins arrive through the ``harvest`` entry-point group instead."""
 
 BUILTIN_MODULES = (
+    "harvest.plugins.sources.bing",
     "harvest.plugins.sources.flickr",
     "harvest.plugins.sources.folder",
     "harvest.plugins.sources.urls",

@@ -4,6 +4,7 @@ service's wire format. The client libraries under test talk to them over a socke
 from __future__ import annotations
 
 import base64
+import html
 import io
 import json
 import re
@@ -337,3 +338,76 @@ def dominant_colour(data: bytes) -> str:
         red, green, blue = image.convert("RGB").resize((1, 1)).getpixel((0, 0))
     channel = max((red, "red"), (green, "green"), (blue, "blue"))
     return channel[1]
+
+
+@dataclass
+class FakeBing:
+    """Bing's ``/images/async`` result pages (HTML in Bing's markup), ``/robots.txt`` and the
+    v7 ``/v7.0/images/search`` JSON API. ``results`` maps a query text to its results."""
+
+    results: dict[str, list[dict]] = field(default_factory=dict)
+    robots: str = "User-agent: *\nDisallow: /search\nAllow: /images/async\n"
+    api_key: str = "bing-key-0123456789"
+    requests: list[dict] = field(default_factory=list)
+
+    def start(self):
+        self.server = LocalServer(self.handle).start()
+        self.url = self.server.url
+        return self
+
+    def stop(self):
+        self.server.stop()
+
+    def handle(self, method, path, headers, body):
+        parts = urlsplit(path)
+        params = {k: v[0] for k, v in parse_qs(parts.query).items()}
+        if parts.path == "/robots.txt":
+            return 200, {"Content-Type": "text/plain"}, self.robots.encode()
+        self.requests.append({"path": parts.path, "time": time.monotonic(), **params})
+        if parts.path == "/images/async":
+            return 200, {"Content-Type": "text/html; charset=utf-8"}, self.page(params).encode()
+        if parts.path == "/v7.0/images/search":
+            if headers.get("Ocp-Apim-Subscription-Key") != self.api_key:
+                return 401, {"Content-Type": "application/json"}, json.dumps(
+                    {"error": {"code": "401", "message": "Access denied due to invalid "
+                                                          "subscription key."}}).encode()
+            return 200, {"Content-Type": "application/json"}, json.dumps(self.api(params)).encode()
+        return 404, {"Content-Type": "text/plain"}, b"not found"
+
+    def page(self, params) -> str:
+        results = self.results.get(params["q"], [])
+        count, first = int(params.get("count", 35)), int(params.get("first", 1))
+        if first > len(results) and results:
+            first = max(1, len(results) - count + 1)  # Bing repeats its last page
+        items = []
+        for result in results[first - 1: first - 1 + count]:
+            if result.get("broken") == "json":
+                meta = '{"murl": "http://broken'
+            elif result.get("broken") == "no-murl":
+                meta = json.dumps({"purl": "http://example.org/page", "t": "no image"})
+            elif result.get("broken") == "javascript":
+                meta = json.dumps({"murl": "javascript:alert(1)", "t": "bad scheme"})
+            else:
+                meta = json.dumps({"cid": "x", "purl": result["purl"], "murl": result["murl"],
+                                   "turl": result["murl"] + "?thumb", "t": result["title"],
+                                   "md5": "0"}, ensure_ascii=False)
+            size = (f'<div class="img_info hon"><span class="nowrap">{result.get("w", 640)} × '
+                    f'{result.get("h", 480)} · {result.get("fmt", "jpeg")}</span>'
+                    f'<div class="lnkw"><a>example.org</a></div></div>')
+            items.append(f'<li data-idx="1"><div class="iuscp isv"><div class="imgpt">'
+                         f'<a class="iusc" m="{html.escape(meta, quote=True)}" '
+                         f'href="/images/search?view=detailV2"><div class="img_cont hoff">'
+                         f'<img class="mimg" alt="x"></div></a>{size}</div></div></li>')
+        return ('<!DOCTYPE html><html><body><ul class="dgControl_list">' + "".join(items)
+                + "</ul></body></html>")
+
+    def api(self, params) -> dict:
+        results = [r for r in self.results.get(params["q"], []) if not r.get("broken")]
+        offset, count = int(params.get("offset", 0)), int(params.get("count", 35))
+        chunk = results[offset: offset + count]
+        return {"_type": "Images", "totalEstimatedMatches": len(results),
+                "nextOffset": offset + len(chunk),
+                "value": [{"name": r["title"], "contentUrl": r["murl"], "hostPageUrl": r["purl"],
+                           "thumbnailUrl": r["murl"] + "?thumb", "width": r.get("w", 640),
+                           "height": r.get("h", 480), "encodingFormat": "jpeg",
+                           "datePublished": "2024-05-01T10:00:00.0000000Z"} for r in chunk]}

@@ -183,3 +183,14 @@ def test_unreachable_license_table_falls_back_to_the_builtin_copy(flickr, tmp_pa
     source = make_source(flickr, tmp_path)
     assert source.licenses[4][2] == "CC-BY-2.0"
     assert "using the built-in copy" in caplog.text
+
+
+def test_a_photo_found_by_two_wordings_is_stored_once(flickr, recipe_file, harvest, tmp_path):
+    flickr.photos = [FakePhoto(id=str(i), title=f"monkey 猿 {i}") for i in range(1, 4)]
+    output = tmp_path / "out"
+    recipe = recipe_file(flickr_recipe(flickr.endpoint, output, terms="[{en: monkey, ja: 猿}]",
+                                       run="batch_size: 64"))
+    assert harvest("run", recipe, "--no-progress")[0] == 0
+    records = read_jsonl(output / "records.jsonl")
+    assert sorted(r["source_id"] for r in records) == ["1", "2", "3"]
+    assert {r["lang"] for r in records} == {"en"}  # the first wording keeps it
