@@ -4,6 +4,7 @@ plugins arrive through the ``harvest`` entry-point group instead."""
 BUILTIN_MODULES = (
     "harvest.plugins.sources.bing",
     "harvest.plugins.sources.flickr",
+    "harvest.plugins.sources.flickr_comments",
     "harvest.plugins.sources.folder",
     "harvest.plugins.sources.urls",
     "harvest.plugins.enrichers.exif",

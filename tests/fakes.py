@@ -106,6 +106,7 @@ class FakePhoto:
     views: int = 10
     sizes: tuple = ("l", "m")
     image: bytes | None = None  # None: generated from the id
+    comments: list = field(default_factory=list)  # (author nsid, name, unix date, text)
 
 
 @dataclass
@@ -146,6 +147,8 @@ class FakeFlickr:
             return self.api(method, headers, body)
         if path.startswith("/img/"):
             return self.image(path)
+        if path.startswith("/photos/"):
+            return self.photo_page(path)
         return 404, {"Content-Type": "text/plain"}, b"not found"
 
     def api(self, method: str, headers: dict, body: bytes):
@@ -163,6 +166,24 @@ class FakeFlickr:
             return self.json({"licenses": {"license": [
                 {"id": number, "name": name, "url": url}
                 for number, (name, url) in sorted(self.licenses.items())]}, "stat": "ok"})
+        photo = next((p for p in self.photos if p.id == params.get("photo_id")), None)
+        if params.get("method") in ("flickr.photos.comments.getList", "flickr.photos.getSizes") \
+                and photo is None:
+            return self.json({"stat": "fail", "code": 1, "message": "Photo not found"})
+        if params.get("method") == "flickr.photos.comments.getList":
+            return self.json({"comments": {"photo_id": photo.id, "comment": [
+                {"id": f"{photo.id}-{i}", "author": nsid, "author_is_deleted": 0,
+                 "authorname": name, "realname": "", "datecreate": str(date),
+                 "permalink": f"https://www.flickr.com/photos/x/{photo.id}/#comment{i}",
+                 "path_alias": "", "_content": text}
+                for i, (nsid, name, date, text) in enumerate(photo.comments)]}, "stat": "ok"})
+        if params.get("method") == "flickr.photos.getSizes":
+            return self.json({"sizes": {"canblog": 0, "candownload": 1, "size": [
+                {"label": label, "width": w, "height": h, "media": "photo",
+                 "source": f"{self.url}/img/{photo.id}_{size}.jpg",
+                 "url": f"https://www.flickr.com/photos/x/{photo.id}/sizes/{size}/"}
+                for label, size, w, h in (("Medium", "m", 80, 60), ("Large", "l", 160, 120))
+                if size in photo.sizes]}, "stat": "ok"})
         if params.get("method") != "flickr.photos.search":
             return self.json({"stat": "fail", "code": 112,
                               "message": f"Method \"{params.get('method')}\" not found"})
@@ -266,6 +287,24 @@ class FakeFlickr:
             data = self._images[photo_id]
         content_type = self.content_types.get(photo_id, "image/jpeg")
         return 200, {"Content-Type": content_type, **self.image_headers.get(photo_id, {})}, data
+
+    def photo_page(self, path: str):
+        """A photo page in the shape harvest reads: comments and the og:image meta."""
+        match = re.match(r"/photos/([^/]+)/(\d+)/?$", path)
+        photo = next((p for p in self.photos if match and p.id == match.group(2)), None)
+        if photo is None:
+            return 404, {"Content-Type": "text/html"}, b"<html>not found</html>"
+        items = "".join(
+            f'<div class="comment-container" id="comment{photo.id}-{i}">'
+            f'<a class="comment-author" data-nsid="{html.escape(nsid)}" href="/photos/{nsid}/">'
+            f'{html.escape(name)}</a><span class="comment-date" data-timestamp="{date}">'
+            f'some time ago</span><div class="comment-content"><p>{html.escape(text)}</p></div>'
+            f'<a class="comment-permalink" href="/photos/x/{photo.id}/#comment{i}">link</a></div>'
+            for i, (nsid, name, date, text) in enumerate(photo.comments))
+        page = (f'<!DOCTYPE html><html><head><meta property="og:image" '
+                f'content="{self.url}/img/{photo.id}_l.jpg"><title>{html.escape(photo.title)}'
+                f'</title></head><body><div class="comments">{items}</div></body></html>')
+        return 200, {"Content-Type": "text/html; charset=utf-8"}, page.encode("utf-8")
 
     def image_requests(self) -> int:
         return sum(1 for _, _, path, _ in self.server.requests if path.startswith("/img/"))
