@@ -52,6 +52,7 @@ class Engine:
         self.settings = recipe.run
         self.limit = limit
         self.output = recipe.output
+        self.output_root = recipe.output.resolve()
         self.state_dir = self.output / STATE_DIR
         self.temp_dir = self.state_dir / "tmp"
         self.summary = Summary(recipe.name)
@@ -246,13 +247,13 @@ class Engine:
         else:
             folder = record.term or record.source
             relpath = image_relpath(folder, record.source, record.source_id, fetched.format)
-            target = inside(self.output, relpath)
+            target = inside(self.output_root, relpath)
             owner = self.state.path_owner(relpath)
             if (owner not in (None, fetched.sha256)
                     or (target.exists() and _sha256(target) != fetched.sha256)):
                 relpath = image_relpath(folder, record.source, record.source_id, fetched.format,
                                         suffix="-" + fetched.sha256[:8])
-                target = inside(self.output, relpath)
+                target = inside(self.output_root, relpath)
             target.parent.mkdir(parents=True, exist_ok=True)
             os.replace(fetched.temp_path, target)
             record.file = FileInfo(relpath, fetched.bytes, fetched.sha256, fetched.width,
@@ -291,7 +292,9 @@ class Engine:
             if not batch:
                 break
             kept = self._enrich(spec, enricher, batch)
-            self.held_ids.difference_update(r.id for r in batch if r not in kept)
+            if len(kept) != len(batch):
+                kept_ids = {record.id for record in kept}
+                self.held_ids.difference_update(r.id for r in batch if r.id not in kept_ids)
             batch = kept
         if batch:
             self._store(batch, list(self.sinks))

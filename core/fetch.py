@@ -191,11 +191,14 @@ def inspect_image(path: Path, max_pixels: int, full_decode: bool = True) -> tupl
                 if width * height > max_pixels:
                     raise RecordError(f"decompression-bomb guard: {width}x{height} pixels "
                                       f"> max_pixels {max_pixels}")
+                if image_format == "JPEG" and full_decode:
+                    # JPEG's verify() checks nothing the decode below does not; one open.
+                    image.draft("RGB", (max(1, width // 8), max(1, height // 8)))
+                    image.load()
+                    return width, height, image_format
                 image.verify()
             if full_decode:
                 with Image.open(path) as image:
-                    if image.format == "JPEG":
-                        image.draft("RGB", (max(1, width // 8), max(1, height // 8)))
                     image.load()
     except RecordError:
         raise

@@ -23,7 +23,7 @@ TOP_LEVEL = ("name", "terms", "language", "output", "credentials", "run", "sourc
 
 RUN_OPTIONS: tuple[Option, ...] = (
     Option("concurrency", Int(1, 256), 16, help="downloads in flight at once"),
-    Option("rate_per_host", Float(0.01, 1000), 8.0, help="requests per second to any one host"),
+    Option("rate_per_host", Float(0.01, 1_000_000), 8.0, help="requests per second to any one host"),
     Option("limit_per_term", Int(1), 100,
            help="records each source yields for each term in each language"),
     Option("timeout", Float(0.1, 600), 30.0, help="seconds to wait for a server to answer"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import unicodedata
 from pathlib import Path
@@ -44,8 +45,10 @@ def image_relpath(folder: str, source: str, source_id: str, image_format: str,
 
 
 def inside(root: Path, relpath: str) -> Path:
-    """The absolute path of ``relpath`` under ``root``; refuses anything that escapes it."""
-    target = (root / relpath).resolve()
-    if root.resolve() not in target.parents:
+    """The path of ``relpath`` under ``root`` (an absolute, resolved folder); refuses
+    anything that would escape it. Names come from ``safe_component``, which leaves no
+    separator or ``..`` in them; this is the check that does not trust that."""
+    target = os.path.normpath(os.path.join(root, relpath))
+    if not target.startswith(str(root) + os.sep) or os.path.islink(os.path.dirname(target)):
         raise ValueError(f"path {relpath!r} escapes the output folder")
-    return target
+    return Path(target)

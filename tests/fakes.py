@@ -122,6 +122,7 @@ class FakeFlickr:
     image_script: dict[str, list[int]] = field(default_factory=dict)
     retry_after: str = "1"
     image_latency: float = 0.0
+    api_latency: float = 0.0
     content_types: dict[str, str] = field(default_factory=dict)
     api_failures: list[int] = field(default_factory=list)
     calls: dict[str, int] = field(default_factory=lambda: defaultdict(int))
@@ -154,6 +155,8 @@ class FakeFlickr:
     def api(self, method: str, headers: dict, body: bytes):
         params = {k: v[0] for k, v in parse_qs(body.decode("utf-8")).items()}
         self.calls[params.get("method", "?")] += 1
+        if self.api_latency:
+            time.sleep(self.api_latency)
         if self.api_failures:
             status = self.api_failures.pop(0)
             return status, {"Content-Type": "text/plain", "Retry-After": "0"}, b"busy"
@@ -275,7 +278,7 @@ class FakeFlickr:
             if status == 429:
                 headers["Retry-After"] = self.retry_after
             return status, headers, b"slow down" if status == 429 else b"error"
-        photo = next((p for p in self.photos if p.id == photo_id), None)
+        photo = self.photo(photo_id)
         if photo is None:
             return 404, {"Content-Type": "text/plain"}, b"no such photo"
         if photo.image is not None:
@@ -305,6 +308,12 @@ class FakeFlickr:
                 f'content="{self.url}/img/{photo.id}_l.jpg"><title>{html.escape(photo.title)}'
                 f'</title></head><body><div class="comments">{items}</div></body></html>')
         return 200, {"Content-Type": "text/html; charset=utf-8"}, page.encode("utf-8")
+
+    def photo(self, photo_id: str) -> FakePhoto | None:
+        index = getattr(self, "_index", None)
+        if index is None or len(index) != len(self.photos):
+            index = self._index = {p.id: p for p in self.photos}
+        return index.get(photo_id)
 
     def image_requests(self) -> int:
         return sum(1 for _, _, path, _ in self.server.requests if path.startswith("/img/"))

@@ -107,17 +107,22 @@ def gps_position(gps: dict) -> dict[str, float] | None:
     return position
 
 
-def read_exif(path: Path, *, makernote: bool = False, thumbnail: bool = False) -> dict[str, Any]:
+def read_exif(path: Path, *, makernote: bool = False, thumbnail: bool = False,
+              image_format: str | None = None) -> dict[str, Any]:
     """``{"tags": {IFD: {name: value}}, "gps": {...}|None, "notes": [...]}`` or
-    ``{"error": reason}``. Never raises for a bad file."""
+    ``{"error": reason}``. Never raises for a bad file. ``image_format`` (when the caller
+    knows it) saves opening the file to find out."""
     try:
-        with Image.open(path) as image:
-            raw = image.info.get("exif") if image.format not in ("JPEG", "MPO", "TIFF", "WEBP") \
-                else None
-            image_format = image.format
-        source = raw if raw else str(path)
-        if image_format not in ("JPEG", "MPO", "TIFF", "WEBP") and not raw:
-            return {"error": "no EXIF"}
+        if image_format is None:
+            with Image.open(path) as image:
+                image_format = image.format
+        if image_format in ("JPEG", "MPO", "TIFF", "WEBP"):
+            source = str(path)  # piexif reads these containers itself
+        else:
+            with Image.open(path) as image:
+                source = image.info.get("exif")
+            if not source:
+                return {"error": "no EXIF"}
         loaded = piexif.load(source)
     except Exception as exc:  # piexif raises many kinds on broken files
         return {"error": f"unreadable EXIF: {exc.__class__.__name__}: {str(exc)[:120]}"}
@@ -175,7 +180,7 @@ class ExifEnricher(Enricher):
                 continue
             path = self.context.output_dir / record.file.path
             result = read_exif(path, makernote=self.config["makernote"],
-                               thumbnail=self.config["thumbnail"])
+                               thumbnail=self.config["thumbnail"], image_format=record.file.format)
             if "error" in result:
                 record.fields["exif_error"] = result["error"]
                 continue

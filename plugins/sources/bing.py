@@ -10,8 +10,6 @@ from collections.abc import Iterator
 from urllib.parse import urlencode, urlsplit
 from urllib.robotparser import RobotFileParser
 
-from bs4 import BeautifulSoup
-
 from harvest.core import (
     Bool,
     Choice,
@@ -214,6 +212,8 @@ def parse_results_page(html: str) -> tuple[list[dict], int]:
     are in the result's ``img_info`` caption. Entries that do not parse are skipped.
     Returns the results and how many entries the page had (Bing's ``first`` counts them all).
     """
+    from bs4 import BeautifulSoup
+
     results = []
     anchors = BeautifulSoup(html, "html.parser").select("a.iusc[m]")
     for anchor in anchors:

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import flickrapi
-from bs4 import BeautifulSoup
 from flickrapi.exceptions import FlickrError
 
 from harvest.core import (
@@ -94,6 +93,8 @@ class CommentReader:
         url = f"{self.config['site'].rstrip('/')}/photos/{owner or 'flickr'}/{photo_id}/"
         response = self.session.get(url)
         response.raise_for_status()
+        from bs4 import BeautifulSoup
+
         soup = BeautifulSoup(response.text, "html.parser")
         comments = []
         for node in soup.select(".comment-container"):
