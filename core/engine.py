@@ -13,11 +13,12 @@ import hashlib
 import json
 import logging
 import os
+import queue
 import shutil
 import signal
 import time
 from collections.abc import Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from itertools import islice
 from pathlib import Path
@@ -134,6 +135,7 @@ class Engine:
         in_flight: dict[Future, Record] = {}
         in_flight_ids: set[str] = set()
         self.batch: list[Record] = []
+        self.finished: queue.SimpleQueue[Future] = queue.SimpleQueue()
         self.last_flush = time.monotonic()
         self.held_ids: set[str] = set()  # in the batch or pending: found again, not redone
         self.pending: list[tuple[list[Record], list]] = []
@@ -154,22 +156,25 @@ class Engine:
                     self._add_to_batch(record)
                     continue
                 while len(in_flight) >= max_in_flight:
-                    self._collect(in_flight, in_flight_ids, FIRST_COMPLETED)
+                    self._collect(in_flight, in_flight_ids, block=True)
                     progress.update()
                 future = pool.submit(self.fetcher.fetch, record.url)
                 in_flight[future] = record
                 in_flight_ids.add(record.id)
-                self._collect(in_flight, in_flight_ids, None)
+                future.add_done_callback(self.finished.put)
+                self._collect(in_flight, in_flight_ids, block=False)
                 progress.update()
             while in_flight:
-                self._collect(in_flight, in_flight_ids, FIRST_COMPLETED)
+                self._collect(in_flight, in_flight_ids, block=True)
                 progress.update()
             self._flush()
             self._drain_pending()
         except BaseException:
             pool.shutdown(wait=False, cancel_futures=True)
             done = {f: r for f, r in in_flight.items() if f.done() and not f.cancelled()}
-            self._collect(done, in_flight_ids, None)
+            for future, record in done.items():
+                in_flight.pop(future)
+                self._absorb(future, record, in_flight_ids)
             self._flush()
             for batch, _ in self.pending:
                 self._give_up(batch)
@@ -212,26 +217,35 @@ class Engine:
                               query.text if query else "", reason)
                     self.summary.reasons[(spec.label, "search", reason)] += 1
 
-    def _collect(self, in_flight: dict, in_flight_ids: set, return_when) -> None:
-        if return_when is None:
-            finished = [f for f in in_flight if f.done()]
-        else:
-            finished, _ = wait(list(in_flight), return_when=return_when)
-        for future in finished:
-            record = in_flight.pop(future)
-            in_flight_ids.discard(record.id)
+    def _finished(self, in_flight: dict, block: bool) -> list[Future]:
+        """Downloads done since the last call, from the completion queue (no scanning)."""
+        finished = []
+        if block:
+            finished.append(self.finished.get())
+        while True:
             try:
-                fetched = future.result()
-            except RecordError as exc:
-                self._record_failed(record, "download", exc.reason, exc.permanent)
-                continue
-            except Exception as exc:  # a bug must not sink the whole run
-                log.debug("unexpected download error for %s", record.id, exc_info=True)
-                self._record_failed(record, "download", f"unexpected {exc.__class__.__name__}",
-                                    permanent=False)
-                continue
-            self._place(record, fetched)
-            self._add_to_batch(record)
+                finished.append(self.finished.get_nowait())
+            except queue.Empty:
+                return [future for future in finished if future in in_flight]
+
+    def _collect(self, in_flight: dict, in_flight_ids: set, block: bool) -> None:
+        for future in self._finished(in_flight, block):
+            self._absorb(future, in_flight.pop(future), in_flight_ids)
+
+    def _absorb(self, future: Future, record: Record, in_flight_ids: set) -> None:
+        in_flight_ids.discard(record.id)
+        try:
+            fetched = future.result()
+        except RecordError as exc:
+            self._record_failed(record, "download", exc.reason, exc.permanent)
+            return
+        except Exception as exc:  # a bug must not sink the whole run
+            log.debug("unexpected download error for %s", record.id, exc_info=True)
+            self._record_failed(record, "download", f"unexpected {exc.__class__.__name__}",
+                                permanent=False)
+            return
+        self._place(record, fetched)
+        self._add_to_batch(record)
 
     # -- files --------------------------------------------------------------------------------
 

@@ -7,13 +7,12 @@ import ipaddress
 import os
 import socket
 import tempfile
-import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urljoin, urlsplit
 
-import requests
+import urllib3
 from PIL import Image
 
 from .errors import RecordError
@@ -81,13 +80,6 @@ class Fetcher:
         self.max_bytes = max_bytes
         self.max_pixels = max_pixels
         self.verify = verify
-        self._local = threading.local()
-
-    def _session(self) -> requests.Session:
-        session = getattr(self._local, "session", None)
-        if session is None:
-            session = self._local.session = self.http.session()
-        return session
 
     def fetch(self, url: str) -> Fetched:
         handle, name = tempfile.mkstemp(dir=self.temp_dir, suffix=".part")
@@ -115,37 +107,44 @@ class Fetcher:
             raise RecordError(f"cannot read {path}: {exc.strerror}") from None
 
     def _download(self, url: str, out) -> tuple[int, str]:
-        session = self._session()
         for _ in range(MAX_REDIRECTS + 1):
-            # Redirects are followed here, not by requests, so that every hop is checked.
+            # Redirects are followed here, not by the library, so that every hop is checked.
             if not self.allow_private:
                 refuse_private(url)
+            host = urlsplit(url).netloc
+            self.http.limiter.wait(host)
             try:
-                response = session.get(url, stream=True, allow_redirects=False)
-            except requests.exceptions.RetryError as exc:
+                response = self.http.pool(url).request("GET", url, preload_content=False,
+                                                       redirect=False)
+            except urllib3.exceptions.MaxRetryError as exc:
                 raise RecordError(f"gave up after retries: {_root_cause(exc)}",
                                   permanent=False) from None
-            except requests.exceptions.Timeout:
+            except (urllib3.exceptions.TimeoutError, TimeoutError):
                 raise RecordError("timed out", permanent=False) from None
-            except requests.exceptions.ConnectionError as exc:
+            except (urllib3.exceptions.HTTPError, OSError) as exc:
                 raise RecordError(f"connection failed: {_root_cause(exc)}", permanent=False) from None
-            except requests.exceptions.RequestException as exc:
-                raise RecordError(f"bad request: {exc.__class__.__name__}") from None
-            if response.is_redirect and response.headers.get("Location"):
-                url = urljoin(url, response.headers["Location"])
-                response.close()
+            except ValueError as exc:
+                raise RecordError(f"bad URL: {exc}") from None
+            location = response.headers.get("Location")
+            if response.status in (301, 302, 303, 307, 308) and location:
+                response.drain_conn()
+                response.release_conn()
+                url = urljoin(url, location)
                 continue
             break
         else:
             raise RecordError(f"more than {MAX_REDIRECTS} redirects")
-        with response:
+        clean = False
+        try:
             if self.respect_opt_outs:
                 opt_out = ai_opt_out(response.headers.get("X-Robots-Tag", ""))
                 if opt_out:
                     raise RecordError(f"opted out of AI use: X-Robots-Tag {opt_out}")
-            if response.status_code != 200:
-                permanent = response.status_code in PERMANENT_STATUSES
-                raise RecordError(f"HTTP {response.status_code}", permanent=permanent)
+            if response.status != 200:
+                permanent = response.status in PERMANENT_STATUSES
+                response.drain_conn()  # error pages are small; the connection stays usable
+                clean = True
+                raise RecordError(f"HTTP {response.status}", permanent=permanent)
             content_type = response.headers.get("Content-Type", "").split(";")[0].strip().lower()
             if content_type and not (content_type.startswith("image/")
                                      or content_type == "application/octet-stream"):
@@ -154,11 +153,19 @@ class Fetcher:
             if declared and declared.isdigit() and int(declared) > self.max_bytes:
                 raise RecordError(f"too large: {int(declared)} bytes > max_bytes {self.max_bytes}")
             try:
-                return self._stream(response.iter_content(CHUNK), out)
-            except (requests.exceptions.ChunkedEncodingError,
-                    requests.exceptions.ConnectionError) as exc:
+                result = self._stream(response.stream(CHUNK), out)
+                clean = True
+                return result
+            except (urllib3.exceptions.ProtocolError, urllib3.exceptions.ReadTimeoutError,
+                    OSError) as exc:
                 raise RecordError(f"connection broken mid-download: {_root_cause(exc)}",
                                   permanent=False) from None
+        finally:
+            if not clean:
+                # A body left unread (refused, too large, broken) must not reach the next
+                # request on this connection: close it rather than return it to the pool.
+                response.close()
+            response.release_conn()
 
     def _stream(self, chunks, out) -> tuple[int, str]:
         digest = hashlib.sha256()

