@@ -214,8 +214,9 @@ def flat(sizes: list[int], concurrency: int, work: Path) -> dict:
     return result
 
 
-def micro(work: Path) -> dict:
-    """Per-component throughput: geocoding, encryption, sinks, EXIF."""
+def micro(work: Path, scale: float = 1.0) -> dict:
+    """Per-component throughput: geocoding, encryption, sinks, EXIF. ``scale`` shrinks the
+    workloads (the smoke test runs them tiny)."""
     import logging
 
     from imagegen import make_image
@@ -229,13 +230,14 @@ def micro(work: Path) -> dict:
 
     figures: dict = {}
     rng = random.Random(1)
-    points = [(rng.uniform(-60, 70), rng.uniform(-180, 180)) for _ in range(100_000)]
+    count_points = max(100, int(100_000 * scale))
+    points = [(rng.uniform(-60, 70), rng.uniform(-180, 180)) for _ in range(count_points)]
     started = time.perf_counter()
     tree = geocoder(1)
     figures["geocode_tree_load_s"] = time.perf_counter() - started
     started = time.perf_counter()
     tree.query(points)
-    figures["geocode_100k_per_s"] = 100_000 / (time.perf_counter() - started)
+    figures["geocode_100k_per_s"] = count_points / (time.perf_counter() - started)
 
     def record(i):
         return Record("flickr", str(i), f"http://x/{i}.jpg", Query("monkey", "en", "monkey"),
@@ -247,7 +249,7 @@ def micro(work: Path) -> dict:
                       personal={"owner", "owner_name", "path_alias", "exif"},
                       file=FileInfo(f"images/monkey/{i}.jpg", 1000, "0" * 64, 640, 480, "JPEG"))
 
-    records = [record(i) for i in range(20_000)]
+    records = [record(i) for i in range(max(50, int(20_000 * scale)))]
     from cryptography.fernet import Fernet
 
     cipher = FieldCipher(Keyring([Fernet.generate_key()], "bench"))
@@ -279,7 +281,7 @@ def micro(work: Path) -> dict:
 
         server = MongoServer(work / "mongo").start()
         try:
-            records = records[:10_000]
+            records = records[:max(50, int(10_000 * scale))]
             figures["mongodb_records_per_s"] = sink_rate(
                 MongoSink, {"uri": server.uri, "collection": "plain", "personal_fields": "clear"})
             figures["mongodb_encrypted_records_per_s"] = sink_rate(
@@ -293,7 +295,7 @@ def micro(work: Path) -> dict:
     folder = work / "exif"
     folder.mkdir()
     paths = []
-    for i in range(500):
+    for i in range(max(10, int(500 * scale))):
         path = folder / f"{i}.jpg"
         path.write_bytes(make_image(i, size=(640, 480), gps=PLACES[i % len(PLACES)]))
         paths.append(path)
@@ -312,6 +314,7 @@ def main(argv=None) -> int:
     parser.add_argument("--skip-baseline", action="store_true")
     parser.add_argument("--flat", help="comma-separated N for the urls RSS check, e.g. 10000,100000")
     parser.add_argument("--micro", action="store_true", help="component throughputs too")
+    parser.add_argument("--scale", type=float, default=1.0, help=argparse.SUPPRESS)
     parser.add_argument("--json", type=Path, help="write the figures to this file")
     parser.add_argument("--role", help=argparse.SUPPRESS)
     parser.add_argument("--endpoint", help=argparse.SUPPRESS)
@@ -333,7 +336,7 @@ def main(argv=None) -> int:
                                    work / "flat")
         if args.micro:
             (work / "micro").mkdir()
-            figures["micro"] = micro(work / "micro")
+            figures["micro"] = micro(work / "micro", args.scale)
     report(figures)
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2))

@@ -1,0 +1,26 @@
+"""The benchmark runs end to end at tiny sizes, so it cannot rot (timings are not checked)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from conftest import REPO
+
+
+def test_benchmark_smoke(tmp_path):
+    figures_file = tmp_path / "figures.json"
+    done = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "run.py"), "--n", "12", "--latency", "0.001",
+         "--concurrency", "4", "--flat", "30,60", "--micro", "--scale", "0.005",
+         "--json", str(figures_file)],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    figures = json.loads(figures_file.read_text())
+    pipeline = figures["pipeline"]
+    assert pipeline["harvest"]["stored"] == 12
+    assert pipeline["baseline"]["images_per_s"] > 0 and pipeline["speedup"] > 0
+    assert set(figures["flat"]) == {"30", "60"}
+    assert figures["micro"]["exif_images_per_s"] > 0
+    assert "harvest / baseline" in done.stdout
