@@ -19,7 +19,7 @@ def test_benchmark_smoke(tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     figures = json.loads(figures_file.read_text())
     pipeline = figures["pipeline"]
-    assert pipeline["harvest"]["stored"] == 12
+    assert pipeline["harvest"]["stored"] == 12 and pipeline["harvest_first_run"]["stored"] == 12
     assert pipeline["baseline"]["images_per_s"] > 0 and pipeline["speedup"] > 0
     assert set(figures["flat"]) == {"30", "60"}
     assert figures["micro"]["exif_images_per_s"] > 0
