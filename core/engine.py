@@ -58,6 +58,7 @@ class Engine:
         self.temp_dir = self.state_dir / "tmp"
         self.summary = Summary(recipe.name)
         self.hints: dict = {}
+        self.made_dirs: set[Path] = set()  # one per term folder: bounded
         self.show_progress = progress
         self.http = HttpClient(rate_per_host=self.settings.rate_per_host,
                                timeout=self.settings.timeout, retries=self.settings.retries,
@@ -268,7 +269,9 @@ class Engine:
                 relpath = image_relpath(folder, record.source, record.source_id, fetched.format,
                                         suffix="-" + fetched.sha256[:8])
                 target = inside(self.output_root, relpath)
-            target.parent.mkdir(parents=True, exist_ok=True)
+            if target.parent not in self.made_dirs:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                self.made_dirs.add(target.parent)
             os.replace(fetched.temp_path, target)
             record.file = FileInfo(relpath, fetched.bytes, fetched.sha256, fetched.width,
                                    fetched.height, fetched.format)

@@ -56,6 +56,19 @@ CREATE TABLE IF NOT EXISTS runs (
 );
 """
 
+STATUS_UPSERT = """
+INSERT INTO records (id, source, term, status, reason, sha256, duplicate_of, attempts, updated)
+VALUES (?, ?, ?, ?, ?, ?, ?, 1, ?)
+ON CONFLICT(id) DO UPDATE SET status = excluded.status, reason = excluded.reason,
+    sha256 = COALESCE(excluded.sha256, records.sha256),
+    duplicate_of = COALESCE(excluded.duplicate_of, records.duplicate_of),
+    attempts = records.attempts + 1, updated = excluded.updated
+"""
+FILE_UPSERT = """
+INSERT INTO files VALUES (?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT(sha256) DO UPDATE SET path = excluded.path, record_id = excluded.record_id
+"""
+
 
 @dataclass
 class KnownRecord:
@@ -73,6 +86,12 @@ class RunState:
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(SCHEMA)
         self._in_transaction = False
+        # Writes wait here until the batch commits: each SQLite call lets go of the GIL,
+        # and the engine thread then queues behind the download threads to get it back.
+        self._status_rows: list[tuple] = []
+        self._recent: dict[str, KnownRecord] = {}
+        self._file_rows: dict[str, tuple[FileInfo, str]] = {}
+        self._paths: dict[str, str] = {}
 
     def close(self) -> None:
         self.commit()
@@ -84,11 +103,21 @@ class RunState:
             self._in_transaction = True
 
     def commit(self) -> None:
+        if self._status_rows or self._file_rows:
+            self.begin()
+            self.db.executemany(FILE_UPSERT, [
+                (info.sha256, info.path, info.bytes, info.width, info.height, info.format,
+                 record_id) for info, record_id in self._file_rows.values()])
+            self.db.executemany(STATUS_UPSERT, self._status_rows)
+            self._status_rows, self._recent = [], {}
+            self._file_rows, self._paths = {}, {}
         if self._in_transaction:
             self.db.execute("COMMIT")
             self._in_transaction = False
 
     def record(self, record_id: str) -> KnownRecord | None:
+        if record_id in self._recent:
+            return self._recent[record_id]
         row = self.db.execute("SELECT status, sha256, duplicate_of FROM records WHERE id = ?",
                               (record_id,)).fetchone()
         return KnownRecord(*row) if row else None
@@ -96,18 +125,16 @@ class RunState:
     def set_status(self, record_id: str, source: str, term: str | None, status: str,
                    reason: str | None = None, sha256: str | None = None,
                    duplicate_of: str | None = None) -> None:
-        self.begin()
-        self.db.execute(
-            """INSERT INTO records (id, source, term, status, reason, sha256, duplicate_of,
-                                    attempts, updated)
-               VALUES (?, ?, ?, ?, ?, ?, ?, 1, ?)
-               ON CONFLICT(id) DO UPDATE SET status = excluded.status, reason = excluded.reason,
-                   sha256 = COALESCE(excluded.sha256, records.sha256),
-                   duplicate_of = COALESCE(excluded.duplicate_of, records.duplicate_of),
-                   attempts = records.attempts + 1, updated = excluded.updated""",
-            (record_id, source, term, status, reason, sha256, duplicate_of, time.time()))
+        self._status_rows.append((record_id, source, term, status, reason, sha256, duplicate_of,
+                                  time.time()))
+        known = self._recent.get(record_id)
+        self._recent[record_id] = KnownRecord(
+            status, sha256 or (known.sha256 if known else None),
+            duplicate_of or (known.duplicate_of if known else None))
 
     def file(self, sha256: str) -> tuple[FileInfo, str] | None:
+        if sha256 in self._file_rows:
+            return self._file_rows[sha256]
         row = self.db.execute("SELECT path, bytes, width, height, format, record_id FROM files "
                               "WHERE sha256 = ?", (sha256,)).fetchone()
         if row is None:
@@ -116,15 +143,14 @@ class RunState:
         return FileInfo(path, size, sha256, width, height, image_format), record_id
 
     def path_owner(self, relpath: str) -> str | None:
+        if relpath in self._paths:
+            return self._paths[relpath]
         row = self.db.execute("SELECT sha256 FROM files WHERE path = ?", (relpath,)).fetchone()
         return row[0] if row else None
 
     def add_file(self, info: FileInfo, record_id: str) -> None:
-        self.begin()
-        self.db.execute("INSERT INTO files VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(sha256) "
-                        "DO UPDATE SET path = excluded.path, record_id = excluded.record_id",
-                        (info.sha256, info.path, info.bytes, info.width, info.height,
-                         info.format, record_id))
+        self._file_rows[info.sha256] = (info, record_id)
+        self._paths[info.path] = info.sha256
 
     def checkpoint(self, sink: str) -> Any:
         row = self.db.execute("SELECT value FROM checkpoints WHERE sink = ?", (sink,)).fetchone()
@@ -165,4 +191,5 @@ class RunState:
                         (time.time(), outcome, json.dumps(summary), run_id))
 
     def counts(self) -> dict[str, int]:
+        self.commit()
         return dict(self.db.execute("SELECT status, COUNT(*) FROM records GROUP BY status"))
