@@ -39,9 +39,13 @@ def _parser() -> argparse.ArgumentParser:
     keygen.add_argument("--key-file", type=Path, default=Path("~/.config/harvest/harvest.key"))
     keygen.add_argument("--force", action="store_true", help="allow a path inside a git work tree")
 
-    decrypt = commands.add_parser("decrypt", help="decrypt the personal fields of a JSONL file")
-    decrypt.add_argument("records", type=Path)
-    decrypt.add_argument("-o", "--out", type=Path, help="output file (default: stdout)")
+    decrypt = commands.add_parser("decrypt", help="decrypt records (JSONL file or MongoDB) to a "
+                                  "JSONL file of mode 0600")
+    decrypt.add_argument("records", type=Path, nargs="?", help="a JSONL records file")
+    decrypt.add_argument("-o", "--out", type=Path, required=True, help="the decrypted JSONL file")
+    decrypt.add_argument("--mongo-uri", help="read a MongoDB collection instead of a file")
+    decrypt.add_argument("--database", default="harvest")
+    decrypt.add_argument("--collection", help="the collection (with --mongo-uri)")
     _key_arguments(decrypt)
 
     rekey = commands.add_parser("rekey", help="re-encrypt a recipe's sinks under a new key")
@@ -49,9 +53,11 @@ def _parser() -> argparse.ArgumentParser:
     rekey.add_argument("--new-key-file", type=Path)
     rekey.add_argument("--new-key-env", help="environment variable holding the new key")
 
-    export = commands.add_parser("export", help="export a harvest as <class>/<image> folders")
+    export = commands.add_parser("export", help="export a harvest as a dataset (ImageFolder tree "
+                                 "or manifest, with credits)")
     export.add_argument("output", type=Path, help="the harvest's output folder")
     export.add_argument("destination", type=Path)
+    export.add_argument("--format", choices=("imagefolder", "manifest"), default="imagefolder")
     export.add_argument("--records", type=Path, help="records file (default OUTPUT/records.jsonl)")
     export.add_argument("--by", default="term", help="field naming the class folders (term, "
                         "country, license...)")
@@ -159,26 +165,6 @@ def _cmd_plugins(as_json: bool) -> int:
     return 0
 
 
-class _atomic_text:
-    """A text file that appears under its name only once fully written."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.temp = path.with_name(path.name + ".partial")
-
-    def __enter__(self):
-        self.handle = self.temp.open("w", encoding="utf-8")
-        return self.handle
-
-    def __exit__(self, kind, value, traceback):
-        self.handle.close()
-        if kind is None:
-            self.temp.replace(self.path)
-        else:
-            self.temp.unlink(missing_ok=True)
-        return False
-
-
 def _plain(value):
     return value if isinstance(value, (str, int, float, bool, type(None), list)) else str(value)
 
@@ -201,22 +187,27 @@ def main(argv: list[str] | None = None) -> int:
             print(f"key {identifier} written to {args.key_file.expanduser()} (mode 0600)")
             return 0
         if args.command == "decrypt":
-            from .dataset import decrypt_file
+            from .dataset import decrypt_records, mongo_records, read_records
 
             keyring = _keyring(args)
-            if args.out:
-                with _atomic_text(args.out) as out:
-                    count = decrypt_file(args.records, keyring, out)
-                print(f"{count} records decrypted to {args.out}", file=sys.stderr)
+            if args.mongo_uri:
+                if not args.collection:
+                    raise UsageError("decrypt: --mongo-uri needs --collection")
+                records = mongo_records(args.mongo_uri, args.database, args.collection)
+            elif args.records:
+                records = read_records(args.records)
             else:
-                decrypt_file(args.records, keyring, sys.stdout)
+                raise UsageError("decrypt: give a JSONL records file or --mongo-uri")
+            count = decrypt_records(records, keyring, args.out)
+            print(f"{count} records decrypted to {args.out} (mode 0600)")
             return 0
         if args.command == "export":
-            from .dataset import export_tree
+            from .dataset import export_dataset
 
-            counts = export_tree(args.output, args.destination, records_path=args.records,
-                                 by=args.by, keyring=_keyring(args, required=False),
-                                 only_kept=not args.all, copy=args.copy)
+            counts = export_dataset(args.output, args.destination, fmt=args.format,
+                                    records_path=args.records, by=args.by,
+                                    keyring=_keyring(args, required=False),
+                                    only_kept=not args.all, copy=args.copy)
             print(f"{sum(counts.values())} images in {len(counts)} classes exported to "
                   f"{args.destination}")
             return 0

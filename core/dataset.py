@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
@@ -27,17 +28,40 @@ def read_records(path: Path) -> Iterator[dict]:
                 raise UsageError(f"{path}:{number}: not a JSON line") from None
 
 
-def decrypt_file(source: Path, keyring: Keyring, out) -> int:
-    """Writes decrypted records to ``out`` only after every one decrypted."""
+def decrypt_records(records, keyring: Keyring, out_path: Path) -> int:
+    """Writes decrypted records as JSONL to ``out_path`` (mode 0600), and only once every
+    record has decrypted: a wrong key leaves no file behind."""
     cipher = FieldCipher(keyring)
+    if out_path.exists():
+        raise UsageError(f"{out_path}: exists; refusing to overwrite")
+    temp = out_path.with_name(f".{out_path.name}.{os.getpid()}.partial")
+    descriptor = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     count = 0
-    with tempfile.TemporaryFile("w+", encoding="utf-8") as buffer:
-        for record in read_records(source):
-            buffer.write(json.dumps(cipher.decrypt(record), ensure_ascii=False) + "\n")
-            count += 1
-        buffer.seek(0)
-        shutil.copyfileobj(buffer, out)
+    try:
+        with os.fdopen(descriptor, "w", encoding="utf-8") as out:
+            for record in records:
+                record.pop("_id", None)
+                out.write(json.dumps(cipher.decrypt(record), ensure_ascii=False,
+                                     default=str) + "\n")
+                count += 1
+        os.replace(temp, out_path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
     return count
+
+
+def mongo_records(uri: str, database: str, collection: str) -> Iterator[dict]:
+    import pymongo
+
+    client = pymongo.MongoClient(uri, serverSelectionTimeoutMS=5000, tz_aware=True)
+    try:
+        yield from client[database][collection].find({}, sort=[("id", 1)])
+    except pymongo.errors.PyMongoError as exc:
+        raise UsageError(f"{uri}: {database}.{collection}: {exc.__class__.__name__}: "
+                         f"{str(exc).splitlines()[0][:200]}") from None
+    finally:
+        client.close()
 
 
 def rotation(old: Keyring, new: Keyring):
@@ -76,10 +100,26 @@ def rewrite_jsonl(path: Path, rotate) -> int:
     return changed
 
 
-def export_tree(output: Path, destination: Path, *, records_path: Path | None = None,
-                by: str = "term", keyring: Keyring | None = None, only_kept: bool = True,
-                copy: bool = False) -> dict[str, int]:
-    """``destination/<class>/<image>`` (the ImageFolder layout) plus ``metadata.jsonl``."""
+MANIFEST_COLUMNS = ("path", "class", "id", "source", "term", "lang", "sha256", "width", "height",
+                    "license", "attribution", "country", "city", "scores")
+
+
+def export_dataset(output: Path, destination: Path, *, fmt: str = "imagefolder",
+                   records_path: Path | None = None, by: str = "term",
+                   keyring: Keyring | None = None, only_kept: bool = True,
+                   copy: bool = False) -> dict[str, int]:
+    """A dataset from a harvest, streamed in the records' order (so the same inputs give
+    byte-identical manifests):
+
+    - ``imagefolder``: ``destination/<class>/<image>`` (one folder per term by default, the
+      layout ImageFolder loaders read), hard links or copies;
+    - ``manifest``: no image copies, paths point into the harvest's ``images/``;
+
+    both with ``manifest.csv``, ``manifest.jsonl`` and the credits files. Each distinct
+    image appears once; records a scorer marked ``keep: false`` are left out unless
+    ``only_kept`` is off (records the license filter dropped were never stored)."""
+    from .credits import write_credits
+
     records_path = records_path or output / "records.jsonl"
     cipher = FieldCipher(keyring) if keyring else None
     if destination.exists() and any(destination.iterdir()):
@@ -87,7 +127,12 @@ def export_tree(output: Path, destination: Path, *, records_path: Path | None = 
     destination.mkdir(parents=True, exist_ok=True)
     counts: dict[str, int] = {}
     seen: set[str] = set()
-    with (destination / "metadata.jsonl").open("w", encoding="utf-8") as metadata:
+    kept_path = destination / ".records.jsonl"
+    with (destination / "manifest.jsonl").open("w", encoding="utf-8") as manifest_jsonl, \
+            (destination / "manifest.csv").open("w", encoding="utf-8", newline="") as table, \
+            kept_path.open("w", encoding="utf-8") as kept:
+        writer = csv.DictWriter(table, MANIFEST_COLUMNS, lineterminator="\n")
+        writer.writeheader()
         for record in read_records(records_path):
             file_info = record.get("file") or {}
             sha = file_info.get("sha256")
@@ -95,27 +140,40 @@ def export_tree(output: Path, destination: Path, *, records_path: Path | None = 
                 continue
             if only_kept and (record.get("keep") is False or record.get("review") == "rejected"):
                 continue
+            source = output / file_info["path"]
+            if not source.is_file():
+                continue
+            seen.add(sha)
+            if cipher is not None:
+                record = cipher.decrypt(record)
             label = record.get(by)
             if isinstance(label, (list, dict)) or label in (None, ""):
                 label = "unknown"
             folder = safe_component(str(label))
-            source = output / file_info["path"]
-            if not source.is_file():
-                continue
-            target = destination / folder / Path(file_info["path"]).name
-            target.parent.mkdir(parents=True, exist_ok=True)
-            if copy:
-                shutil.copy2(source, target)
-            else:
-                try:
-                    os.link(source, target)
-                except OSError:
+            if fmt == "imagefolder":
+                target = destination / folder / Path(file_info["path"]).name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                if copy:
                     shutil.copy2(source, target)
-            seen.add(sha)
-            if cipher is not None:
-                record = cipher.decrypt(record)
-            record["export_path"] = target.relative_to(destination).as_posix()
-            record["class"] = folder
-            metadata.write(json.dumps(record, ensure_ascii=False) + "\n")
+                else:
+                    try:
+                        os.link(source, target)
+                    except OSError:
+                        shutil.copy2(source, target)
+                path = target.relative_to(destination).as_posix()
+            else:
+                path = os.path.relpath(source, destination).replace(os.sep, "/")
+            row = {"path": path, "class": folder, "id": record.get("id"),
+                   "source": record.get("source"), "term": record.get("term"),
+                   "lang": record.get("lang"), "sha256": sha, "width": file_info.get("width"),
+                   "height": file_info.get("height"), "license": record.get("license"),
+                   "attribution": record.get("attribution"), "country": record.get("country"),
+                   "city": record.get("city"), "scores": record.get("scores")}
+            manifest_jsonl.write(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n")
+            writer.writerow({**row, "scores": json.dumps(row["scores"], sort_keys=True)
+                             if row["scores"] is not None else ""})
+            kept.write(json.dumps(record, ensure_ascii=False) + "\n")
             counts[folder] = counts.get(folder, 0) + 1
+    write_credits(destination, kept_path)
+    kept_path.unlink()
     return counts

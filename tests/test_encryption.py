@@ -71,6 +71,7 @@ def test_encrypted_run_leaves_no_personal_field_in_clear_and_decrypts_exactly(
     status, _, err = harvest("decrypt", secret_output / "records.jsonl", "--key-file", key_file,
                              "-o", decrypted)
     assert status == 0, err
+    assert stat.S_IMODE(decrypted.stat().st_mode) == 0o600
     clear = {r["id"]: r for r in read_jsonl(clear_output / "records.jsonl")}
     for record in read_jsonl(decrypted):
         assert record == clear[record["id"]]
@@ -105,8 +106,10 @@ def test_key_from_the_environment(flickr, recipe_file, harvest, tmp_path, key_fi
     monkeypatch.setenv("HARVEST_KEY", key_file.read_text().strip())
     output = tmp_path / "out"
     assert run(harvest, recipe_file, flickr, output, "{personal_fields: encrypt}")[0] == 0
-    status, out, _ = harvest("decrypt", output / "records.jsonl", "--key-env", "HARVEST_KEY")
-    assert status == 0 and OWNER in out
+    clear = tmp_path / "clear.jsonl"
+    status, _, _ = harvest("decrypt", output / "records.jsonl", "--key-env", "HARVEST_KEY",
+                           "-o", clear)
+    assert status == 0 and OWNER in clear.read_text(encoding="utf-8")
 
 
 def test_key_file_readable_by_others_is_refused(flickr, recipe_file, harvest, tmp_path, key_file):
@@ -131,9 +134,11 @@ def test_rekey_is_idempotent_and_resumed_runs_still_append(flickr, recipe_file, 
     assert "jsonl: 4 record(s) re-encrypted" in out
     status, out, _ = harvest("rekey", recipe, "--new-key-file", new_key)
     assert "jsonl: 0 record(s) re-encrypted" in out
-    assert harvest("decrypt", output / "records.jsonl", "--key-file", key_file)[0] == 2
-    status, out, _ = harvest("decrypt", output / "records.jsonl", "--key-file", new_key)
-    assert status == 0 and out.count(OWNER) == 4
+    assert harvest("decrypt", output / "records.jsonl", "--key-file", key_file,
+                   "-o", tmp_path / "old.jsonl")[0] == 2
+    status, _, _ = harvest("decrypt", output / "records.jsonl", "--key-file", new_key,
+                           "-o", tmp_path / "new.jsonl")
+    assert status == 0 and (tmp_path / "new.jsonl").read_text(encoding="utf-8").count(OWNER) == 4
 
     recipe.write_text(recipe.read_text().replace(str(key_file), str(new_key)))
     flickr.photos = photos() + monkey_photos(2, start=10)
@@ -142,13 +147,15 @@ def test_rekey_is_idempotent_and_resumed_runs_still_append(flickr, recipe_file, 
     assert len(ids) == len(set(ids)) == 6
 
 
-def test_export_is_an_image_folder_tree(flickr, recipe_file, harvest, tmp_path, key_file):
+def test_export_is_an_image_folder_tree_with_a_reproducible_manifest(
+        flickr, recipe_file, harvest, tmp_path, key_file):
     same = make_image(3)
     flickr.photos = [FakePhoto(id="1", title="monkey a"), FakePhoto(id="2", title="monkey b",
                      image=same), FakePhoto(id="3", title="monkey c", image=same),
                      FakePhoto(id="4", title="cage d", ownername=OWNER)]
     output = tmp_path / "out"
     recipe = recipe_file(flickr_recipe(flickr.endpoint, output, terms="[monkey, cage]")
+                         + "enrichers: [license]\n"
                          + f"sinks: [{{use: jsonl, options: {{personal_fields: encrypt, "
                            f"key_file: {key_file}}}}}]\n")
     assert harvest("run", recipe, "--no-progress")[0] == 0
@@ -162,7 +169,25 @@ def test_export_is_an_image_folder_tree(flickr, recipe_file, harvest, tmp_path, 
                for path in sorted(destination.rglob("*.jpg"))]
     assert classes == ["cage", "monkey"]
     assert [label for _, label in samples] == [0, 1, 1]
-    metadata = [json.loads(line) for line in (destination / "metadata.jsonl").open()]
-    assert {m["export_path"] for m in metadata} == \
-        {p.relative_to(destination).as_posix() for p, _ in samples}
-    assert next(m for m in metadata if m["class"] == "cage")["owner_name"] == OWNER
+    manifest = [json.loads(line) for line in (destination / "manifest.jsonl").open()]
+    assert {m["path"] for m in manifest} == {p.relative_to(destination).as_posix()
+                                             for p, _ in samples}
+    cage = next(m for m in manifest if m["class"] == "cage")
+    assert cage["attribution"].startswith('"cage d" by ' + OWNER)
+    assert set(cage) >= {"path", "term", "lang", "scores", "license", "attribution", "country",
+                         "city"}
+    header = (destination / "manifest.csv").read_text(encoding="utf-8").splitlines()[0]
+    assert header.startswith("path,class,id,source,term,lang")
+    assert OWNER in (destination / "CREDITS.md").read_text(encoding="utf-8")
+
+    again = tmp_path / "again"
+    assert harvest("export", output, again, "--key-file", key_file)[0] == 0
+    for name in ("manifest.jsonl", "manifest.csv", "CREDITS.md", "credits.csv"):
+        assert (again / name).read_bytes() == (destination / name).read_bytes(), name
+
+    listing = tmp_path / "listing"
+    status, out, _ = harvest("export", output, listing, "--format", "manifest")
+    assert status == 0
+    rows = [json.loads(line) for line in (listing / "manifest.jsonl").open()]
+    assert not list(listing.rglob("*.jpg"))
+    assert all((listing / row["path"]).is_file() for row in rows)

@@ -122,3 +122,19 @@ def test_rekey_in_mongodb(flickr, mongo, recipe_file, harvest, tmp_path, key_fil
     new_id = Keyring.load(new_key).current_id
     assert {d[ENCRYPTED]["key_id"] for d in client.harvest_test.monkeys.find()} == {new_id}
     client.close()
+
+
+def test_decrypt_a_collection(flickr, mongo, recipe_file, harvest, tmp_path, key_file):
+    import stat
+
+    flickr.photos = monkey_photos(3)
+    recipe = recipe_file(mongo_recipe(flickr, tmp_path / "out", mongo, key_file))
+    assert harvest("run", recipe, "--no-progress")[0] == 0
+    target = tmp_path / "clear.jsonl"
+    status, out, err = harvest("decrypt", "--mongo-uri", mongo.uri, "--database", "harvest_test",
+                               "--collection", "monkeys", "--key-file", key_file, "-o", target)
+    assert status == 0, err
+    rows = read_jsonl(target)
+    assert [r["id"] for r in rows] == ["flickr:1001", "flickr:1002", "flickr:1003"]
+    assert {r["owner_name"] for r in rows} == {OWNER}
+    assert stat.S_IMODE(target.stat().st_mode) == 0o600
