@@ -65,8 +65,10 @@ sinks: [{{use: jsonl, options: {{personal_fields: encrypt, key_file: {key_file}}
     assert status == 0, err
     raw = (output / "records.jsonl").read_text(encoding="utf-8")
     assert "Kenji" not in raw and "11111@N01" not in raw
-    status, out, _ = harvest("decrypt", output / "records.jsonl", "--key-file", key_file)
-    assert status == 0 and "Kenji 健二" in out and "Beautiful <monkey> & tree" in out
+    clear = tmp_path / "clear.jsonl"
+    status, _, _ = harvest("decrypt", output / "records.jsonl", "--key-file", key_file, "-o", clear)
+    text = clear.read_text(encoding="utf-8")
+    assert status == 0 and "Kenji 健二" in text and "Beautiful <monkey> & tree" in text
 
 
 def test_source_over_an_earlier_harvest(photos, recipe_file, harvest, tmp_path):
