@@ -16,6 +16,7 @@ import os
 import queue
 import shutil
 import signal
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -38,6 +39,7 @@ from .summary import Progress, Summary
 STATE_DIR = ".harvest"
 FLUSH_SECONDS = 5.0
 SINK_RETRY_INTERVAL = 2.0
+SOURCE_READ_AHEAD = 1000
 MAX_PENDING_RECORDS = 10_000
 
 log = logging.getLogger("harvest.engine")
@@ -145,7 +147,7 @@ class Engine:
         self.last_sink_error: dict[str, str] = {}
         pool = ThreadPoolExecutor(self.settings.concurrency, thread_name_prefix="download")
         try:
-            for record in self._candidates(sources):
+            for record in self._produced(sources):
                 if record.id in in_flight_ids or record.id in self.held_ids:
                     self.summary.count(record.source, record.term, "skipped")
                     continue
@@ -184,6 +186,41 @@ class Engine:
             pool.shutdown(wait=False, cancel_futures=True)
             progress.update()
 
+    def _produced(self, sources) -> Iterator[Record]:
+        """The sources' records, read ahead in a thread of their own (a bounded queue), so
+        the engine thread never waits on a source's network calls."""
+        handoff: queue.Queue = queue.Queue(maxsize=SOURCE_READ_AHEAD)
+        stop = threading.Event()
+        done = object()
+
+        def produce() -> None:
+            try:
+                for record in self._candidates(sources):
+                    while not stop.is_set():
+                        try:
+                            handoff.put(record, timeout=0.2)
+                            break
+                        except queue.Full:
+                            continue
+                    if stop.is_set():
+                        return
+                handoff.put(done)
+            except BaseException as exc:  # handed to the engine thread, which raises it
+                handoff.put(exc)
+
+        producer = threading.Thread(target=produce, name="sources", daemon=True)
+        producer.start()
+        try:
+            while True:
+                item = handoff.get()
+                if item is done:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+
     def _candidates(self, sources) -> Iterator[Record]:
         found = 0
         for spec, source in sources:
@@ -216,7 +253,7 @@ class Engine:
                     reason = f"{exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
                     log.error("%s: search %r failed: %s", spec.label,
                               query.text if query else "", reason)
-                    self.summary.reasons[(spec.label, "search", reason)] += 1
+                    self.summary.note_reason(spec.label, "search", reason)
 
     def _finished(self, in_flight: dict, block: bool) -> list[Future]:
         """Downloads done since the last call, from the completion queue (no scanning)."""
@@ -264,8 +301,10 @@ class Engine:
             relpath = image_relpath(folder, record.source, record.source_id, fetched.format)
             target = inside(self.output_root, relpath)
             owner = self.state.path_owner(relpath)
-            if (owner not in (None, fetched.sha256)
-                    or (target.exists() and _sha256(target) != fetched.sha256)):
+            # A file at a path the committed state does not know was left by a batch that
+            # never committed; no stored record points at it, so it may be replaced.
+            if owner not in (None, fetched.sha256) or (
+                    owner is not None and target.exists() and _sha256(target) != fetched.sha256):
                 relpath = image_relpath(folder, record.source, record.source_id, fetched.format,
                                         suffix="-" + fetched.sha256[:8])
                 target = inside(self.output_root, relpath)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from collections import Counter
 
@@ -18,16 +19,24 @@ class Summary:
         self.reasons: Counter[tuple[str, str, str]] = Counter()  # (source, stage, reason)
         self.outcome = "running"
         self.pending_note = ""
+        self._lock = threading.Lock()  # sources count from their own thread
 
     def count(self, source: str, term: str | None, outcome: str, n: int = 1) -> None:
-        self.counts[(source, term or "-", outcome)] += n
+        with self._lock:
+            self.counts[(source, term or "-", outcome)] += n
 
     def fail(self, source: str, term: str | None, stage: str, reason: str, outcome: str) -> None:
         self.count(source, term, outcome)
-        self.reasons[(source, stage, reason)] += 1
+        with self._lock:
+            self.reasons[(source, stage, reason)] += 1
+
+    def note_reason(self, source: str, stage: str, reason: str) -> None:
+        with self._lock:
+            self.reasons[(source, stage, reason)] += 1
 
     def total(self, outcome: str) -> int:
-        return sum(n for (_, _, kind), n in self.counts.items() if kind == outcome)
+        with self._lock:
+            return sum(n for (_, _, kind), n in self.counts.items() if kind == outcome)
 
     @property
     def elapsed(self) -> float:
@@ -35,7 +44,9 @@ class Summary:
 
     def to_dict(self) -> dict:
         rows: dict[tuple[str, str], dict[str, int]] = {}
-        for (source, term, outcome), n in self.counts.items():
+        with self._lock:
+            counts, reasons = dict(self.counts), dict(self.reasons)
+        for (source, term, outcome), n in counts.items():
             rows.setdefault((source, term), dict.fromkeys(OUTCOMES, 0))[outcome] += n
         return {
             "recipe": self.recipe_name,
@@ -44,7 +55,7 @@ class Summary:
             "totals": {outcome: self.total(outcome) for outcome in OUTCOMES},
             "by_source_term": [{"source": s, "term": t, **c} for (s, t), c in sorted(rows.items())],
             "failures": [{"source": s, "stage": st, "reason": r, "count": n}
-                         for (s, st, r), n in sorted(self.reasons.items())],
+                         for (s, st, r), n in sorted(reasons.items())],
         }
 
     def render(self) -> str:
