@@ -95,7 +95,6 @@ def _cmd_rekey(args) -> int:
     new = Keyring.load(args.new_key_file, args.new_key_env)
     recipe = load_recipe(args.recipe, load_registry())
     engine = Engine(recipe, progress=False)
-    total = 0
     for spec in recipe.sinks:
         if spec.options.get("personal_fields") != "encrypt":
             continue
@@ -109,7 +108,6 @@ def _cmd_rekey(args) -> int:
         finally:
             sink.close()
         print(f"{spec.label}: {changed} record(s) re-encrypted under key id {new.current_id}")
-        total += changed
     print("now point the recipe's key_file/key_env at the new key")
     return 0
 

@@ -1,10 +1,12 @@
 """The pipeline: sources -> download -> enrichers -> sinks, streaming and resumable.
 
-Downloads run in a bounded thread pool: the work is network-bound, requests and Pillow
+Downloads run in a bounded thread pool: the work is network-bound, urllib3 and Pillow
 release the GIL while waiting or decoding, and threads keep the plugin API synchronous
-(a plugin author writes a plain generator, not a coroutine). Everything that touches the
-run state, the image folder and the sinks happens on the engine's own thread, so there is
-one writer and no lock around any of it.
+(a plugin author writes a plain generator, not a coroutine). Sources are read ahead in
+a thread of their own, so the engine never waits on a search page. Everything that
+touches the run state, the image folder and the sinks happens on the engine's own
+thread, so there is one writer and no lock around any of it; the engine thread is also
+the bottleneck at high rates, which is why it avoids calls that release the GIL.
 """
 
 from __future__ import annotations

@@ -322,8 +322,20 @@ class FakeFlickr:
         return sum(1 for _, _, path, _ in self.server.requests if path.startswith("/img/"))
 
 
+class Served:
+    """A fake whose ``handle(method, path, headers, body)`` answers on a LocalServer."""
+
+    def start(self):
+        self.server = LocalServer(self.handle).start()
+        self.url = self.server.url
+        return self
+
+    def stop(self):
+        self.server.stop()
+
+
 @dataclass
-class FakeVision:
+class FakeVision(Served):
     """Cloud Vision's REST ``POST /v1/images:annotate``. Labels follow the picture's
     dominant colour: red is a monkey, blue a cage, green a tree (all with primate
     leanings where stated), so tests choose what the "model" sees."""
@@ -339,14 +351,6 @@ class FakeVision:
         "blue": [("Cage", 0.84), ("Metal", 0.7)],
         "green": [("Tree", 0.9), ("Macaque", 0.55)],
     }
-
-    def start(self):
-        self.server = LocalServer(self.handle).start()
-        self.url = self.server.url
-        return self
-
-    def stop(self):
-        self.server.stop()
 
     def handle(self, method, path, headers, body):
         if not path.startswith("/v1/images:annotate") or method != "POST":
@@ -392,7 +396,7 @@ def dominant_colour(data: bytes) -> str:
 
 
 @dataclass
-class FakeBing:
+class FakeBing(Served):
     """Bing's ``/images/async`` result pages (HTML in Bing's markup), ``/robots.txt`` and the
     v7 ``/v7.0/images/search`` JSON API. ``results`` maps a query text to its results."""
 
@@ -400,14 +404,6 @@ class FakeBing:
     robots: str = "User-agent: *\nDisallow: /search\nAllow: /images/async\n"
     api_key: str = "bing-key-0123456789"
     requests: list[dict] = field(default_factory=list)
-
-    def start(self):
-        self.server = LocalServer(self.handle).start()
-        self.url = self.server.url
-        return self
-
-    def stop(self):
-        self.server.stop()
 
     def handle(self, method, path, headers, body):
         parts = urlsplit(path)
