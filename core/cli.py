@@ -66,6 +66,14 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--copy", action="store_true", help="copy files instead of hard links")
     _key_arguments(export, required=False)
 
+    review = commands.add_parser("review", help="a local web page to choose thresholds and "
+                                 "curate a harvest")
+    review.add_argument("output", type=Path, help="the harvest's output folder")
+    review.add_argument("--port", type=int, default=8765)
+    review.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on (default 127.0.0.1: this machine only)")
+    _key_arguments(review, required=False)
+
     plugins = commands.add_parser("plugins", help="list plugins, their options and origin")
     plugins.add_argument("--json", action="store_true", help="machine-readable output")
     return parser
@@ -208,6 +216,12 @@ def main(argv: list[str] | None = None) -> int:
                                     only_kept=not args.all, copy=args.copy)
             print(f"{sum(counts.values())} images in {len(counts)} classes exported to "
                   f"{args.destination}")
+            return 0
+        if args.command == "review":
+            from .review import serve
+
+            _setup_logging(args.verbose)
+            serve(args.output, args.host, args.port, _keyring(args, required=False))
             return 0
         if args.command == "rekey":
             _setup_logging(args.verbose)

@@ -125,6 +125,9 @@ def export_dataset(output: Path, destination: Path, *, fmt: str = "imagefolder",
     if destination.exists() and any(destination.iterdir()):
         raise UsageError(f"{destination}: exists and is not empty")
     destination.mkdir(parents=True, exist_ok=True)
+    from .review import load_saved_review, verdict
+
+    saved = load_saved_review(output)  # what the user chose in `harvest review`
     counts: dict[str, int] = {}
     seen: set[str] = set()
     kept_path = destination / ".records.jsonl"
@@ -138,8 +141,12 @@ def export_dataset(output: Path, destination: Path, *, fmt: str = "imagefolder",
             sha = file_info.get("sha256")
             if not sha or sha in seen or record.get("duplicate_of"):
                 continue
-            if only_kept and (record.get("keep") is False or record.get("review") == "rejected"):
-                continue
+            if only_kept:
+                if saved is not None:
+                    if not verdict(record, *saved)[0]:
+                        continue
+                elif record.get("keep") is False:
+                    continue
             source = output / file_info["path"]
             if not source.is_file():
                 continue
