@@ -280,6 +280,7 @@ def serve(output: Path, host: str, port: int, keyring: Keyring | None = None) ->
 
     review = Review(output, keyring)
     app = create_app(review)
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # not one line per thumbnail
     try:
         server = make_server(host, port, app, threaded=True)
     except (OSError, SystemExit) as exc:
