@@ -157,17 +157,12 @@ def _cmd_plugins(as_json: bool) -> int:
     if as_json:
         print(json.dumps(listing, ensure_ascii=False, indent=2))
         return 0
-    for kind, plugins in listing.items():
+    for kind in KINDS:
         print(f"{kind}:")
-        for plugin in plugins:
-            print(f"  {plugin['name']}  [{plugin['origin']}]  {plugin['summary']}")
-            for option in plugin["options"]:
-                bits = [option["type"]]
-                if option["required"]:
-                    bits.append("required")
-                elif option["default"] is not None:
-                    bits.append(f"default {option['default']!r}")
-                print(f"      {option['name']} ({', '.join(bits)}): {option['help']}")
+        for info in registry.all(kind):
+            print(f"  {info.name}  [{info.origin}]  {info.cls.summary()}")
+            for option in info.cls.options:
+                print(f"      {option.describe()}")
     return 0
 
 

@@ -69,7 +69,7 @@ class Fetched:
 
 
 class Fetcher:
-    """Thread-safe: one requests session per worker thread, all sharing the rate limiter."""
+    """Thread-safe: every worker thread shares the HTTP client's urllib3 pools and rate limiter."""
 
     def __init__(self, http: HttpClient, temp_dir: Path, *, max_bytes: int, max_pixels: int,
                  verify: bool = True, allow_private: bool = False, respect_opt_outs: bool = True):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -282,7 +282,3 @@ def _range_hint(low, high) -> str:
 def _check_range(value, low, high) -> None:
     if (low is not None and value < low) or (high is not None and value > high):
         raise ValueError(f"{value} is out of range: expected a value{_range_hint(low, high)}")
-
-
-def declared_names(options: Sequence[Option]) -> list[str]:
-    return [option.name for option in options]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -118,8 +118,3 @@ class Sink(Plugin):
         is already under the new key. Returns how many changed. Must be safe to interrupt
         and run again."""
         raise NotImplementedError(f"{type(self).__name__} cannot re-encrypt")
-
-
-def describe(plugin_class: type[Plugin]) -> Iterable[str]:
-    for option in plugin_class.options:
-        yield option.describe()
