@@ -34,6 +34,7 @@ from .http import HttpClient
 from .plugin import Context, Plugin
 from .recipe import PluginSpec, Recipe
 from .record import FileInfo, Query, Record
+from .shards import Coordinator, Shard
 from .state import FINAL, RunState
 from .storage import image_relpath, inside
 from .summary import Progress, Summary
@@ -43,6 +44,8 @@ FLUSH_SECONDS = 5.0
 SINK_RETRY_INTERVAL = 2.0
 SOURCE_READ_AHEAD = 1000
 MAX_PENDING_RECORDS = 10_000
+CLAIM_CHUNK = 64
+REPORT_SECONDS = 1.0
 
 log = logging.getLogger("harvest.engine")
 
@@ -52,12 +55,21 @@ class Interrupted(Exception):
 
 
 class Engine:
-    def __init__(self, recipe: Recipe, *, limit: int | None = None, progress: bool = True):
+    def __init__(self, recipe: Recipe, *, limit: int | None = None, progress: bool = True,
+                 shards: list[Shard] | None = None, part_dir: Path | None = None,
+                 coordinator: Coordinator | None = None):
+        """``shards``: run only these (a cluster worker's share), keeping run state and
+        the parts of unshared sinks in ``part_dir``; images still go to the output folder."""
         self.recipe = recipe
         self.settings = recipe.run
         self.limit = limit
-        self.output = recipe.output
+        self.shards = shards
+        self.part_dir = part_dir
+        self.coordinator = coordinator or Coordinator()
+        self.images_root = recipe.output
+        self.output = part_dir or recipe.output  # where the run state lives
         self.output_root = recipe.output.resolve()
+        self.last_report = 0.0
         self.state_dir = self.output / STATE_DIR
         self.temp_dir = self.state_dir / "tmp"
         self.summary = Summary(recipe.name)
@@ -67,7 +79,8 @@ class Engine:
         self.http = HttpClient(rate_per_host=self.settings.rate_per_host,
                                timeout=self.settings.timeout, retries=self.settings.retries,
                                backoff=self.settings.backoff, user_agent=self.settings.user_agent,
-                               pool_size=self.settings.concurrency)
+                               pool_size=self.settings.concurrency,
+                               reserve=self.coordinator.reserve)
         # The fetcher checks width x height against max_pixels from the header, before any
         # decode; Pillow's global guard would fire first, at its own limit, with its own words.
         Image.MAX_IMAGE_PIXELS = None
@@ -79,9 +92,10 @@ class Engine:
 
     def _context(self, spec: PluginSpec) -> Context:
         return Context(recipe_name=self.recipe.name, recipe_dir=self.recipe.directory,
-                       output_dir=self.output, terms=self.recipe.terms, http=self.http,
+                       output_dir=self.images_root, terms=self.recipe.terms, http=self.http,
                        log=logging.getLogger(f"harvest.{spec.kind}.{spec.label}"),
-                       hints=self.hints, name=spec.label)
+                       hints=self.hints, name=spec.label, part_dir=self.part_dir,
+                       coordinator=self.coordinator)
 
     def _build(self, spec: PluginSpec) -> Plugin:
         try:
@@ -92,13 +106,16 @@ class Engine:
             raise PluginConfigError(f"{self.recipe.path}: {spec.key_path}: {exc}") from None
 
     def run(self) -> Summary:
-        (self.output / "images").mkdir(parents=True, exist_ok=True)
+        (self.images_root / "images").mkdir(parents=True, exist_ok=True)
         shutil.rmtree(self.temp_dir, ignore_errors=True)  # parts of downloads a crash cut off
         self.temp_dir.mkdir(parents=True)
         self.state = RunState(self.state_dir / "state.sqlite")
         run_id = self.state.start_run()
         progress = Progress(self.summary, enabled=self.show_progress)
-        previous_sigterm = signal.signal(signal.SIGTERM, _raise_interrupted)
+        # A cluster worker runs the engine in a thread of its own, where signals cannot go.
+        in_main_thread = threading.current_thread() is threading.main_thread()
+        if in_main_thread:
+            previous_sigterm = signal.signal(signal.SIGTERM, _raise_interrupted)
         try:
             with ExitStack() as stack:
                 self.sinks = [(spec, self._open(stack, spec)) for spec in self.recipe.sinks]
@@ -115,7 +132,8 @@ class Engine:
                     self.summary.outcome = "interrupted"
                     log.warning("interrupted: progress is saved; run again to resume")
         finally:
-            signal.signal(signal.SIGTERM, previous_sigterm)
+            if in_main_thread:
+                signal.signal(signal.SIGTERM, previous_sigterm)
             progress.close()
             if self.summary.outcome == "running":
                 self.summary.outcome = "failed"
@@ -162,16 +180,16 @@ class Engine:
                     continue
                 while len(in_flight) >= max_in_flight:
                     self._collect(in_flight, in_flight_ids, block=True)
-                    progress.update()
+                    self._tick(progress)
                 future = pool.submit(self.fetcher.fetch, record.url)
                 in_flight[future] = record
                 in_flight_ids.add(record.id)
                 future.add_done_callback(self.finished.put)
                 self._collect(in_flight, in_flight_ids, block=False)
-                progress.update()
+                self._tick(progress)
             while in_flight:
                 self._collect(in_flight, in_flight_ids, block=True)
-                progress.update()
+                self._tick(progress)
             self._flush()
             self._drain_pending()
         except BaseException:
@@ -188,6 +206,17 @@ class Engine:
             pool.shutdown(wait=False, cancel_futures=True)
             progress.update()
 
+    def _tick(self, progress: Progress) -> None:
+        progress.update()
+        if self.shards is not None and time.monotonic() - self.last_report >= REPORT_SECONDS:
+            self.report_progress()
+
+    def report_progress(self) -> None:
+        self.last_report = time.monotonic()
+        counts = [[*key, n] for key, n in self.summary.counts.copy().items()]
+        if self.coordinator.report(counts):
+            raise Interrupted()
+
     def _produced(self, sources) -> Iterator[Record]:
         """The sources' records, read ahead in a thread of their own (a bounded queue), so
         the engine thread never waits on a source's network calls."""
@@ -197,7 +226,7 @@ class Engine:
 
         def produce() -> None:
             try:
-                for record in self._candidates(sources):
+                for record in self._claimed(self._candidates(sources)):
                     while not stop.is_set():
                         try:
                             handoff.put(record, timeout=0.2)
@@ -223,39 +252,71 @@ class Engine:
         finally:
             stop.set()
 
+    def _claimed(self, records: Iterator[Record]) -> Iterator[Record]:
+        """On a cluster, records another shard holds already are skipped before download."""
+        if self.shards is None:
+            yield from records
+            return
+        chunk: list[Record] = []
+        for record in records:
+            chunk.append(record)
+            if len(chunk) >= CLAIM_CHUNK:
+                yield from self._claim(chunk)
+                chunk = []
+        yield from self._claim(chunk)
+
+    def _claim(self, chunk: list[Record]) -> list[Record]:
+        if not chunk:
+            return []
+        elsewhere = self.coordinator.claim_records([record.id for record in chunk])
+        for record in chunk:
+            if record.id in elsewhere:
+                self.summary.count(record.source, record.term, "skipped")
+        return [record for record in chunk if record.id not in elsewhere]
+
+    def _streams(self, sources):
+        """(spec, source, query, limit) in the order a single machine searches them."""
+        if self.shards is not None:
+            by_label = {spec.label: (spec, source) for spec, source in sources}
+            for shard in self.shards:
+                spec, source = by_label[shard.source]
+                query = None if shard.term is None else Query(shard.term, shard.lang, shard.text,
+                                                             shard.part)
+                yield spec, source, query, shard.limit
+            return
+        for spec, source in sources:
+            if not source.uses_terms:
+                yield spec, source, None, None
+                continue
+            for term in self.recipe.terms:
+                for lang, text in term.queries:
+                    yield (spec, source, Query(term.key, lang, text),
+                           source.query_limit or self.settings.limit_per_term)
+
     def _candidates(self, sources) -> Iterator[Record]:
         found = 0
-        for spec, source in sources:
-            if source.uses_terms:
-                streams = ((q, source.records(q)) for term in self.recipe.terms
-                           for q in (Query(term.key, lang, text) for lang, text in term.queries))
-            else:
-                streams = iter([(None, source.records(None))])
-            for query, stream in streams:
-                limit = None
-                if query is not None:
-                    limit = source.query_limit or self.settings.limit_per_term
-                try:
-                    for record in islice(stream, limit):
-                        if record.query is None and query is not None:
-                            record.query = query
-                        if not record.url:
-                            self.summary.fail(record.source, record.term, "source",
-                                              "no image URL", "rejected")
-                            continue
-                        self.summary.count(record.source, record.term, "found")
-                        yield record
-                        found += 1
-                        if self.limit is not None and found >= self.limit:
-                            return
-                except PluginConfigError:
-                    raise
-                except Exception as exc:
-                    # One failed query (an API outage after retries) must not end the run.
-                    reason = f"{exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-                    log.error("%s: search %r failed: %s", spec.label,
-                              query.text if query else "", reason)
-                    self.summary.note_reason(spec.label, "search", reason)
+        for spec, source, query, limit in self._streams(sources):
+            try:
+                for record in islice(source.records(query), limit):
+                    if record.query is None and query is not None:
+                        record.query = query
+                    if not record.url:
+                        self.summary.fail(record.source, record.term, "source",
+                                          "no image URL", "rejected")
+                        continue
+                    self.summary.count(record.source, record.term, "found")
+                    yield record
+                    found += 1
+                    if self.limit is not None and found >= self.limit:
+                        return
+            except PluginConfigError:
+                raise
+            except Exception as exc:
+                # One failed query (an API outage after retries) must not end the run.
+                reason = f"{exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                log.error("%s: search %r failed: %s", spec.label,
+                          query.text if query else "", reason)
+                self.summary.note_reason(spec.label, "search", reason)
 
     def _finished(self, in_flight: dict, block: bool) -> list[Future]:
         """Downloads done since the last call, from the completion queue (no scanning)."""
@@ -284,7 +345,12 @@ class Engine:
             self._record_failed(record, "download", f"unexpected {exc.__class__.__name__}",
                                 permanent=False)
             return
-        self._place(record, fetched)
+        try:
+            self._place(record, fetched)
+        except RecordError as exc:
+            fetched.temp_path.unlink(missing_ok=True)
+            self._record_failed(record, "store", exc.reason, exc.permanent)
+            return
         self._add_to_batch(record)
 
     # -- files --------------------------------------------------------------------------------
@@ -292,7 +358,7 @@ class Engine:
     def _place(self, record: Record, fetched: Fetched) -> None:
         """Stores the file once per content; a second record with the same bytes points at it."""
         known = self.state.file(fetched.sha256)
-        if known is not None and (self.output / known[0].path).is_file():
+        if known is not None and (self.images_root / known[0].path).is_file():
             fetched.temp_path.unlink(missing_ok=True)
             record.file, first_id = known
             if first_id != record.id:
@@ -310,6 +376,29 @@ class Engine:
                 relpath = image_relpath(folder, record.source, record.source_id, fetched.format,
                                         suffix="-" + fetched.sha256[:8])
                 target = inside(self.output_root, relpath)
+            claim = self.coordinator.claim_file(fetched.sha256, record.id, relpath)
+            if claim.get("path_taken"):
+                relpath = image_relpath(folder, record.source, record.source_id, fetched.format,
+                                        suffix="-" + fetched.sha256[:8])
+                target = inside(self.output_root, relpath)
+                claim = self.coordinator.claim_file(fetched.sha256, record.id, relpath)
+                if claim.get("path_taken"):
+                    raise RecordError(f"no free path for {relpath}", permanent=False)
+            if claim.get("owner") not in (None, record.id):
+                # Another shard of the cluster stored these bytes first.
+                fetched.temp_path.unlink(missing_ok=True)
+                record.file = FileInfo(claim["path"], fetched.bytes, fetched.sha256, fetched.width,
+                                       fetched.height, fetched.format)
+                record.duplicate_of = claim["owner"]
+                self.state.add_file(record.file, claim["owner"])
+                self.summary.count(record.source, record.term, "duplicate")
+                self.summary.count(record.source, record.term, "downloaded")
+                self.state.set_status(record.id, record.source, record.term, "downloaded",
+                                      sha256=fetched.sha256, duplicate_of=record.duplicate_of)
+                return
+            if claim.get("path") not in (None, relpath):
+                relpath = claim["path"]  # a retried shard: where its first try put the file
+                target = inside(self.output_root, relpath)
             if target.parent not in self.made_dirs:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 self.made_dirs.add(target.parent)
@@ -326,7 +415,7 @@ class Engine:
         if known.sha256 is None:
             return False
         stored = self.state.file(known.sha256)
-        if stored is None or not (self.output / stored[0].path).is_file():
+        if stored is None or not (self.images_root / stored[0].path).is_file():
             return False
         record.file, first_id = stored
         if first_id != record.id:

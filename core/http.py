@@ -19,20 +19,38 @@ from urllib3.util.retry import Retry
 RETRY_STATUSES = (429, 500, 502, 503, 504)
 
 
-class HostRateLimiter:
-    """Spaces requests to each host at least ``1/rate`` seconds apart, across threads."""
+class TokenBuckets:
+    """Token buckets by key, handing out reservations: ``reserve`` takes a token now and
+    says how long to wait before using it (tokens may go below zero, so waiters queue
+    in order). With ``burst=1`` this spaces calls ``1/rate`` seconds apart.
 
-    def __init__(self, rate_per_host: float):
-        self.interval = 1.0 / rate_per_host
-        self._next_slot: dict[str, float] = {}
+    One instance serves a process; on a cluster one instance lives on the scheduler and
+    every worker reserves there, so a limit holds for the whole cluster.
+    """
+
+    def __init__(self):
+        self._buckets: dict[str, tuple[float, float]] = {}  # key -> (tokens, when)
         self._lock = threading.Lock()
 
-    def wait(self, host: str) -> None:
+    def reserve(self, key: str, rate: float, burst: float = 1.0) -> float:
         with self._lock:
             now = time.monotonic()
-            slot = max(now, self._next_slot.get(host, now))
-            self._next_slot[host] = slot + self.interval
-        delay = slot - now
+            tokens, when = self._buckets.get(key, (burst, now))
+            tokens = min(burst, tokens + (now - when) * rate) - 1.0
+            self._buckets[key] = (tokens, now)
+        return 0.0 if tokens >= 0 else -tokens / rate
+
+
+class HostRateLimiter:
+    """Spaces requests to each host at least ``1/rate`` seconds apart, across threads (and,
+    with a cluster's ``reserve``, across every worker of the cluster)."""
+
+    def __init__(self, rate_per_host: float, reserve=None):
+        self.rate = rate_per_host
+        self.reserve = reserve or TokenBuckets().reserve
+
+    def wait(self, host: str) -> None:
+        delay = self.reserve(f"host:{host}", self.rate, 1.0)
         if delay > 0:
             time.sleep(delay)
 
@@ -54,8 +72,8 @@ class HttpClient:
     """Makes sessions that share one rate limiter, so every plugin is polite to every host."""
 
     def __init__(self, *, rate_per_host: float, timeout: float, retries: int, backoff: float,
-                 user_agent: str, pool_size: int = 16):
-        self.limiter = HostRateLimiter(rate_per_host)
+                 user_agent: str, pool_size: int = 16, reserve=None):
+        self.limiter = HostRateLimiter(rate_per_host, reserve)
         self.timeout = timeout
         self.retries = retries
         self.backoff = backoff

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,6 +13,7 @@ import pluggy
 
 from .options import Option
 from .record import Query, Record, Term
+from .shards import Coordinator
 
 if TYPE_CHECKING:
     import requests
@@ -35,11 +37,22 @@ class Context:
     # can filter on its server's side uses it so that quota is not spent on them.
     hints: Mapping[str, Any] = field(default_factory=dict)
     name: str = ""  # the plugin's name in the recipe
+    # On a cluster, the shard's own folder: a sink that is not ``shared`` writes its part
+    # there (see ``Sink.part_documents``). None on one machine.
+    part_dir: Path | None = None
+    coordinator: Coordinator = field(default_factory=Coordinator)
 
     @property
     def state_dir(self) -> Path:
         """Where a plugin may keep files of its own (caches), beside the run state."""
-        return self.output_dir / ".harvest"
+        return (self.part_dir or self.output_dir) / ".harvest"
+
+    def take(self, key: str, rate: float, burst: float = 1.0) -> None:
+        """Waits for a token of bucket ``key`` (``rate`` per second, ``burst`` at most):
+        an API quota. On a cluster the bucket is shared by every worker."""
+        delay = self.coordinator.reserve(key, rate, burst)
+        if delay > 0:
+            time.sleep(delay)
 
     def session(self, *, retry_post: bool = False) -> "requests.Session":
         """A polite HTTP session: per-host rate limit, retries with backoff, timeouts."""
@@ -79,7 +92,15 @@ class Source(Plugin):
         return None
 
     def records(self, query: Query | None) -> Iterator[Record]:
+        """Records for ``query`` (for the part of it in ``query.part``, when set)."""
         raise NotImplementedError
+
+    def partitions(self, query: Query, limit: int | None) -> list[tuple[Any, int | None]]:
+        """Splits a query into disjoint parts that workers can search apart, each with its
+        share of ``limit``: ``[(part, limit), ...]``, parts JSON-safe. The parts' records
+        together must be the records one ``records(query)`` call would give. The default
+        is one part: the whole query."""
+        return [(None, limit)]
 
 
 class Enricher(Plugin):
@@ -106,12 +127,26 @@ class Sink(Plugin):
     """
 
     is_default: ClassVar[bool] = False
+    # True when every worker of a cluster reaches the same store and writes there
+    # directly (a database). False for files under the output folder: each shard writes
+    # a part in ``context.part_dir``, and the client merges the parts at the end.
+    shared: ClassVar[bool] = False
 
     def resume(self, checkpoint: Any) -> None:
         """Called after ``open`` with the last committed checkpoint (None on a first run)."""
 
     def write(self, records: list[Record]) -> Any:
         raise NotImplementedError
+
+    def part_documents(self, part_dir: Path) -> Iterator[list[dict]]:
+        """A finished shard's part, as the documents this sink wrote there, in batches.
+        Needed by sinks that are not ``shared``, for cluster runs."""
+        raise NotImplementedError(f"{type(self).__name__} cannot merge a cluster's parts")
+
+    def write_documents(self, documents: list[dict]) -> Any:
+        """Stores documents as ``part_documents`` gave them (already protected); returns a
+        checkpoint, as ``write`` does."""
+        raise NotImplementedError(f"{type(self).__name__} cannot merge a cluster's parts")
 
     def rekey(self, rotate: Callable[[dict], dict | None]) -> int:
         """Re-encrypt stored documents: ``rotate`` returns the new document, or None when it

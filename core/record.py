@@ -27,6 +27,9 @@ class Query:
     term: str
     lang: str
     text: str
+    # A slice of the query's results (a date range, a map tile), as the source's
+    # ``partitions`` made it, so that several workers can share one query; None: all of it.
+    part: Any = field(default=None, compare=False)
 
 
 @dataclass
