@@ -27,6 +27,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--output", type=Path, help="override the recipe's output folder")
     run.add_argument("--limit", type=int, help="stop after this many records in all")
     run.add_argument("--no-progress", action="store_true", help="no progress bar or lines")
+    run.add_argument("--cluster", metavar="ADDRESS",
+                     help="run on this Dask cluster (its scheduler, e.g. tcp://host:8786)")
+    run.add_argument("--local-workers", type=int, metavar="N",
+                     help="run on a Dask cluster of N worker processes on this machine")
 
     validate = commands.add_parser("validate", help="check a recipe without running it")
     validate.add_argument("recipe", type=Path)
@@ -231,11 +235,27 @@ def main(argv: list[str] | None = None) -> int:
         if args.limit is not None and args.limit < 1:
             raise UsageError(f"--limit {args.limit}: expected a positive number")
         _setup_logging(args.verbose, recipe)
-        from .engine import Engine
+        if args.cluster or args.local_workers is not None:
+            if args.cluster and args.local_workers is not None:
+                raise UsageError("give --cluster or --local-workers, not both")
+            if args.local_workers is not None and args.local_workers < 1:
+                raise UsageError(f"--local-workers {args.local_workers}: expected a positive "
+                                 f"number")
+            if args.limit is not None:
+                raise UsageError("--limit works on one machine only; on a cluster set "
+                                 "run.limit_per_term or a source's count in the recipe")
+            from .cluster import ClusterRun
 
-        summary = Engine(recipe, limit=args.limit, progress=not args.no_progress).run()
+            summary = ClusterRun(recipe, address=args.cluster, local_workers=args.local_workers,
+                                 progress=not args.no_progress).run()
+        else:
+            from .engine import Engine
+
+            summary = Engine(recipe, limit=args.limit, progress=not args.no_progress).run()
         print(summary.render())
-        return 130 if summary.outcome == "interrupted" else 0
+        if summary.outcome == "interrupted":
+            return 130
+        return 1 if summary.outcome in ("incomplete", "failed") else 0
     except HarvestError as exc:
         print(f"harvest: error: {exc}", file=sys.stderr)
         return exc.exit_status

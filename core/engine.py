@@ -145,6 +145,31 @@ class Engine:
             shutil.rmtree(self.temp_dir, ignore_errors=True)
         return self.summary
 
+    def plan(self) -> list[Shard]:
+        """The recipe's work as shards, in the order one machine would search them: one per
+        source and query, or per partition where the source splits a query."""
+        shards: list[Shard] = []
+        with ExitStack() as stack:
+            for spec in self.recipe.enrichers:
+                self.hints.update(self._open(stack, spec).source_hints())
+            sources = [(spec, self._open(stack, spec)) for spec in self.recipe.sources]
+            for spec, source, query, limit in self._streams(sources):
+                if query is None:
+                    shards.append(Shard(spec.label, None, None, None, order=len(shards)))
+                    continue
+                try:
+                    parts = source.partitions(query, limit)
+                except PluginConfigError:
+                    raise
+                except Exception as exc:
+                    log.warning("%s: cannot split %r (%s); it runs as one shard", spec.label,
+                                query.text, exc.__class__.__name__)
+                    parts = [(None, limit)]
+                for part, part_limit in parts:
+                    shards.append(Shard(spec.label, query.term, query.lang, query.text, part,
+                                        part_limit, order=len(shards)))
+        return shards
+
     def _open(self, stack: ExitStack, spec: PluginSpec) -> Plugin:
         plugin = self._build(spec)
         plugin.open()

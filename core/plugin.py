@@ -143,6 +143,9 @@ class Sink(Plugin):
         Needed by sinks that are not ``shared``, for cluster runs."""
         raise NotImplementedError(f"{type(self).__name__} cannot merge a cluster's parts")
 
+    def discard_part(self, part_dir: Path) -> None:
+        """Called once a shard's part is merged (and committed): the part may go."""
+
     def write_documents(self, documents: list[dict]) -> Any:
         """Stores documents as ``part_documents`` gave them (already protected); returns a
         checkpoint, as ``write`` does."""

@@ -34,6 +34,22 @@ class Summary:
         with self._lock:
             self.reasons[(source, stage, reason)] += 1
 
+    def absorb(self, data: dict) -> None:
+        """Adds another run's ``to_dict()`` (a cluster shard's) to these counts."""
+        with self._lock:
+            for row in data["by_source_term"]:
+                for outcome in OUTCOMES:
+                    if row.get(outcome):
+                        self.counts[(row["source"], row["term"], outcome)] += row[outcome]
+            for failure in data["failures"]:
+                self.reasons[(failure["source"], failure["stage"], failure["reason"])] += \
+                    failure["count"]
+
+    def replace_counts(self, rows) -> None:
+        """Live counts as ``[source, term, outcome, n]`` rows (a cluster's progress)."""
+        with self._lock:
+            self.counts = Counter({(s, t, o): n for s, t, o, n in rows})
+
     def total(self, outcome: str) -> int:
         with self._lock:
             return sum(n for (_, _, kind), n in self.counts.items() if kind == outcome)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,8 @@ from harvest.core import (
     rewrite_jsonl,
 )
 
+PART_BATCH = 1000
+
 
 class JsonlSink(Sink):
     """Records as JSON lines, appended per batch and synced to disk."""
@@ -33,7 +36,9 @@ class JsonlSink(Sink):
 
     def open(self) -> None:
         self.protection = Protection(self.config)
-        self.path = (self.context.output_dir / self.config["path"]).resolve()
+        # On a cluster shard, the part in the shard's folder; the client merges it.
+        root = self.context.part_dir or self.context.output_dir
+        self.path = (root / self.config["path"]).resolve()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.handle = open(self.path, "ab")
         self.known_ids: set[str] = set()
@@ -93,6 +98,37 @@ class JsonlSink(Sink):
         if self.config["fsync"]:
             os.fsync(self.handle.fileno())
         return {"offset": self.handle.tell(), "last_id": getattr(self, "last_id", None)}
+
+    def part_documents(self, part_dir: Path) -> Iterator[list[dict]]:
+        part = part_dir / self.config["path"]
+        if not part.exists():
+            return
+        batch: list[dict] = []
+        with part.open("rb") as reader:
+            for line in reader:
+                if not line.endswith(b"\n"):
+                    break  # cut off by a crash: its batch never committed
+                try:
+                    batch.append(json.loads(line))
+                except ValueError:
+                    continue
+                if len(batch) >= PART_BATCH:
+                    yield batch
+                    batch = []
+        if batch:
+            yield batch
+
+    def write_documents(self, documents: list[dict]) -> dict:
+        self.handle.write("".join(json.dumps(document, ensure_ascii=False, default=json_default)
+                                  + "\n" for document in documents).encode("utf-8"))
+        self.last_id = documents[-1]["id"]
+        self.handle.flush()
+        if self.config["fsync"]:
+            os.fsync(self.handle.fileno())
+        return {"offset": self.handle.tell(), "last_id": self.last_id}
+
+    def discard_part(self, part_dir: Path) -> None:
+        (part_dir / self.config["path"]).unlink(missing_ok=True)
 
     def rekey(self, rotate) -> int:
         self.handle.close()

@@ -22,6 +22,8 @@ INDEXED = ("term", "lang", "source", "country_code", "license", "file.sha256")
 class MongoSink(Sink):
     """Records upserted by id into MongoDB (bulk writes, indexes, field encryption)."""
 
+    shared = True  # every worker of a cluster writes here; the unique id index dedups
+
     options = (
         Option("uri", Str(), "mongodb://127.0.0.1:27017",
                help="connection URI; write ${MONGODB_URI} when it holds a password"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import logging
 import re
 import time
@@ -37,6 +38,8 @@ logging.getLogger("flickrapi").setLevel(logging.CRITICAL)
 FLICKR_LAUNCH = int(dt.datetime(2004, 2, 1, tzinfo=dt.timezone.utc).timestamp())
 RESULT_CAP = 4000  # Flickr repeats results past this many per query
 MIN_SLICE_SECONDS = 3600
+MIN_TILE_DEGREES = 0.02
+GRID = 1e-6  # Flickr stores positions to six decimals: tiles on this grid never overlap
 SIZES = ("o", "6k", "5k", "4k", "3k", "k", "h", "l", "c", "z", "m", "n")
 SAFE_SEARCH = {"safe": 1, "moderate": 2, "restricted": 3}
 CONTENT_TYPES = {"photos": 1, "screenshots": 2, "other": 3, "photos_and_screenshots": 4,
@@ -115,6 +118,12 @@ class FlickrSource(Source):
                help="split the upload-date range to get past Flickr's 4,000-results cap"),
         Option("refresh_licenses", Bool(), True,
                help="read Flickr's license table (licenses.getInfo) at start; else built-in"),
+        Option("calls_per_hour", Int(1), 3600,
+               help="API calls per hour for this key (Flickr allows 3,600); on a cluster, "
+                    "for all workers together"),
+        Option("shard_size", Int(1, RESULT_CAP), RESULT_CAP,
+               help="on a cluster, photos per shard at most, where splitting keeps the same "
+                    "results (date slices, and bbox tiles when bbox is set)"),
     )
 
     @property
@@ -122,6 +131,8 @@ class FlickrSource(Source):
         return self.config["count"]
 
     def open(self) -> None:
+        key_digest = hashlib.sha256(self.config["api_key"].reveal().encode()).hexdigest()[:12]
+        self.quota_key = f"flickr-calls:{key_digest}"
         self.api = flickrapi.FlickrAPI(self.config["api_key"].reveal(),
                                        self.config["api_secret"].reveal(),
                                        format="parsed-json", store_token=False)
@@ -135,8 +146,16 @@ class FlickrSource(Source):
             self._refresh_licenses()
         self.license_ids = self.config["licenses"] or self._hinted_license_ids()
 
+    def _take_quota(self) -> None:
+        # A bucket of a sixtieth of the hourly allowance, refilled at the rest of it: no
+        # window of an hour ever sees more than calls_per_hour calls.
+        per_hour = self.config["calls_per_hour"]
+        burst = max(1.0, per_hour / 60)
+        self.context.take(self.quota_key, (per_hour - burst) / 3600 or per_hour / 3600, burst)
+
     def _refresh_licenses(self) -> None:
         try:
+            self._take_quota()
             reply = self.api.photos.licenses.getInfo()
             table = {int(item["id"]): (item["name"], item.get("url") or "")
                      for item in reply["licenses"]["license"]}
@@ -173,7 +192,7 @@ class FlickrSource(Source):
             "extras": ",".join(EXTRAS + tuple(f"url_{s}" for s in c["sizes"])),
         }
         if c["bbox"]:
-            params["bbox"] = ",".join(f"{v:g}" for v in c["bbox"])
+            params["bbox"] = _bbox_param(c["bbox"])
         for key in ("min_taken_date", "max_taken_date"):
             if c[key]:
                 params[key] = c[key].astimezone(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
@@ -183,7 +202,7 @@ class FlickrSource(Source):
             params["has_geo"] = 1
         return params
 
-    def records(self, query: Query | None) -> Iterator[Record]:
+    def _query_params(self, query: Query) -> dict[str, Any]:
         params = self.base_params()
         tags = list(self.config["tags"] or [])
         if self.config["match"] == "tags":
@@ -193,10 +212,22 @@ class FlickrSource(Source):
         if tags:
             params["tags"] = ",".join(tags)
             params["tag_mode"] = self.config["tag_mode"]
+        return params
+
+    def _date_range(self) -> tuple[int, int]:
         low = int(self.config["min_upload_date"].timestamp()) if self.config["min_upload_date"] \
             else FLICKR_LAUNCH
         high = int(self.config["max_upload_date"].timestamp()) if self.config["max_upload_date"] \
             else int(time.time())
+        return low, high
+
+    def records(self, query: Query | None) -> Iterator[Record]:
+        params = self._query_params(query)
+        low, high = self._date_range()
+        if query.part is not None:
+            low, high = query.part["min_upload_date"], query.part["max_upload_date"]
+            if query.part.get("bbox"):
+                params["bbox"] = _bbox_param(query.part["bbox"])
         seen: set[str] = set()
         for photo in self._search(params, low, high):
             if photo["id"] in seen:
@@ -204,14 +235,74 @@ class FlickrSource(Source):
             seen.add(photo["id"])
             yield self._record(photo, query)
 
+    def partitions(self, query: Query, limit: int | None) -> list[tuple[Any, int | None]]:
+        """Date slices (and bbox tiles) that together give what ``records`` gives.
+
+        Where the count binds, only the slices past Flickr's 4,000-result cap that
+        ``records`` makes anyway, with the count handed to them in the order ``records``
+        reads them. Where every photo is wanted, also smaller slices and tiles of at most
+        ``shard_size`` photos each, so that more workers can share one query.
+        """
+        params = self._query_params(query)
+        low, high = self._date_range()
+        bbox = list(self.config["bbox"]) if self.config["bbox"] else None
+        pieces = list(self._capped_slices(params, low, high, bbox))
+        total = sum(piece[3] for piece in pieces)
+        if limit is not None and total > limit:
+            parts, remaining = [], limit
+            for piece in pieces:
+                share = min(piece[3], remaining)
+                if share > 0:
+                    parts.append((_part(*piece[:3]), share))
+                remaining -= share
+            return parts or [(None, limit)]
+        small = [leaf for piece in pieces for leaf in self._split(params, piece)]
+        small = [leaf for leaf in small if leaf[3] > 0] or small[:1]
+        slack = None if limit is None else limit - total
+        return [(_part(*leaf[:3]), None if slack is None else leaf[3] + (slack if i == 0 else 0))
+                for i, leaf in enumerate(small)]
+
+    def _probe(self, params: dict, low: int, high: int, bbox) -> int:
+        probe = dict(params, per_page=1)
+        if bbox:
+            probe["bbox"] = _bbox_param(bbox)
+        return int(self._call(probe, low, high, page=1).get("total") or 0)
+
+    def _capped_slices(self, params: dict, low: int, high: int, bbox) -> Iterator[tuple]:
+        """(low, high, bbox, total) as ``_search`` slices, in the order it reads them."""
+        total = self._probe(params, low, high, bbox)
+        if total > RESULT_CAP and self.config["slice_dates"] and high - low > MIN_SLICE_SECONDS:
+            for slice_low, slice_high in self._halves(params, low, high):
+                yield from self._capped_slices(params, slice_low, slice_high, bbox)
+            return
+        yield (low, high, bbox, total)
+
+    def _halves(self, params: dict, low: int, high: int) -> list[tuple[int, int]]:
+        middle = (low + high) // 2
+        halves = [(middle + 1, high), (low, middle)]
+        return halves if params["sort"] != "date-posted-asc" else halves[::-1]
+
+    def _split(self, params: dict, piece: tuple) -> Iterator[tuple]:
+        low, high, bbox, total = piece
+        if total <= self.config["shard_size"]:
+            yield piece
+            return
+        if bbox and max(bbox[2] - bbox[0], bbox[3] - bbox[1]) >= MIN_TILE_DEGREES:
+            halves = [(low, high, tile) for tile in _tiles(bbox)]
+        elif high - low > MIN_SLICE_SECONDS:
+            halves = [(a, b, bbox) for a, b in self._halves(params, low, high)]
+        else:
+            yield piece
+            return
+        for half_low, half_high, half_bbox in halves:
+            half_total = self._probe(params, half_low, half_high, half_bbox)
+            yield from self._split(params, (half_low, half_high, half_bbox, half_total))
+
     def _search(self, params: dict, low: int, high: int) -> Iterator[dict]:
         first = self._call(params, low, high, page=1)
         total = int(first.get("total") or 0)
         if total > RESULT_CAP and self.config["slice_dates"] and high - low > MIN_SLICE_SECONDS:
-            middle = (low + high) // 2
-            newest_first = params["sort"] != "date-posted-asc"
-            halves = [(middle + 1, high), (low, middle)]
-            for slice_low, slice_high in (halves if newest_first else halves[::-1]):
+            for slice_low, slice_high in self._halves(params, low, high):
                 yield from self._search(params, slice_low, slice_high)
             return
         reachable = min(total, RESULT_CAP)
@@ -225,6 +316,7 @@ class FlickrSource(Source):
 
     def _call(self, params: dict, low: int, high: int, page: int) -> dict:
         try:
+            self._take_quota()
             reply = self.api.photos.search(min_upload_date=low, max_upload_date=high, page=page,
                                            **params)
         except FlickrError as exc:
@@ -272,6 +364,28 @@ class FlickrSource(Source):
         name, url, spdx = self.licenses.get(number, (f"Flickr license {number}", "", None))
         return {"license": spdx or f"LicenseRef-flickr-{number}", "license_name": name,
                 "license_url": url or None, "flickr_license": number}
+
+
+def _part(low: int, high: int, bbox) -> dict[str, Any]:
+    part: dict[str, Any] = {"min_upload_date": low, "max_upload_date": high}
+    if bbox:
+        part["bbox"] = bbox
+    return part
+
+
+def _bbox_param(bbox) -> str:
+    return ",".join(f"{round(v, 6):.6f}".rstrip("0").rstrip(".") for v in bbox)
+
+
+def _tiles(bbox) -> list[list[float]]:
+    """Two halves of a bbox along its longer side, on Flickr's 1e-6 degree grid: every
+    position in the bbox lies in exactly one of them."""
+    west, south, east, north = bbox
+    if east - west >= north - south:
+        middle = round((west + east) / 2, 6)
+        return [[west, south, middle, north], [round(middle + GRID, 6), south, east, north]]
+    middle = round((south + north) / 2, 6)
+    return [[west, south, east, middle], [west, round(middle + GRID, 6), east, north]]
 
 
 def _largest(photo: dict, sizes) -> tuple[str | None, int | None, int | None]:
