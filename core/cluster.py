@@ -241,7 +241,7 @@ class ClusterRun:
         cluster = None
         if self.address:
             try:
-                client = Client(self.address, timeout="10s", set_as_default=False)
+                client = Client(self.address, timeout="5s", set_as_default=False)
             except (OSError, TimeoutError) as exc:
                 raise UsageError(f"--cluster {self.address}: cannot reach the Dask scheduler "
                                  f"({exc.__class__.__name__})") from None

@@ -85,6 +85,8 @@ def spdx_style(name: str, url: str) -> str:
     return "LicenseRef-" + re.sub(r"[^A-Za-z0-9.]+", "-", name).strip("-")
 
 
+_LICENSE_TABLES: dict[tuple[str, str], dict] = {}
+
 EXTRAS = ("description", "license", "date_upload", "date_taken", "owner_name", "path_alias",
           "geo", "tags", "machine_tags", "views", "media", "original_format")
 
@@ -154,6 +156,12 @@ class FlickrSource(Source):
         self.context.take(self.quota_key, (per_hour - burst) / 3600 or per_hour / 3600, burst)
 
     def _refresh_licenses(self) -> None:
+        # Once per process and endpoint: a cluster worker runs many shards, and each call
+        # spends the key's hourly quota.
+        cache_key = (self.config["endpoint"], self.quota_key)
+        if cache_key in _LICENSE_TABLES:
+            self.licenses = _LICENSE_TABLES[cache_key]
+            return
         try:
             self._take_quota()
             reply = self.api.photos.licenses.getInfo()
@@ -171,6 +179,7 @@ class FlickrSource(Source):
                              exc.__class__.__name__)
             return
         self.licenses = {i: (name, url, spdx_style(name, url)) for i, (name, url) in table.items()}
+        _LICENSE_TABLES[cache_key] = self.licenses
 
     def _hinted_license_ids(self) -> list[int] | None:
         families = self.context.hints.get("license_families")
