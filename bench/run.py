@@ -33,7 +33,7 @@ PLACES = [(14.5995, 120.9842), (10.3157, 123.8854), (7.1907, 125.4553), (5.8394,
           (35.6762, 139.6503), (48.8566, 2.3522)]
 
 
-def make_photos(n: int, size=(640, 480)):
+def make_photos(n: int, size=(640, 480), spacing: int = 1):
     """N distinct JPEGs with EXIF (camera, date, GPS), as cameras write them."""
     from fakes import FakePhoto
     from imagegen import exif_bytes
@@ -51,7 +51,7 @@ def make_photos(n: int, size=(640, 480)):
         out = io.BytesIO()
         image.save(out, "JPEG", quality=85, exif=exif_bytes(i, PLACES[i % len(PLACES)]))
         photos.append(FakePhoto(id=str(100000 + i), title=f"monkey {i}", tags="monkey",
-                                dateupload=1_500_000_000 + i, image=out.getvalue(), sizes=("l",)))
+                                dateupload=1_500_000_000 + i * spacing, image=out.getvalue(), sizes=("l",)))
     return photos
 
 

@@ -23,7 +23,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -46,6 +46,8 @@ SHARDS_DIR = Path(".harvest") / "shards"
 MAIN_OWNER = "-"  # claims held by records already in the output (an earlier run)
 PRELOAD_CHUNK = 20_000
 STOP_GRACE_SECONDS = 60.0
+SLOT_BATCH_SECONDS = 0.25
+SLOT_BATCH_MAX = 64
 
 log = logging.getLogger("harvest.cluster")
 
@@ -88,8 +90,8 @@ class CoordinatorPlugin(SchedulerPlugin):
             self.runs[run] = _RunClaims({}, {}, {}, {})
         return self.runs[run]
 
-    def reserve(self, key: str, rate: float, burst: float) -> float:
-        return self.buckets.reserve(key, rate, burst)
+    def reserve(self, key: str, rate: float, burst: float, count: int = 1) -> list:
+        return [self.buckets.reserve(key, rate, burst) for _ in range(count)]
 
     def claim_records(self, run: str, shard: str, ids: list) -> list:
         records = self._run(run).records
@@ -143,12 +145,29 @@ class ClusterCoordinator(Coordinator):
         super().__init__()
         self.run, self.shard = run, shard
         self.worker = get_worker()
+        self._slots: dict[str, deque] = {}
+        self._slots_lock = threading.Lock()
 
     def _call(self, op: str, **kwargs) -> Any:
         return sync(self.worker.loop, getattr(self.worker.scheduler, op), **kwargs)
 
     def reserve(self, key: str, rate: float, burst: float = 1.0) -> float:
-        return self._call("harvest_reserve", key=key, rate=rate, burst=burst)
+        """Tokens come from the scheduler a quarter of a second's worth at a time (one
+        round trip per request would cost more than the request); a token left unused
+        past its time is dropped, never saved up, so the limit still holds."""
+        with self._slots_lock:
+            slots = self._slots.setdefault(key, deque())
+            now = time.monotonic()
+            while slots and slots[0] < now - 1.0 / rate:
+                slots.popleft()
+            if not slots:
+                count = max(1, min(SLOT_BATCH_MAX, int(rate * SLOT_BATCH_SECONDS)))
+                delays = self._call("harvest_reserve", key=key, rate=rate, burst=burst,
+                                    count=count)
+                now = time.monotonic()
+                slots.extend(now + delay for delay in delays)
+            slot = slots.popleft()
+        return max(0.0, slot - time.monotonic())
 
     def claim_records(self, record_ids: list[str]) -> set[str]:
         return set(self._call("harvest_claim_records", run=self.run, shard=self.shard,
@@ -289,7 +308,11 @@ class ClusterRun:
         probe.write_text(token)
         try:
             if not client.scheduler_info().get("workers"):
-                client.wait_for_workers(1, timeout=60)
+                try:
+                    client.wait_for_workers(1, timeout=60)
+                except TimeoutError:
+                    raise UsageError(f"--cluster {self.address}: no worker joined the cluster "
+                                     f"within 60 s") from None
             answers = client.run(_check_output, str(self.output.resolve()), token)
         finally:
             probe.unlink(missing_ok=True)

@@ -70,6 +70,7 @@ class Engine:
         self.output = part_dir or recipe.output  # where the run state lives
         self.output_root = recipe.output.resolve()
         self.last_report = 0.0
+        self.early_claims: dict[str, tuple[str, dict]] = {}  # record id -> (path, claim)
         self.state_dir = self.output / STATE_DIR
         self.temp_dir = self.state_dir / "tmp"
         self.summary = Summary(recipe.name)
@@ -206,7 +207,7 @@ class Engine:
                 while len(in_flight) >= max_in_flight:
                     self._collect(in_flight, in_flight_ids, block=True)
                     self._tick(progress)
-                future = pool.submit(self.fetcher.fetch, record.url)
+                future = pool.submit(self._fetch, record)
                 in_flight[future] = record
                 in_flight_ids.add(record.id)
                 future.add_done_callback(self.finished.put)
@@ -358,6 +359,17 @@ class Engine:
         for future in self._finished(in_flight, block):
             self._absorb(future, in_flight.pop(future), in_flight_ids)
 
+    def _fetch(self, record: Record) -> Fetched:
+        """In a download thread. On a cluster, the content is claimed here too, so that the
+        engine thread does not wait on the scheduler for it."""
+        fetched = self.fetcher.fetch(record.url)
+        if self.shards is not None:
+            relpath = image_relpath(record.term or record.source, record.source, record.source_id,
+                                    fetched.format)
+            claim = self.coordinator.claim_file(fetched.sha256, record.id, relpath)
+            self.early_claims[record.id] = (relpath, claim)
+        return fetched
+
     def _absorb(self, future: Future, record: Record, in_flight_ids: set) -> None:
         in_flight_ids.discard(record.id)
         try:
@@ -382,6 +394,7 @@ class Engine:
 
     def _place(self, record: Record, fetched: Fetched) -> None:
         """Stores the file once per content; a second record with the same bytes points at it."""
+        early = self.early_claims.pop(record.id, None)
         known = self.state.file(fetched.sha256)
         if known is not None and (self.images_root / known[0].path).is_file():
             fetched.temp_path.unlink(missing_ok=True)
@@ -401,7 +414,10 @@ class Engine:
                 relpath = image_relpath(folder, record.source, record.source_id, fetched.format,
                                         suffix="-" + fetched.sha256[:8])
                 target = inside(self.output_root, relpath)
-            claim = self.coordinator.claim_file(fetched.sha256, record.id, relpath)
+            if early is not None and early[0] == relpath:
+                claim = early[1]
+            else:
+                claim = self.coordinator.claim_file(fetched.sha256, record.id, relpath)
             if claim.get("path_taken"):
                 relpath = image_relpath(folder, record.source, record.source_id, fetched.format,
                                         suffix="-" + fetched.sha256[:8])

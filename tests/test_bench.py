@@ -24,3 +24,18 @@ def test_benchmark_smoke(tmp_path):
     assert set(figures["flat"]) == {"30", "60"}
     assert figures["micro"]["exif_images_per_s"] > 0
     assert "harvest / baseline" in done.stdout
+
+
+def test_cluster_benchmark_smoke(tmp_path):
+    figures_file = tmp_path / "cluster.json"
+    done = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "cluster.py"), "--n", "12", "--latency", "0.001",
+         "--concurrency", "4", "--workers", "1", "--shards", "2", "--empty-shards", "2",
+         "--json", str(figures_file)],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    figures = json.loads(figures_file.read_text())
+    assert figures["runs"]["one process"]["stored"] == 12
+    assert figures["runs"]["1 workers"]["stored"] == 12
+    assert figures["runs"]["1 workers"]["shards"] >= 2
+    assert "per-shard overhead" in done.stdout

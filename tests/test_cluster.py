@@ -136,6 +136,11 @@ def test_cluster_run_equals_single_machine_run(flickr, recipe_file, harvest, tmp
     summary = json.loads((clustered / ".harvest" / "last-run.json").read_text())
     assert summary["totals"]["stored"] == 80 and summary["outcome"] == "complete"
     assert "all" in out and "80" in out
+    # The secrets travelled inside the tasks; none was written on the way.
+    for path in clustered.rglob("*"):
+        if path.is_file():
+            data = path.read_bytes()
+            assert flickr.api_key.encode() not in data and b"test-secret-abcdef" not in data, path
 
     # Again: everything is skipped and nothing is written twice.
     status, out, _ = harvest("run", tmp_path / "c.yml", "--cluster",
