@@ -268,3 +268,40 @@ def test_local_workers_and_a_killed_worker(flickr, tmp_path):
     records = stored(tmp_path / "out")
     assert {r["id"] for r in records} == {f"flickr:{p.id}" for p in flickr.photos}
     check_output(records, tmp_path / "out")
+
+
+def test_interrupted_cluster_run_resumes_without_duplicates(flickr, tmp_path):
+    """Ctrl-C on the client: the shards stop and save, what they stored is merged, exit
+    130; the next run finishes the job with no duplicate."""
+    flickr.photos = cluster_photos()
+    flickr.image_latency = 0.1
+    recipe = tmp_path / "recipe.yml"
+    recipe.write_text(cluster_recipe(flickr, tmp_path / "out", shard_size=20,
+                                     run="concurrency: 2\nbatch_size: 4"))
+    env = dict(os.environ, FLICKER_KEY=flickr.api_key, FLICKER_SECRET="test-secret-abcdef",
+               NO_PROXY="127.0.0.1,localhost")
+    command = [sys.executable, "-m", "harvest.core.cli", "run", str(recipe), "--local-workers",
+               "2", "--no-progress"]
+    child = subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and child.poll() is None:
+        if len(list((tmp_path / "out" / "images").rglob("*.jpg"))) >= 12:
+            break
+        time.sleep(0.05)
+    child.send_signal(signal.SIGINT)
+    out, err = child.communicate(timeout=120)
+    assert child.returncode == 130, out + err
+    summary = json.loads((tmp_path / "out" / ".harvest" / "last-run.json").read_text())
+    assert summary["outcome"] == "interrupted"
+    partial = stored(tmp_path / "out")
+    assert len(partial) < 80
+    check_ids = [r["id"] for r in partial]
+    assert len(check_ids) == len(set(check_ids))
+
+    again = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True,
+                           timeout=240)
+    assert again.returncode == 0, again.stdout + again.stderr
+    records = stored(tmp_path / "out")
+    assert {r["id"] for r in records} == {f"flickr:{p.id}" for p in flickr.photos}
+    check_output(records, tmp_path / "out")

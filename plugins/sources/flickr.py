@@ -8,6 +8,7 @@ import logging
 import re
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import flickrapi
@@ -39,6 +40,7 @@ FLICKR_LAUNCH = int(dt.datetime(2004, 2, 1, tzinfo=dt.timezone.utc).timestamp())
 RESULT_CAP = 4000  # Flickr repeats results past this many per query
 MIN_SLICE_SECONDS = 3600
 MIN_TILE_DEGREES = 0.02
+PROBE_THREADS = 8  # planning a cluster run: probes of one level of splits go out together
 GRID = 1e-6  # Flickr stores positions to six decimals: tiles on this grid never overlap
 SIZES = ("o", "6k", "5k", "4k", "3k", "k", "h", "l", "c", "z", "m", "n")
 SAFE_SEARCH = {"safe": 1, "moderate": 2, "restricted": 3}
@@ -255,7 +257,7 @@ class FlickrSource(Source):
         params = self._query_params(query)
         low, high = self._date_range()
         bbox = list(self.config["bbox"]) if self.config["bbox"] else None
-        pieces = list(self._capped_slices(params, low, high, bbox))
+        pieces = self._refine(params, [(low, high, bbox)], self._past_cap)
         total = sum(piece[3] for piece in pieces)
         if limit is not None and total > limit:
             parts, remaining = [], limit
@@ -265,7 +267,7 @@ class FlickrSource(Source):
                     parts.append((_part(*piece[:3]), share))
                 remaining -= share
             return parts or [(None, limit)]
-        small = [leaf for piece in pieces for leaf in self._split(params, piece)]
+        small = self._refine(params, pieces, self._too_big, probed=True)
         small = [leaf for leaf in small if leaf[3] > 0] or small[:1]
         slack = None if limit is None else limit - total
         return [(_part(*leaf[:3]), None if slack is None else leaf[3] + (slack if i == 0 else 0))
@@ -277,35 +279,50 @@ class FlickrSource(Source):
             probe["bbox"] = _bbox_param(bbox)
         return int(self._call(probe, low, high, page=1).get("total") or 0)
 
-    def _capped_slices(self, params: dict, low: int, high: int, bbox) -> Iterator[tuple]:
-        """(low, high, bbox, total) as ``_search`` slices, in the order it reads them."""
-        total = self._probe(params, low, high, bbox)
+    def _refine(self, params: dict, pieces: list, children_of, probed: bool = False) -> list:
+        """Splits pieces (low, high, bbox[, total]) level by level while ``children_of``
+        returns halves, probing each level's new pieces at once; keeps the order in which
+        ``records`` would read them."""
+        with ThreadPoolExecutor(PROBE_THREADS) as pool:
+            if not probed:
+                totals = list(pool.map(lambda p: self._probe(params, *p), pieces))
+                pieces = [(*piece, total) for piece, total in zip(pieces, totals, strict=True)]
+            while True:
+                expanded = [(piece, children_of(params, piece)) for piece in pieces]
+                todo = [child for _, children in expanded for child in children or ()]
+                if not todo:
+                    return pieces
+                totals = iter(list(pool.map(lambda c: self._probe(params, *c), todo)))
+                refined = []
+                for piece, children in expanded:
+                    if children:
+                        refined.extend((*child, next(totals)) for child in children)
+                    else:
+                        refined.append(piece)
+                pieces = refined
+
+    def _past_cap(self, params: dict, piece: tuple) -> list | None:
+        """The date halves ``_search`` reads a piece in, when Flickr would cap it."""
+        low, high, bbox, total = piece
         if total > RESULT_CAP and self.config["slice_dates"] and high - low > MIN_SLICE_SECONDS:
-            for slice_low, slice_high in self._halves(params, low, high):
-                yield from self._capped_slices(params, slice_low, slice_high, bbox)
-            return
-        yield (low, high, bbox, total)
+            return [(a, b, bbox) for a, b in self._halves(params, low, high)]
+        return None
+
+    def _too_big(self, params: dict, piece: tuple) -> list | None:
+        """Halves of a piece over ``shard_size``: map tiles first, then dates."""
+        low, high, bbox, total = piece
+        if total <= self.config["shard_size"]:
+            return None
+        if bbox and max(bbox[2] - bbox[0], bbox[3] - bbox[1]) >= MIN_TILE_DEGREES:
+            return [(low, high, tile) for tile in _tiles(bbox)]
+        if high - low > MIN_SLICE_SECONDS:
+            return [(a, b, bbox) for a, b in self._halves(params, low, high)]
+        return None
 
     def _halves(self, params: dict, low: int, high: int) -> list[tuple[int, int]]:
         middle = (low + high) // 2
         halves = [(middle + 1, high), (low, middle)]
         return halves if params["sort"] != "date-posted-asc" else halves[::-1]
-
-    def _split(self, params: dict, piece: tuple) -> Iterator[tuple]:
-        low, high, bbox, total = piece
-        if total <= self.config["shard_size"]:
-            yield piece
-            return
-        if bbox and max(bbox[2] - bbox[0], bbox[3] - bbox[1]) >= MIN_TILE_DEGREES:
-            halves = [(low, high, tile) for tile in _tiles(bbox)]
-        elif high - low > MIN_SLICE_SECONDS:
-            halves = [(a, b, bbox) for a, b in self._halves(params, low, high)]
-        else:
-            yield piece
-            return
-        for half_low, half_high, half_bbox in halves:
-            half_total = self._probe(params, half_low, half_high, half_bbox)
-            yield from self._split(params, (half_low, half_high, half_bbox, half_total))
 
     def _search(self, params: dict, low: int, high: int) -> Iterator[dict]:
         first = self._call(params, low, high, page=1)
