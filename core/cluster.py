@@ -181,6 +181,18 @@ class ClusterCoordinator(Coordinator):
         return self._call("harvest_report", run=self.run, shard=self.shard, counts=counts)
 
 
+class ClientCoordinator(Coordinator):
+    """The client's coordinator while it plans: rate limits from the scheduler's buckets."""
+
+    def __init__(self, client: Client):
+        super().__init__()
+        self.client = client
+
+    def reserve(self, key: str, rate: float, burst: float = 1.0) -> float:
+        return self.client.sync(self.client.scheduler.harvest_reserve, key=key, rate=rate,
+                                burst=burst)[0]
+
+
 @dataclass
 class ShardJob:
     recipe: Recipe
@@ -276,9 +288,6 @@ class ClusterRun:
 
         self.check_sinks()
         (self.output / STATE_DIR).mkdir(parents=True, exist_ok=True)
-        planner = Engine(self.recipe, progress=False)
-        shards = planner.plan()
-        log.info("%d shards planned", len(shards))
         # The scheduler's and workers' own chatter stays out of the harvest's log.
         logging.getLogger("distributed").setLevel(logging.WARNING)
         client, cluster = self.connect()
@@ -287,6 +296,10 @@ class ClusterRun:
             previous_sigterm = signal.signal(signal.SIGTERM, _raise_interrupted)
         try:
             client.register_plugin(CoordinatorPlugin(), name=PLUGIN_NAME)
+            # Planning calls the APIs too (Flickr's probes): from the same buckets.
+            planner = Engine(self.recipe, progress=False, coordinator=ClientCoordinator(client))
+            shards = planner.plan()
+            log.info("%d shards planned", len(shards))
             self._check_workers(client)
             self._preload(client)
             self._execute(client, shards)
