@@ -22,7 +22,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import textwrap
 import threading
 import time
 from pathlib import Path
@@ -37,28 +36,9 @@ SPACING = 3 * 3600  # upload times three hours apart, so date slices can split t
 
 def recipe(endpoint: str, n: int, output: Path, concurrency: int, shard_size: int,
            terms: str = "[monkey]") -> str:
-    return textwrap.dedent(f"""
-        name: cluster-bench
-        terms: {terms}
-        output: {output}
-        run:
-          concurrency: {concurrency}
-          rate_per_host: 100000
-          limit_per_term: {n}
-          batch_size: 256
-          allow_private_addresses: true
-        sources:
-          - use: flickr
-            options:
-              endpoint: {endpoint}
-              per_page: 500
-              sizes: [l]
-              refresh_licenses: false
-              calls_per_hour: 100000000
-              shard_size: {shard_size}
-        enrichers: [exif, geocode]
-        sinks: [jsonl]
-    """)
+    return bench.harvest_recipe(endpoint, n, output, concurrency, terms=terms,
+                                flickr_options=f"calls_per_hour: 100000000\n"
+                                               f"shard_size: {shard_size}")
 
 
 def measure_tree(command: list[str], env: dict) -> dict:

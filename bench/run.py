@@ -136,10 +136,13 @@ def baseline(endpoint: str, n: int, folder: Path) -> None:
 
 # -- harvest ------------------------------------------------------------------------------------
 
-def harvest_recipe(endpoint: str, n: int, output: Path, concurrency: int) -> str:
+def harvest_recipe(endpoint: str, n: int, output: Path, concurrency: int,
+                   terms: str = "[monkey]", flickr_options: str = "") -> str:
+    """``flickr_options``: extra lines for the Flickr source's options (bench/cluster.py)."""
+    extra = "".join(f"\n              {line}" for line in flickr_options.splitlines() if line)
     return textwrap.dedent(f"""
         name: bench
-        terms: [monkey]
+        terms: {terms}
         output: {output}
         run:
           concurrency: {concurrency}
@@ -155,7 +158,7 @@ def harvest_recipe(endpoint: str, n: int, output: Path, concurrency: int) -> str
               api_secret: ${{FLICKER_SECRET}}
               per_page: 500
               sizes: [l]
-              refresh_licenses: false
+              refresh_licenses: false{extra}
         enrichers: [exif, geocode]
         sinks: [jsonl]
     """)

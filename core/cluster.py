@@ -226,7 +226,7 @@ def run_shard(job: ShardJob) -> dict:
         summary = engine.run()
         try:
             engine.report_progress()
-        except Exception:  # noqa: S110 - the final counts travel in the task's result anyway
+        except Exception:  # the final counts travel in the task's result anyway
             pass
         return {"shard": job.shard.key, "summary": summary.to_dict()}
     finally:
@@ -306,7 +306,7 @@ class ClusterRun:
         finally:
             try:
                 client.sync(client.scheduler.harvest_forget, run=self.run_id)
-            except Exception:  # noqa: S110 - the scheduler may be gone; nothing to forget then
+            except Exception:  # the scheduler may be gone; nothing to forget then
                 pass
             if in_main_thread:
                 signal.signal(signal.SIGTERM, previous_sigterm)
@@ -422,7 +422,7 @@ class ClusterRun:
                 continue
             try:
                 result = future.result(timeout=max(0.1, deadline - time.monotonic()))
-            except Exception:  # noqa: S112 - a shard that cannot stop in time resumes next run
+            except Exception:  # a shard that cannot stop in time resumes next run
                 continue
             self._absorb(result)
             merger.merge(self.output / SHARDS_DIR / futures[future].key)
@@ -452,7 +452,7 @@ class _ProgressWatcher:
         while not self.done.wait(1.0):
             try:
                 rows = self.client.sync(self.client.scheduler.harvest_progress, run=self.run)
-            except Exception:  # noqa: S112 - progress is best effort; the results are exact
+            except Exception:  # progress is best effort; the results are exact
                 continue
             self.live.replace_counts(rows)
             self.progress.update()

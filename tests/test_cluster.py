@@ -227,31 +227,39 @@ def test_bad_cluster_options_are_one_line_errors(recipe_file, harvest, tmp_path,
     assert status == 2 and "--limit" in err
 
 
+def start_local_cluster_run(flickr, tmp_path, *, latency: float, shard_size: int, run: str):
+    """`harvest run RECIPE --local-workers 2` started as a child process over 80 photos
+    served with ``latency``; returns the child, and its command and environment."""
+    flickr.photos = cluster_photos()
+    flickr.image_latency = latency
+    recipe = tmp_path / "recipe.yml"
+    recipe.write_text(cluster_recipe(flickr, tmp_path / "out", shard_size=shard_size, run=run))
+    env = dict(os.environ, FLICKER_KEY=flickr.api_key, FLICKER_SECRET="test-secret-abcdef",
+               NO_PROXY="127.0.0.1,localhost")
+    command = [sys.executable, "-m", "harvest.core.cli", "run", str(recipe), "--local-workers",
+               "2", "--no-progress"]
+    child = subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    return child, command, env
+
+
+def wait_for_images(output, count: int, child) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and child.poll() is None:
+        if len(list((output / "images").rglob("*.jpg"))) >= count:
+            return
+        time.sleep(0.05)
+
+
 def test_local_workers_and_a_killed_worker(flickr, tmp_path):
     """`--local-workers` starts its own cluster; a worker killed in the middle of a shard
     costs nothing: its shard runs again elsewhere, with no duplicate and no hole."""
-    flickr.photos = cluster_photos()
-    flickr.image_latency = 0.15
-    recipe = tmp_path / "recipe.yml"
-    recipe.write_text(cluster_recipe(flickr, tmp_path / "out", shard_size=40,
-                                     run="concurrency: 2"))
-    env = dict(os.environ, FLICKER_KEY=flickr.api_key, FLICKER_SECRET="test-secret-abcdef",
-               NO_PROXY="127.0.0.1,localhost")
-    child = subprocess.Popen([sys.executable, "-m", "harvest.core.cli", "run", str(recipe),
-                              "--local-workers", "2", "--no-progress"], env=env, cwd=REPO,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    child, _, _ = start_local_cluster_run(flickr, tmp_path, latency=0.15, shard_size=40,
+                                          run="concurrency: 2")
     killed = threading.Event()
 
     def kill_a_worker_mid_shard() -> None:
-        from harvest.core.cluster import SHARDS_DIR
-
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and child.poll() is None:
-            states = list((tmp_path / "out" / SHARDS_DIR).glob("*/.harvest/state.sqlite"))
-            images = list((tmp_path / "out" / "images").rglob("*.jpg"))
-            if states and len(images) >= 10:
-                break
-            time.sleep(0.05)
+        wait_for_images(tmp_path / "out", 10, child)
         workers = subprocess.run(["pgrep", "-f", "-P", str(child.pid), "spawn_main"],
                                  capture_output=True, text=True).stdout.split()
         if workers:
@@ -273,22 +281,9 @@ def test_local_workers_and_a_killed_worker(flickr, tmp_path):
 def test_interrupted_cluster_run_resumes_without_duplicates(flickr, tmp_path):
     """Ctrl-C on the client: the shards stop and save, what they stored is merged, exit
     130; the next run finishes the job with no duplicate."""
-    flickr.photos = cluster_photos()
-    flickr.image_latency = 0.1
-    recipe = tmp_path / "recipe.yml"
-    recipe.write_text(cluster_recipe(flickr, tmp_path / "out", shard_size=20,
-                                     run="concurrency: 2\nbatch_size: 4"))
-    env = dict(os.environ, FLICKER_KEY=flickr.api_key, FLICKER_SECRET="test-secret-abcdef",
-               NO_PROXY="127.0.0.1,localhost")
-    command = [sys.executable, "-m", "harvest.core.cli", "run", str(recipe), "--local-workers",
-               "2", "--no-progress"]
-    child = subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and child.poll() is None:
-        if len(list((tmp_path / "out" / "images").rglob("*.jpg"))) >= 12:
-            break
-        time.sleep(0.05)
+    child, command, env = start_local_cluster_run(flickr, tmp_path, latency=0.1, shard_size=20,
+                                                  run="concurrency: 2\nbatch_size: 4")
+    wait_for_images(tmp_path / "out", 12, child)
     child.send_signal(signal.SIGINT)
     out, err = child.communicate(timeout=120)
     assert child.returncode == 130, out + err
