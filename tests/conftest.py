@@ -103,3 +103,18 @@ def key_file(tmp_path):
     path = tmp_path / "keys" / "harvest.key"
     generate_key_file(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def dask_cluster(tmp_path_factory):
+    """A real local Dask cluster: a scheduler and two worker processes on 127.0.0.1."""
+    from distributed import LocalCluster
+
+    with pytest.MonkeyPatch.context() as patch:
+        # The workers inherit the environment they start with.
+        patch.setenv("NO_PROXY", "127.0.0.1,localhost")
+        patch.setenv("HOME", str(tmp_path_factory.mktemp("worker-home")))
+        cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                               host="127.0.0.1", dashboard_address=":0")
+    yield cluster
+    cluster.close()

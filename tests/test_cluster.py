@@ -12,15 +12,12 @@ import threading
 import time
 from collections import Counter
 
-import pytest
 from conftest import REPO, FakePhoto, flickr_recipe, read_jsonl
+from distributed import Client  # noqa: E402
 from imagegen import make_image
 from test_flickr import make_source
 
 from harvest.core.record import Query
-
-pytest.importorskip("distributed")
-from distributed import Client, LocalCluster  # noqa: E402
 
 BBOX = (120.0, 10.0, 127.0, 21.0)
 
@@ -50,17 +47,6 @@ def cluster_recipe(flickr, output, *, shard_size: int = 12, run: str = "", extra
         {extra}
     """)
     return text + (f"sinks:\n{sinks}" if sinks else "")
-
-
-@pytest.fixture(scope="module")
-def dask_cluster():
-    """A real local cluster: a scheduler and two worker processes on 127.0.0.1."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("NO_PROXY", "127.0.0.1,localhost")  # the workers inherit it
-        cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                               host="127.0.0.1", dashboard_address=":0")
-    yield cluster
-    cluster.close()
 
 
 def stored(output) -> list[dict]:

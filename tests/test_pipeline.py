@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 
 import piexif
+import pytest
 from conftest import FakePhoto, flickr_recipe, read_jsonl
 from fakes import FakeVision
 from imagegen import coloured_image, exif_bytes
@@ -16,8 +17,9 @@ def with_exif(data: bytes, gps) -> bytes:
     return out.getvalue()
 
 
+@pytest.mark.parametrize("where", ["one machine", "cluster"])
 def test_flickr_with_exif_geocode_license_and_vision(flickr, recipe_file, harvest, tmp_path,
-                                                     monkeypatch):
+                                                     monkeypatch, request, where):
     vision = FakeVision().start()
     monkeypatch.setenv("GOOGLE_VISION_KEY", vision.api_key)
     manila_gps, sandakan = (14.5995, 120.9842), (5.8394, 118.1172)
@@ -47,7 +49,10 @@ enrichers:
 sinks: [{{use: jsonl, options: {{personal_fields: clear}}}}]
 """)
     try:
-        status, out, err = harvest("run", recipe, "--no-progress")
+        cluster = []
+        if where == "cluster":  # every enricher runs in the workers' processes
+            cluster = ["--cluster", request.getfixturevalue("dask_cluster").scheduler_address]
+        status, out, err = harvest("run", recipe, "--no-progress", *cluster)
     finally:
         vision.stop()
     assert status == 0, err
