@@ -7,15 +7,15 @@ import threading
 import time
 
 import bson
-from conftest import flickr_recipe, monkey_photos, read_jsonl
+from conftest import FakePhoto, flickr_recipe, monkey_photos, read_jsonl
 
 from harvest.core.crypto import ENCRYPTED, FieldCipher, Keyring
 
 OWNER = "Ana Fotógrafa"
 
 
-def mongo_recipe(flickr, output, mongo, key_file, run="", extra_sinks="") -> str:
-    return flickr_recipe(flickr.endpoint, output, run=run) + f"""
+def mongo_recipe(flickr, output, mongo, key_file, run="", extra_sinks="", terms="[monkey]") -> str:
+    return flickr_recipe(flickr.endpoint, output, run=run, terms=terms) + f"""
 sinks:
   - use: mongodb
     options:
@@ -138,3 +138,34 @@ def test_decrypt_a_collection(flickr, mongo, recipe_file, harvest, tmp_path, key
     assert [r["id"] for r in rows] == ["flickr:1001", "flickr:1002", "flickr:1003"]
     assert {r["owner_name"] for r in rows} == {OWNER}
     assert stat.S_IMODE(target.stat().st_mode) == 0o600
+
+
+def test_same_content_from_two_runs_is_claimed_once(flickr, mongo, recipe_file, harvest, tmp_path,
+                                                    key_file):
+    """Two runs with their own outputs share a collection; the same picture under two ids
+    is one original and one duplicate_of, decided by the contents collection's unique
+    _id index, and rerunning changes nothing."""
+    from imagegen import make_image
+
+    picture = make_image(777, size=(160, 120))
+    first = monkey_photos(3)
+    second = [FakePhoto(id=str(2000 + i), title=f"ape {i}") for i in range(3)]
+    first[1].image = second[2].image = picture
+    flickr.photos = first + second
+    recipe_a = recipe_file(mongo_recipe(flickr, tmp_path / "a", mongo, key_file), "a.yml")
+    recipe_b = recipe_file(mongo_recipe(flickr, tmp_path / "b", mongo, key_file,
+                                        terms="[ape]"), "b.yml")
+    assert harvest("run", recipe_a, "--no-progress")[0] == 0
+    assert harvest("run", recipe_b, "--no-progress")[0] == 0
+    assert harvest("run", recipe_a, "--no-progress")[0] == 0  # idempotent
+    client = mongo.client()
+    documents = {d["id"]: d for d in client["harvest_test"]["monkeys"].find()}
+    contents = list(client["harvest_test"]["monkeys.contents"].find())
+    client.close()
+    assert len(documents) == 6
+    original, twin = f"flickr:{first[1].id}", f"flickr:{second[2].id}"
+    assert documents[twin]["duplicate_of"] == original
+    assert "duplicate_of" not in documents[original]
+    assert [d for d in documents if documents[d].get("duplicate_of")] == [twin]
+    assert len(contents) == 5 and {c["_id"] for c in contents} == {
+        d["file"]["sha256"] for d in documents.values()}

@@ -16,6 +16,7 @@ from harvest.core import (
     hookimpl,
 )
 
+DUPLICATE_KEY = 11000
 INDEXED = ("term", "lang", "source", "country_code", "license", "file.sha256")
 
 
@@ -50,6 +51,10 @@ class MongoSink(Sink):
             raise PluginConfigError(f"{self.context.name}: bad MongoDB URI: {exc}") from None
         name = self.config["collection"] or self.context.recipe_name
         self.collection = self.client[self.config["database"]][name]
+        # One document per image content, keyed by sha256: its unique _id index decides
+        # which record holds the content, however many writers race (cluster workers,
+        # separate runs sharing the collection).
+        self.contents = self.client[self.config["database"]][f"{name}.contents"]
         self._indexed = False
 
     def _ensure_indexes(self) -> None:
@@ -71,8 +76,10 @@ class MongoSink(Sink):
         from pymongo.errors import OperationFailure
 
         self._ensure_indexes()
-        operations = [ReplaceOne({"id": record.id}, self.protection.document(record), upsert=True)
-                      for record in records]
+        documents = [self.protection.document(record) for record in records]
+        self._claim_contents(records, documents)
+        operations = [ReplaceOne({"id": record.id}, document, upsert=True)
+                      for record, document in zip(records, documents, strict=True)]
         try:
             self.collection.bulk_write(operations, ordered=False)
         except OperationFailure as exc:
@@ -81,6 +88,28 @@ class MongoSink(Sink):
                                         f"{exc.details.get('errmsg', exc)}") from None
             raise
         return None
+
+    def _claim_contents(self, records: list[Record], documents: list[dict]) -> None:
+        """Marks a record whose image content another record holds with ``duplicate_of``."""
+        from pymongo.errors import BulkWriteError
+
+        originals = [(record, document) for record, document in zip(records, documents, strict=True)
+                     if record.file is not None and not record.duplicate_of]
+        if not originals:
+            return
+        try:
+            self.contents.insert_many([{"_id": record.file.sha256, "record": record.id}
+                                       for record, _ in originals], ordered=False)
+            return
+        except BulkWriteError as exc:
+            if any(error.get("code") != DUPLICATE_KEY for error in exc.details["writeErrors"]):
+                raise
+        owners = {claim["_id"]: claim["record"] for claim in self.contents.find(
+            {"_id": {"$in": [record.file.sha256 for record, _ in originals]}})}
+        for record, document in originals:
+            owner = owners.get(record.file.sha256)
+            if owner is not None and owner != record.id:
+                document["duplicate_of"] = owner
 
     def rekey(self, rotate) -> int:
         changed = 0
