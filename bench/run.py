@@ -12,6 +12,7 @@ and CPU time are that process's (``os.wait4``).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import json
 import os
@@ -283,7 +284,8 @@ def micro(work: Path, scale: float = 1.0) -> dict:
                                        "ExifIFD": {"FNumber": 2.8, "ISOSpeedRatings": 100}},
                               "latitude": 14.6, "longitude": 121.0, "license": "CC-BY-2.0"},
                       personal={"owner", "owner_name", "path_alias", "exif"},
-                      file=FileInfo(f"images/monkey/{i}.jpg", 1000, "0" * 64, 640, 480, "JPEG"))
+                      file=FileInfo(f"images/monkey/{i}.jpg", 1000,
+                                    hashlib.sha256(str(i).encode()).hexdigest(), 640, 480, "JPEG"))
 
     records = [record(i) for i in range(max(50, int(20_000 * scale)))]
     from cryptography.fernet import Fernet

@@ -46,6 +46,7 @@ SOURCE_READ_AHEAD = 1000
 MAX_PENDING_RECORDS = 10_000
 CLAIM_CHUNK = 64
 REPORT_SECONDS = 1.0
+PLAN_THREADS = 4
 
 log = logging.getLogger("harvest.engine")
 
@@ -154,21 +155,29 @@ class Engine:
             for spec in self.recipe.enrichers:
                 self.hints.update(self._open(stack, spec).source_hints())
             sources = [(spec, self._open(stack, spec)) for spec in self.recipe.sources]
-            for spec, source, query, limit in self._streams(sources):
+            streams = list(self._streams(sources))
+
+            def split(stream) -> list:
+                spec, source, query, limit = stream
                 if query is None:
-                    shards.append(Shard(spec.label, None, None, None, order=len(shards)))
-                    continue
+                    return [(None, None)]
                 try:
-                    parts = source.partitions(query, limit)
+                    return source.partitions(query, limit)
                 except PluginConfigError:
                     raise
                 except Exception as exc:
                     log.warning("%s: cannot split %r (%s); it runs as one shard", spec.label,
                                 query.text, exc.__class__.__name__)
-                    parts = [(None, limit)]
-                for part, part_limit in parts:
-                    shards.append(Shard(spec.label, query.term, query.lang, query.text, part,
-                                        part_limit, order=len(shards)))
+                    return [(None, limit)]
+
+            # Queries are planned side by side: each may wait on its API for probes.
+            with ThreadPoolExecutor(PLAN_THREADS, thread_name_prefix="plan") as pool:
+                for (spec, _, query, _), parts in zip(streams, pool.map(split, streams),
+                                                      strict=True):
+                    for part, part_limit in parts:
+                        shards.append(Shard(spec.label, query and query.term, query and query.lang,
+                                            query and query.text, part, part_limit,
+                                            order=len(shards)))
         return shards
 
     def _open(self, stack: ExitStack, spec: PluginSpec) -> Plugin:

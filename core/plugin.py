@@ -99,7 +99,7 @@ class Source(Plugin):
         """Splits a query into disjoint parts that workers can search apart, each with its
         share of ``limit``: ``[(part, limit), ...]``, parts JSON-safe. The parts' records
         together must be the records one ``records(query)`` call would give. The default
-        is one part: the whole query."""
+        is one part: the whole query. Called for several queries at once, from threads."""
         return [(None, limit)]
 
 

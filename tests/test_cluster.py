@@ -90,7 +90,7 @@ def test_partitions_of_a_binding_count_follow_the_single_machine_order(flickr, t
 
     monkeypatch.setattr(flickr_module, "RESULT_CAP", 30)
     flickr.photos = cluster_photos()
-    source = make_source(flickr, tmp_path, per_page=10, calls_per_hour=10**6)
+    source = make_source(flickr, tmp_path, per_page=10, calls_per_hour=10**6, shard_size=30)
     query = Query("monkey", "en", "monkey")
     whole = [r.source_id for r in source.records(query)][:45]
     parts = source.partitions(query, 45)
@@ -99,6 +99,10 @@ def test_partitions_of_a_binding_count_follow_the_single_machine_order(flickr, t
     for part, limit in parts:
         together += [r.source_id for r in source.records(Query("monkey", "en", "monkey", part))][:limit]
     assert sorted(together) == sorted(whole)
+    # A count that one shard can take is not split at all: no probe spent on it.
+    calls = flickr.calls["flickr.photos.search"]
+    assert source.partitions(query, 30) == [(None, 30)]
+    assert flickr.calls["flickr.photos.search"] == calls
 
 
 def test_cluster_run_equals_single_machine_run(flickr, recipe_file, harvest, tmp_path,

@@ -254,6 +254,8 @@ class FlickrSource(Source):
         reads them. Where every photo is wanted, also smaller slices and tiles of at most
         ``shard_size`` photos each, so that more workers can share one query.
         """
+        if limit is not None and limit <= self.config["shard_size"]:
+            return [(None, limit)]  # one shard is enough, and it reads what one machine reads
         params = self._query_params(query)
         low, high = self._date_range()
         bbox = list(self.config["bbox"]) if self.config["bbox"] else None
