@@ -138,3 +138,19 @@ def test_flickr_and_bing_for_the_same_terms_store_each_image_once(bing, flickr, 
     assert {(r["source"], r["lang"]) for r in records} >= {("bing", "en"), ("bing", "ja"),
                                                            ("flickr", "en")}
     json.dumps(records)
+
+
+def test_delay_holds_across_a_clusters_workers(bing, recipe_file, harvest, tmp_path,
+                                               dask_cluster):
+    """Two terms are two shards on two workers; Bing still sees one page per `delay`."""
+    bing.results["ape"] = bing.results["monkey"][:40]
+    output = tmp_path / "out"
+    recipe = recipe_file(bing_recipe(bing, output, "      count: 40\n      delay: 0.3",
+                                     terms="[monkey, ape]").replace("      delay: 0.05\n", ""))
+    status, _, err = harvest("run", recipe, "--cluster", dask_cluster.scheduler_address,
+                             "--no-progress")
+    assert status == 0, err
+    pages = sorted(r["time"] for r in bing.requests if r["path"] == "/images/async")
+    assert len(pages) >= 4
+    gaps = [b - a for a, b in zip(pages, pages[1:], strict=False)]
+    assert min(gaps) >= 0.27, gaps  # not two workers' pages at once

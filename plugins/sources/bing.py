@@ -105,6 +105,9 @@ class BingSource(Source):
         wait = self.last_request + self.config["delay"] - time.monotonic()
         if wait > 0:
             time.sleep(wait)
+        if self.config["delay"] > 0:
+            # The same spacing for every shard of a cluster run (a shared token bucket).
+            self.context.take(f"bing-pages:{self.endpoint}", 1.0 / self.config["delay"])
         try:
             response = self.session.get(url, **kwargs)
         finally:
