@@ -248,8 +248,7 @@ class Engine:
 
     def report_progress(self) -> None:
         self.last_report = time.monotonic()
-        counts = [[*key, n] for key, n in self.summary.counts.copy().items()]
-        if self.coordinator.report(counts):
+        if self.coordinator.report(self.summary.rows()):
             raise Interrupted()
 
     def _produced(self, sources) -> Iterator[Record]:

@@ -45,6 +45,11 @@ class Summary:
                 self.reasons[(failure["source"], failure["stage"], failure["reason"])] += \
                     failure["count"]
 
+    def rows(self) -> list[list]:
+        """The counts as ``[source, term, outcome, n]`` rows (what a shard reports)."""
+        with self._lock:
+            return [[*key, n] for key, n in self.counts.items()]
+
     def replace_counts(self, rows) -> None:
         """Live counts as ``[source, term, outcome, n]`` rows (a cluster's progress)."""
         with self._lock:
