@@ -24,6 +24,7 @@ import threading
 import time
 import uuid
 from collections import Counter, deque
+from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -32,9 +33,8 @@ from distributed import Client, LocalCluster, as_completed, get_worker
 from distributed.diagnostics.plugin import SchedulerPlugin
 from distributed.utils import sync
 
-from .errors import HarvestError, UsageError
+from .errors import HarvestError, UsageError, one_line
 from .http import TokenBuckets
-from .plugin import Context
 from .recipe import Recipe
 from .secrets import RedactingFilter, SecretResolver
 from .shards import Coordinator, Shard
@@ -302,7 +302,7 @@ class ClusterRun:
             log.info("%d shards planned", len(shards))
             self._check_workers(client)
             self._preload(client)
-            self._execute(client, shards)
+            self._execute(client, shards, planner)
         finally:
             try:
                 client.sync(client.scheduler.harvest_forget, run=self.run_id)
@@ -357,7 +357,7 @@ class ClusterRun:
                             ids=ids[start:start + PRELOAD_CHUNK],
                             files=files[start:start + PRELOAD_CHUNK])
 
-    def _execute(self, client: Client, shards: list[Shard]) -> None:
+    def _execute(self, client: Client, shards: list[Shard], engine) -> None:
         recipe = _portable(self.recipe)
         futures = {}
         for shard in shards:
@@ -367,7 +367,7 @@ class ClusterRun:
             futures[future] = shard
         live = Summary(self.recipe.name)
         progress = Progress(live, enabled=self.show_progress)
-        merger = PartMerger(self.recipe)
+        merger = PartMerger(self.recipe, engine)
         watcher = _ProgressWatcher(client, self.run_id, live, progress)
         failed: list[str] = []
         watcher.start()
@@ -380,7 +380,7 @@ class ClusterRun:
                     raise
                 except Exception as exc:
                     failed.append(shard.describe())
-                    reason = f"{exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                    reason = one_line(exc)
                     log.error("shard %s failed: %s", shard.describe(), reason)
                     self.summary.note_reason(shard.source, "shard", reason[:200])
                     continue
@@ -479,9 +479,8 @@ class PartMerger:
     a record twice; a part is deleted once merged.
     """
 
-    def __init__(self, recipe: Recipe):
-        from contextlib import ExitStack
-
+    def __init__(self, recipe: Recipe, engine):
+        """``engine``: an Engine of the recipe on this machine, which builds the sinks."""
         self.recipe = recipe
         self.state = RunState(recipe.output / ".harvest" / "state.sqlite")
         self.run_id = self.state.start_run()
@@ -490,12 +489,7 @@ class PartMerger:
         for spec in recipe.sinks:
             if spec.cls.shared:
                 continue
-            context = Context(recipe_name=recipe.name, recipe_dir=recipe.directory,
-                              output_dir=recipe.output, terms=recipe.terms, http=None,
-                              log=logging.getLogger(f"harvest.sinks.{spec.label}"), name=spec.label)
-            sink = spec.cls(spec.options, context)
-            sink.open()
-            self.stack.callback(sink.close)
+            sink = engine._open(self.stack, spec)
             sink.resume(self.state.checkpoint(spec.label))
             self.sinks.append((spec, sink))
 
@@ -556,11 +550,8 @@ class PartMerger:
         self.state.commit()
 
     def close(self, summary: Summary) -> None:
-        import json
-
         self.stack.close()
         self.state.finish_run(self.run_id, summary.outcome, summary.to_dict())
         self.state.close()
-        (self.recipe.output / ".harvest" / "last-run.json").write_text(
-            json.dumps(summary.to_dict(), ensure_ascii=False, indent=2), encoding="utf-8")
+        summary.save(self.recipe.output / ".harvest" / "last-run.json")
 

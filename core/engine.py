@@ -12,7 +12,6 @@ the bottleneck at high rates, which is why it avoids calls that release the GIL.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import queue
@@ -28,7 +27,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from .errors import PluginConfigError, RecordError
+from .errors import PluginConfigError, RecordError, one_line
 from .fetch import Fetched, Fetcher
 from .http import HttpClient
 from .plugin import Context, Plugin
@@ -142,8 +141,7 @@ class Engine:
             self._note_pending()
             self.state.finish_run(run_id, self.summary.outcome, self.summary.to_dict())
             self.state.close()
-            (self.state_dir / "last-run.json").write_text(
-                json.dumps(self.summary.to_dict(), ensure_ascii=False, indent=2), encoding="utf-8")
+            self.summary.save(self.state_dir / "last-run.json")
             shutil.rmtree(self.temp_dir, ignore_errors=True)
         return self.summary
 
@@ -347,7 +345,7 @@ class Engine:
                 raise
             except Exception as exc:
                 # One failed query (an API outage after retries) must not end the run.
-                reason = f"{exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                reason = one_line(exc)
                 log.error("%s: search %r failed: %s", spec.label,
                           query.text if query else "", reason)
                 self.summary.note_reason(spec.label, "search", reason)
@@ -411,53 +409,52 @@ class Engine:
                 record.duplicate_of = first_id
                 self.summary.count(record.source, record.term, "duplicate")
         else:
-            folder = record.term or record.source
-            relpath = image_relpath(folder, record.source, record.source_id, fetched.format)
-            target = inside(self.output_root, relpath)
-            owner = self.state.path_owner(relpath)
-            # A file at a path the committed state does not know was left by a batch that
-            # never committed; no stored record points at it, so it may be replaced.
-            if owner not in (None, fetched.sha256) or (
-                    owner is not None and target.exists() and _sha256(target) != fetched.sha256):
-                relpath = image_relpath(folder, record.source, record.source_id, fetched.format,
-                                        suffix="-" + fetched.sha256[:8])
-                target = inside(self.output_root, relpath)
-            if early is not None and early[0] == relpath:
-                claim = early[1]
-            else:
-                claim = self.coordinator.claim_file(fetched.sha256, record.id, relpath)
-            if claim.get("path_taken"):
-                relpath = image_relpath(folder, record.source, record.source_id, fetched.format,
-                                        suffix="-" + fetched.sha256[:8])
-                target = inside(self.output_root, relpath)
-                claim = self.coordinator.claim_file(fetched.sha256, record.id, relpath)
-                if claim.get("path_taken"):
-                    raise RecordError(f"no free path for {relpath}", permanent=False)
-            if claim.get("owner") not in (None, record.id):
-                # Another shard of the cluster stored these bytes first.
+            relpath, owner = self._free_path(record, fetched, early)
+            if owner not in (None, record.id):
+                # Another shard of the cluster stored these bytes first, at relpath.
                 fetched.temp_path.unlink(missing_ok=True)
-                record.file = FileInfo(claim["path"], fetched.bytes, fetched.sha256, fetched.width,
-                                       fetched.height, fetched.format)
-                record.duplicate_of = claim["owner"]
-                self.state.add_file(record.file, claim["owner"])
+                record.duplicate_of = owner
                 self.summary.count(record.source, record.term, "duplicate")
-                self.summary.count(record.source, record.term, "downloaded")
-                self.state.set_status(record.id, record.source, record.term, "downloaded",
-                                      sha256=fetched.sha256, duplicate_of=record.duplicate_of)
-                return
-            if claim.get("path") not in (None, relpath):
-                relpath = claim["path"]  # a retried shard: where its first try put the file
+            else:
                 target = inside(self.output_root, relpath)
-            if target.parent not in self.made_dirs:
-                target.parent.mkdir(parents=True, exist_ok=True)
-                self.made_dirs.add(target.parent)
-            os.replace(fetched.temp_path, target)
+                if target.parent not in self.made_dirs:
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    self.made_dirs.add(target.parent)
+                os.replace(fetched.temp_path, target)
             record.file = FileInfo(relpath, fetched.bytes, fetched.sha256, fetched.width,
                                    fetched.height, fetched.format)
-            self.state.add_file(record.file, record.id)
+            self.state.add_file(record.file, owner or record.id)
         self.summary.count(record.source, record.term, "downloaded")
         self.state.set_status(record.id, record.source, record.term, "downloaded",
                               sha256=fetched.sha256, duplicate_of=record.duplicate_of)
+
+    def _free_path(self, record: Record, fetched: Fetched, early) -> tuple[str, str | None]:
+        """Where the file goes, and the record that holds these bytes when another one
+        does (then the path is that record's). ``early``: the claim ``_fetch`` made."""
+        folder = record.term or record.source
+        relpath = image_relpath(folder, record.source, record.source_id, fetched.format)
+
+        def suffixed() -> str:
+            return image_relpath(folder, record.source, record.source_id, fetched.format,
+                                 suffix="-" + fetched.sha256[:8])
+
+        owner = self.state.path_owner(relpath)
+        # A file at a path the committed state does not know was left by a batch that
+        # never committed; no stored record points at it, so it may be replaced.
+        target = inside(self.output_root, relpath)
+        if owner not in (None, fetched.sha256) or (
+                owner is not None and target.exists() and _sha256(target) != fetched.sha256):
+            relpath = suffixed()
+        claim = early[1] if early is not None and early[0] == relpath else \
+            self.coordinator.claim_file(fetched.sha256, record.id, relpath)
+        if claim.get("path_taken"):
+            relpath = suffixed()
+            claim = self.coordinator.claim_file(fetched.sha256, record.id, relpath)
+            if claim.get("path_taken"):
+                raise RecordError(f"no free path for {relpath}", permanent=False)
+        # With an owner, the path is where the owner's file is (a retried shard's own
+        # record included: where its first try put it).
+        return claim.get("path", relpath), claim.get("owner")
 
     def _reuse(self, record: Record, known) -> bool:
         """A record downloaded by an earlier, interrupted run: use its file, skip the network."""
@@ -510,7 +507,7 @@ class Engine:
             except PluginConfigError:
                 raise
             except Exception as exc:
-                reason = f"{exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                reason = one_line(exc)
                 log.warning("sink %s failed a batch of %d; keeping it to retry: %s",
                             spec.label, len(todo), reason[:300])
                 self.last_sink_error[spec.label] = reason[:200]

@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 
+def one_line(exc: BaseException) -> str:
+    """An exception as a summary's reason: its class and the first line of its message."""
+    text = str(exc)
+    return f"{exc.__class__.__name__}: {text.splitlines()[0] if text else ''}"
+
+
 class HarvestError(Exception):
     """A failure the CLI reports in one line instead of a traceback."""
 

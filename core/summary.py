@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import threading
 import time
@@ -78,6 +79,10 @@ class Summary:
             "failures": [{"source": s, "stage": st, "reason": r, "count": n}
                          for (s, st, r), n in sorted(reasons.items())],
         }
+
+    def save(self, path) -> None:
+        """The summary as JSON (``.harvest/last-run.json``)."""
+        path.write_text(json.dumps(self.to_dict(), ensure_ascii=False, indent=2), encoding="utf-8")
 
     def render(self) -> str:
         data = self.to_dict()

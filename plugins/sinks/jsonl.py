@@ -93,6 +93,9 @@ class JsonlSink(Sink):
             data = self.protection.document(record)
             lines.append(json.dumps(data, ensure_ascii=False, default=json_default) + "\n")
             self.last_id = record.id
+        return self._append(lines)
+
+    def _append(self, lines: list[str]) -> dict:
         self.handle.write("".join(lines).encode("utf-8"))
         self.handle.flush()
         if self.config["fsync"]:
@@ -119,13 +122,9 @@ class JsonlSink(Sink):
             yield batch
 
     def write_documents(self, documents: list[dict]) -> dict:
-        self.handle.write("".join(json.dumps(document, ensure_ascii=False, default=json_default)
-                                  + "\n" for document in documents).encode("utf-8"))
         self.last_id = documents[-1]["id"]
-        self.handle.flush()
-        if self.config["fsync"]:
-            os.fsync(self.handle.fileno())
-        return {"offset": self.handle.tell(), "last_id": self.last_id}
+        return self._append([json.dumps(document, ensure_ascii=False, default=json_default) + "\n"
+                             for document in documents])
 
     def discard_part(self, part_dir: Path) -> None:
         (part_dir / self.config["path"]).unlink(missing_ok=True)

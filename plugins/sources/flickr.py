@@ -329,8 +329,9 @@ class FlickrSource(Source):
     def _search(self, params: dict, low: int, high: int) -> Iterator[dict]:
         first = self._call(params, low, high, page=1)
         total = int(first.get("total") or 0)
-        if total > RESULT_CAP and self.config["slice_dates"] and high - low > MIN_SLICE_SECONDS:
-            for slice_low, slice_high in self._halves(params, low, high):
+        halves = self._past_cap(params, (low, high, None, total))
+        if halves:
+            for slice_low, slice_high, _ in halves:
                 yield from self._search(params, slice_low, slice_high)
             return
         reachable = min(total, RESULT_CAP)
