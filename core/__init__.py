@@ -23,9 +23,10 @@ from .options import (
 from .plugin import Context, Enricher, Sink, Source, hookimpl
 from .record import FileInfo, Query, Record, Term, json_default, license_family
 from .scoring import LabelScorer, ScoringError
+from .storage import inside, inside_check
 
 __all__ = [
-    "rewrite_jsonl",
+    "rewrite_jsonl", "inside", "inside_check",
     "PROTECTION_OPTIONS", "FieldCipher", "Keyring", "Protection",
     "BBox", "Bool", "Choice", "Context", "Date", "Enricher", "FileInfo", "Float", "HarvestError",
     "hookimpl", "Int", "json_default", "LabelScorer", "license_family", "ListOf", "MapOf", "Option",

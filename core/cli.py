@@ -234,6 +234,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.limit is not None and args.limit < 1:
             raise UsageError(f"--limit {args.limit}: expected a positive number")
+        from .storage import prepare_output
+
+        prepare_output(recipe.output)
         _setup_logging(args.verbose, recipe)
         if args.cluster or args.local_workers is not None:
             if args.cluster and args.local_workers is not None:

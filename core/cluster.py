@@ -35,6 +35,7 @@ from distributed.utils import sync
 
 from .errors import HarvestError, UsageError, one_line
 from .http import TokenBuckets
+from .lock import OutputLock
 from .recipe import Recipe
 from .secrets import RedactingFilter, SecretResolver
 from .shards import Coordinator, Shard
@@ -204,6 +205,7 @@ class ShardJob:
 def run_shard(job: ShardJob) -> dict:
     """A Dask task: the normal pipeline on one shard. Returns its summary."""
     from .engine import Engine
+    from .stopping import Interrupted
 
     part_dir = Path(job.part_dir)
     (part_dir / ".harvest").mkdir(parents=True, exist_ok=True)
@@ -226,7 +228,7 @@ def run_shard(job: ShardJob) -> dict:
         summary = engine.run()
         try:
             engine.report_progress()
-        except Exception:  # the final counts travel in the task's result anyway
+        except (Exception, Interrupted):  # the final counts travel in the task's result anyway
             pass
         return {"shard": job.shard.key, "summary": summary.to_dict()}
     finally:
@@ -284,6 +286,12 @@ class ClusterRun:
         return client, cluster
 
     def run(self) -> Summary:
+        # The client holds the output's lock for all its workers: no other run may use
+        # the folder while they write to it.
+        with OutputLock(self.output):
+            return self._run()
+
+    def _run(self) -> Summary:
         from .engine import STATE_DIR, Engine
 
         self.check_sinks()

@@ -16,7 +16,6 @@ import logging
 import os
 import queue
 import shutil
-import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -30,11 +29,13 @@ from PIL import Image
 from .errors import PluginConfigError, RecordError, one_line
 from .fetch import Fetched, Fetcher
 from .http import HttpClient
+from .lock import OutputLock
 from .plugin import Context, Plugin
 from .recipe import PluginSpec, Recipe
 from .record import FileInfo, Query, Record
 from .shards import Coordinator, Shard
 from .state import FINAL, RunState
+from .stopping import DaemonPool, Interrupted, StopSignals
 from .storage import image_relpath, inside
 from .summary import Progress, Summary
 
@@ -46,12 +47,9 @@ MAX_PENDING_RECORDS = 10_000
 CLAIM_CHUNK = 64
 REPORT_SECONDS = 1.0
 PLAN_THREADS = 4
+WAIT_SLICE = 0.2  # how often a waiting engine thread looks for a stop request
 
 log = logging.getLogger("harvest.engine")
-
-
-class Interrupted(Exception):
-    """SIGTERM, turned into an exception so the run stops as cleanly as on Ctrl-C."""
 
 
 class Engine:
@@ -77,11 +75,14 @@ class Engine:
         self.hints: dict = {}
         self.made_dirs: set[Path] = set()  # one per term folder: bounded
         self.show_progress = progress
+        self.stop_requested = threading.Event()
         self.http = HttpClient(rate_per_host=self.settings.rate_per_host,
                                timeout=self.settings.timeout, retries=self.settings.retries,
                                backoff=self.settings.backoff, user_agent=self.settings.user_agent,
                                pool_size=self.settings.concurrency,
-                               reserve=self.coordinator.reserve)
+                               reserve=self.coordinator.reserve,
+                               max_retry_after=self.settings.max_retry_after,
+                               check_peer=not self.settings.allow_private_addresses)
         # The fetcher checks width x height against max_pixels from the header, before any
         # decode; Pillow's global guard would fire first, at its own limit, with its own words.
         Image.MAX_IMAGE_PIXELS = None
@@ -89,7 +90,9 @@ class Engine:
                                max_pixels=self.settings.max_pixels,
                                verify=self.settings.verify_images,
                                allow_private=self.settings.allow_private_addresses,
-                               respect_opt_outs=self.settings.respect_opt_outs)
+                               respect_opt_outs=self.settings.respect_opt_outs,
+                               deadline=self.settings.download_deadline,
+                               allow_file_urls=self.settings.allow_file_urls)
 
     def _context(self, spec: PluginSpec) -> Context:
         return Context(recipe_name=self.recipe.name, recipe_dir=self.recipe.directory,
@@ -107,18 +110,23 @@ class Engine:
             raise PluginConfigError(f"{self.recipe.path}: {spec.key_path}: {exc}") from None
 
     def run(self) -> Summary:
+        with ExitStack() as guard:
+            if self.shards is None:  # a cluster's client holds the lock for its workers
+                guard.enter_context(OutputLock(self.output))
+            return self._run()
+
+    def _run(self) -> Summary:
         (self.images_root / "images").mkdir(parents=True, exist_ok=True)
         shutil.rmtree(self.temp_dir, ignore_errors=True)  # parts of downloads a crash cut off
         self.temp_dir.mkdir(parents=True)
         self.state = RunState(self.state_dir / "state.sqlite")
         run_id = self.state.start_run()
         progress = Progress(self.summary, enabled=self.show_progress)
-        # A cluster worker runs the engine in a thread of its own, where signals cannot go.
-        in_main_thread = threading.current_thread() is threading.main_thread()
-        if in_main_thread:
-            previous_sigterm = signal.signal(signal.SIGTERM, _raise_interrupted)
         try:
+            # A cluster worker runs the engine in a thread of its own, where signals cannot
+            # go; there the client's stop request arrives through report_progress.
             with ExitStack() as stack:
+                stack.enter_context(StopSignals(self.stop_requested))
                 self.sinks = [(spec, self._open(stack, spec)) for spec in self.recipe.sinks]
                 self.enrichers = [(spec, self._open(stack, spec)) for spec in self.recipe.enrichers]
                 for _, enricher in self.enrichers:
@@ -133,8 +141,6 @@ class Engine:
                     self.summary.outcome = "interrupted"
                     log.warning("interrupted: progress is saved; run again to resume")
         finally:
-            if in_main_thread:
-                signal.signal(signal.SIGTERM, previous_sigterm)
             progress.close()
             if self.summary.outcome == "running":
                 self.summary.outcome = "failed"
@@ -198,7 +204,7 @@ class Engine:
         self.pending_records = 0
         self.next_pending_retry = 0.0
         self.last_sink_error: dict[str, str] = {}
-        pool = ThreadPoolExecutor(self.settings.concurrency, thread_name_prefix="download")
+        pool = DaemonPool(self.settings.concurrency, "download")
         try:
             for record in self._produced(sources):
                 if record.id in in_flight_ids or record.id in self.held_ids:
@@ -226,7 +232,8 @@ class Engine:
             self._flush()
             self._drain_pending()
         except BaseException:
-            pool.shutdown(wait=False, cancel_futures=True)
+            pool.shutdown()
+            self.fetcher.abandon()  # downloads stuck on a silent server end now
             done = {f: r for f, r in in_flight.items() if f.done() and not f.cancelled()}
             for future, record in done.items():
                 in_flight.pop(future)
@@ -236,10 +243,15 @@ class Engine:
                 self._give_up(batch)
             raise
         finally:
-            pool.shutdown(wait=False, cancel_futures=True)
+            pool.shutdown()
             progress.update()
 
+    def _check_stop(self) -> None:
+        if self.stop_requested.is_set():
+            raise Interrupted()
+
     def _tick(self, progress: Progress) -> None:
+        self._check_stop()
         progress.update()
         if self.shards is not None and time.monotonic() - self.last_report >= REPORT_SECONDS:
             self.report_progress()
@@ -275,7 +287,11 @@ class Engine:
         producer.start()
         try:
             while True:
-                item = handoff.get()
+                try:
+                    item = handoff.get(timeout=WAIT_SLICE)
+                except queue.Empty:
+                    self._check_stop()
+                    continue
                 if item is done:
                     return
                 if isinstance(item, BaseException):
@@ -332,6 +348,7 @@ class Engine:
                 for record in islice(source.records(query), limit):
                     if record.query is None and query is not None:
                         record.query = query
+                    record.local_file_ok = source.reads_local_files
                     if not record.url:
                         self.summary.fail(record.source, record.term, "source",
                                           "no image URL", "rejected")
@@ -353,8 +370,12 @@ class Engine:
     def _finished(self, in_flight: dict, block: bool) -> list[Future]:
         """Downloads done since the last call, from the completion queue (no scanning)."""
         finished = []
-        if block:
-            finished.append(self.finished.get())
+        while block:
+            try:
+                finished.append(self.finished.get(timeout=WAIT_SLICE))
+                break
+            except queue.Empty:
+                self._check_stop()
         while True:
             try:
                 finished.append(self.finished.get_nowait())
@@ -368,7 +389,7 @@ class Engine:
     def _fetch(self, record: Record) -> Fetched:
         """In a download thread. On a cluster, the content is claimed here too, so that the
         engine thread does not wait on the scheduler for it."""
-        fetched = self.fetcher.fetch(record.url)
+        fetched = self.fetcher.fetch(record.url, local_files=record.local_file_ok)
         if self.shards is not None:
             relpath = image_relpath(record.term or record.source, record.source, record.source_id,
                                     fetched.format)
@@ -416,7 +437,7 @@ class Engine:
                 record.duplicate_of = owner
                 self.summary.count(record.source, record.term, "duplicate")
             else:
-                target = inside(self.output_root, relpath)
+                target = self._target(relpath)
                 if target.parent not in self.made_dirs:
                     target.parent.mkdir(parents=True, exist_ok=True)
                     self.made_dirs.add(target.parent)
@@ -441,7 +462,7 @@ class Engine:
         owner = self.state.path_owner(relpath)
         # A file at a path the committed state does not know was left by a batch that
         # never committed; no stored record points at it, so it may be replaced.
-        target = inside(self.output_root, relpath)
+        target = self._target(relpath)
         if owner not in (None, fetched.sha256) or (
                 owner is not None and target.exists() and _sha256(target) != fetched.sha256):
             relpath = suffixed()
@@ -455,6 +476,12 @@ class Engine:
         # With an owner, the path is where the owner's file is (a retried shard's own
         # record included: where its first try put it).
         return claim.get("path", relpath), claim.get("owner")
+
+    def _target(self, relpath: str) -> Path:
+        try:
+            return inside(self.output_root, relpath)
+        except ValueError as exc:  # a link planted in the output folder during the run
+            raise RecordError(str(exc), permanent=False) from None
 
     def _reuse(self, record: Record, known) -> bool:
         """A record downloaded by an earlier, interrupted run: use its file, skip the network."""
@@ -552,7 +579,9 @@ class Engine:
     def _drain_pending(self) -> None:
         deadline = time.monotonic() + self.settings.sink_retry_seconds
         while self.pending and time.monotonic() < deadline:
-            time.sleep(max(0.0, min(self.next_pending_retry, deadline) - time.monotonic()))
+            while time.monotonic() < min(self.next_pending_retry, deadline):
+                self._check_stop()
+                time.sleep(WAIT_SLICE)
             self._retry_pending()
             self.state.commit()
         for batch, _ in self.pending:
@@ -616,6 +645,3 @@ def _sha256(path: Path) -> str:
             digest.update(chunk)
     return digest.hexdigest()
 
-
-def _raise_interrupted(signum, frame):
-    raise Interrupted()

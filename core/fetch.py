@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 import os
 import socket
 import tempfile
@@ -14,9 +13,17 @@ from urllib.parse import unquote, urljoin, urlsplit
 
 import urllib3
 from PIL import Image
+from urllib3.util import parse_url
 
 from .errors import RecordError
 from .http import HttpClient
+from .netguard import (
+    DEADLINES,
+    DeadlinePassed,
+    RefusedAddress,
+    RetryAfterTooLong,
+    address_problem,
+)
 
 CHUNK = 64 * 1024
 PERMANENT_STATUSES = {400, 401, 403, 404, 410, 451}
@@ -43,19 +50,37 @@ def ai_opt_out(header: str) -> str | None:
 
 def refuse_private(url: str) -> None:
     """Refuses URLs whose host resolves to a private, loopback, link-local or otherwise
-    non-public address: a result page must not make harvest fetch from the local network."""
-    host = urlsplit(url).hostname
-    if host is None:
-        raise RecordError("bad URL: no host")
+    non-public address: a result page must not make harvest fetch from the local network.
+
+    The host is read with urllib3's parser, the one the connection uses, so that the
+    check and the connection cannot disagree on it; the connection checks the address
+    it reached again (see ``netguard``), which catches names that change their answer.
+    """
+    host = _host(url)
     try:
         infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
-    except socket.gaierror as exc:
-        raise RecordError(f"cannot resolve {host}: {exc.strerror}", permanent=False) from None
+    except (socket.gaierror, UnicodeError) as exc:
+        raise RecordError(f"cannot resolve {host}: {getattr(exc, 'strerror', None) or exc}",
+                          permanent=False) from None
     for info in infos:
-        address = ipaddress.ip_address(info[4][0].split("%")[0])
-        if not address.is_global:
-            raise RecordError(f"refused: {host} resolves to non-public address {address} "
+        problem = address_problem(info[4][0])
+        if problem:
+            raise RecordError(f"refused: {host} resolves to {problem} "
                               f"(run.allow_private_addresses allows it)")
+
+
+def _host(url: str) -> str:
+    authority = url.split("://", 1)[-1].split("/", 1)[0]
+    if "\\" in authority:
+        # urllib.parse and urllib3 read such a host differently: refuse it outright.
+        raise RecordError("bad URL: backslash in the host part")
+    try:
+        host = parse_url(url).host
+    except ValueError as exc:
+        raise RecordError(f"bad URL: {exc}") from None
+    if not host:
+        raise RecordError("bad URL: no host")
+    return host.strip("[]")
 
 
 @dataclass
@@ -72,7 +97,10 @@ class Fetcher:
     """Thread-safe: every worker thread shares the HTTP client's urllib3 pools and rate limiter."""
 
     def __init__(self, http: HttpClient, temp_dir: Path, *, max_bytes: int, max_pixels: int,
-                 verify: bool = True, allow_private: bool = False, respect_opt_outs: bool = True):
+                 verify: bool = True, allow_private: bool = False, respect_opt_outs: bool = True,
+                 deadline: float = 120.0, allow_file_urls: bool = False):
+        self.deadline = deadline
+        self.allow_file_urls = allow_file_urls
         self.allow_private = allow_private
         self.respect_opt_outs = respect_opt_outs
         self.http = http
@@ -81,15 +109,23 @@ class Fetcher:
         self.max_pixels = max_pixels
         self.verify = verify
 
-    def fetch(self, url: str) -> Fetched:
+    def fetch(self, url: str, *, local_files: bool = False) -> Fetched:
+        """``local_files``: the record comes from a source that reads the local disk by
+        design (a folder the recipe names); anything else needs ``run.allow_file_urls``."""
+        scheme = urlsplit(url).scheme.lower()
+        if scheme == "file":
+            if not (local_files or self.allow_file_urls):
+                raise RecordError("refused: file: URL (run.allow_file_urls allows it)")
+        elif scheme not in ("http", "https"):
+            raise RecordError(f"refused: {scheme or 'no'} scheme (only http and https)")
         handle, name = tempfile.mkstemp(dir=self.temp_dir, suffix=".part")
         temp_path = Path(name)
         try:
             with os.fdopen(handle, "wb") as out:
-                if urlsplit(url).scheme == "file":
+                if scheme == "file":
                     size, digest = self._copy_local(url, out)
                 else:
-                    size, digest = self._download(url, out)
+                    size, digest = self._guarded_download(url, out)
             width, height, image_format = inspect_image(temp_path, self.max_pixels, self.verify)
         except BaseException:
             temp_path.unlink(missing_ok=True)
@@ -105,6 +141,32 @@ class Fetcher:
             raise RecordError(f"file not found: {path}") from None
         except OSError as exc:
             raise RecordError(f"cannot read {path}: {exc.strerror}") from None
+
+    def _guarded_download(self, url: str, out) -> tuple[int, str]:
+        DEADLINES.start(self.deadline, group=self)
+        try:
+            return self._download(url, out)
+        except RetryAfterTooLong as exc:
+            raise RecordError(str(exc), permanent=False) from None
+        except RefusedAddress as exc:
+            raise RecordError(str(exc)) from None
+        except DeadlinePassed:
+            raise self._late() from None
+        except RecordError:
+            if DEADLINES.passed() is not None:
+                # The watchdog shut the socket: whatever the read made of that, it is late.
+                raise self._late() from None
+            raise
+        finally:
+            DEADLINES.finish()
+
+    def abandon(self) -> None:
+        """Ends every download of this fetcher now (the run is stopping)."""
+        DEADLINES.expire_all(group=self)
+
+    def _late(self) -> RecordError:
+        return RecordError(f"took longer than run.download_deadline ({self.deadline:g} s)",
+                           permanent=False)
 
     def _download(self, url: str, out) -> tuple[int, str]:
         for _ in range(MAX_REDIRECTS + 1):

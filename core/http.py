@@ -16,6 +16,8 @@ import urllib3
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
+from .netguard import BoundedRetry, pool_classes
+
 RETRY_STATUSES = (429, 500, 502, 503, 504)
 
 
@@ -72,7 +74,12 @@ class HttpClient:
     """Makes sessions that share one rate limiter, so every plugin is polite to every host."""
 
     def __init__(self, *, rate_per_host: float, timeout: float, retries: int, backoff: float,
-                 user_agent: str, pool_size: int = 16, reserve=None):
+                 user_agent: str, pool_size: int = 16, reserve=None,
+                 max_retry_after: float = 300.0, check_peer: bool = True):
+        """``check_peer``: refuse connections whose address turns out not to be public
+        (the downloader's pools; API sessions go to the recipe's own endpoints)."""
+        self.max_retry_after = max_retry_after
+        self.check_peer = check_peer
         self.limiter = HostRateLimiter(rate_per_host, reserve)
         self.timeout = timeout
         self.retries = retries
@@ -93,6 +100,7 @@ class HttpClient:
                     num_pools=64, maxsize=self.pool_size, headers={"User-Agent": self.user_agent},
                     retries=self.retry(retry_post=False),
                     timeout=urllib3.Timeout(connect=self.timeout, read=self.timeout))}
+                self._pools["direct"].pool_classes_by_scheme = pool_classes(self.check_peer)
             proxies = self._proxies
         parts = urlsplit(url)
         proxy = proxies.get(parts.scheme)
@@ -104,15 +112,17 @@ class HttpClient:
                         headers={"User-Agent": self.user_agent},
                         retries=self.retry(retry_post=False),
                         timeout=urllib3.Timeout(connect=self.timeout, read=self.timeout))
+                    self._pools[proxy].pool_classes_by_scheme = pool_classes(False)
                 return self._pools[proxy]
         return self._pools["direct"]
 
     def retry(self, *, retry_post: bool) -> Retry:
         methods = set(Retry.DEFAULT_ALLOWED_METHODS) | ({"POST"} if retry_post else set())
-        return Retry(total=self.retries, connect=self.retries, read=self.retries,
-                     status=self.retries, backoff_factor=self.backoff, backoff_max=60,
-                     status_forcelist=RETRY_STATUSES, allowed_methods=frozenset(methods),
-                     respect_retry_after_header=True, raise_on_status=False)
+        return BoundedRetry(total=self.retries, connect=self.retries, read=self.retries,
+                            status=self.retries, backoff_factor=self.backoff, backoff_max=60,
+                            status_forcelist=RETRY_STATUSES, allowed_methods=frozenset(methods),
+                            respect_retry_after_header=True, raise_on_status=False,
+                            max_retry_after=self.max_retry_after)
 
     def session(self, *, retry_post: bool = False) -> requests.Session:
         session = requests.Session()

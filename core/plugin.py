@@ -85,6 +85,9 @@ class Source(Plugin):
     """Yields records. ``uses_terms`` sources are asked once per term and language."""
 
     uses_terms: ClassVar[bool] = True
+    # A source whose records are files on this machine by design (a folder the recipe
+    # names) may hand out file: URLs; for any other, they need run.allow_file_urls.
+    reads_local_files: ClassVar[bool] = False
 
     @property
     def query_limit(self) -> int | None:

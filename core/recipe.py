@@ -41,6 +41,12 @@ RUN_OPTIONS: tuple[Option, ...] = (
            help="skip images served with X-Robots-Tag noai or noimageai"),
     Option("sink_retry_seconds", Float(0, 86400), 60.0,
            help="at the end of a run, how long to keep retrying a sink that is down"),
+    Option("download_deadline", Float(1, 86400), 120.0,
+           help="most seconds one download may take, retries and slow servers included"),
+    Option("max_retry_after", Float(0, 21600), 300.0,
+           help="longest Retry-After honoured; a longer one fails the record until next run"),
+    Option("allow_file_urls", Bool(), False,
+           help="let URL lists and other sources read file: URLs from this machine"),
 )
 
 
@@ -60,6 +66,9 @@ class RunSettings:
     sink_retry_seconds: float = 60.0
     allow_private_addresses: bool = False
     respect_opt_outs: bool = True
+    download_deadline: float = 120.0
+    max_retry_after: float = 300.0
+    allow_file_urls: bool = False
 
 
 @dataclass

@@ -63,6 +63,8 @@ class Record:
     file: FileInfo | None = None
     duplicate_of: str | None = None
     dropped: str | None = None
+    # Set by the engine, never by a source: may this record's url be a file: URL?
+    local_file_ok: bool = field(default=False, repr=False, compare=False)
 
     @property
     def id(self) -> str:

@@ -49,6 +49,63 @@ def inside(root: Path, relpath: str) -> Path:
     anything that would escape it. Names come from ``safe_component``, which leaves no
     separator or ``..`` in them; this is the check that does not trust that."""
     target = os.path.normpath(os.path.join(root, relpath))
-    if not target.startswith(str(root) + os.sep) or os.path.islink(os.path.dirname(target)):
+    if not target.startswith(str(root) + os.sep):
         raise ValueError(f"path {relpath!r} escapes the output folder")
+    for path in (target, os.path.dirname(target)):
+        if os.path.islink(path):
+            raise ValueError(f"{path} is a symbolic link; harvest writes only inside its "
+                             f"output folder")
     return Path(target)
+
+
+# What harvest itself keeps in an output folder; none of it may be a link elsewhere.
+OWN_PATHS = ("images", ".harvest", ".harvest/tmp", ".harvest/state.sqlite",
+             ".harvest/state.sqlite-wal", ".harvest/state.sqlite-shm", ".harvest/harvest.log",
+             ".harvest/last-run.json", ".harvest/lock", ".harvest/shards")
+
+
+def prepare_output(output: Path) -> Path:
+    """Makes the output folder ready to write, or raises UsageError in one line: a path
+    that is a file, a folder that cannot be written, or a symbolic link planted where
+    harvest writes (which would send its files outside the folder).
+
+    The output folder itself may be a link (to another disk, say): it is resolved once
+    here, and everything below it must then be real."""
+    from .errors import UsageError
+
+    if output.exists() and not output.is_dir():
+        raise UsageError(f"{output}: the output is a file, not a folder")
+    try:
+        (output / ".harvest").mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"{output}: cannot create the output folder: "
+                         f"{exc.strerror or exc}") from None
+    root = output.resolve()
+    for relpath in OWN_PATHS:
+        if os.path.islink(root / relpath):
+            raise UsageError(f"{root / relpath}: is a symbolic link; harvest writes only "
+                             f"inside its output folder (remove the link)")
+    images = root / "images"
+    if images.is_dir():
+        for entry in os.scandir(images):
+            if entry.is_symlink():
+                raise UsageError(f"{entry.path}: is a symbolic link; harvest writes only "
+                                 f"inside its output folder (remove the link)")
+    probe = root / ".harvest" / f".probe-{os.getpid()}"
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise UsageError(f"{output}: cannot write to the output folder: "
+                         f"{exc.strerror or exc}") from None
+    return root
+
+
+def inside_check(relpath: str) -> None:
+    """An option check for paths a plugin writes under the output folder: relative,
+    and without ``..``."""
+    parts = Path(relpath).parts
+    if not relpath or Path(relpath).is_absolute() or relpath.startswith(("~", "/", "\\")) \
+            or ".." in parts or ".." in relpath.replace("\\", "/").split("/"):
+        raise ValueError(f"{relpath!r} leaves the output folder: expected a path inside it, "
+                         f"such as records.jsonl")

@@ -23,6 +23,8 @@ from harvest.core import Int, Option, Record, Source, Str, hookimpl
 class GallerySource(Source):
     """Numbered pictures from a gallery folder, one set per term."""
 
+    reads_local_files = True  # its file: URLs are pictures on this machine by design
+
     options = (
         Option("folder", Str(), required=True, help="where the pictures are"),
         Option("per_term", Int(1, 50), 2, help="pictures per term"),

@@ -12,11 +12,14 @@ from harvest.core import (
     PROTECTION_OPTIONS,
     Bool,
     Option,
+    PluginConfigError,
     Protection,
     Record,
     Sink,
     Str,
     hookimpl,
+    inside,
+    inside_check,
     json_default,
     rewrite_jsonl,
 )
@@ -29,7 +32,8 @@ class JsonlSink(Sink):
 
     is_default = True
     options = (
-        Option("path", Str(), "records.jsonl", help="file to append to, relative to the output folder"),
+        Option("path", Str(), "records.jsonl", check=inside_check,
+               help="file to append to, inside the output folder"),
         *PROTECTION_OPTIONS,
         Option("fsync", Bool(), True, help="sync each batch to disk before it counts as stored"),
     )
@@ -37,10 +41,14 @@ class JsonlSink(Sink):
     def open(self) -> None:
         self.protection = Protection(self.config)
         # On a cluster shard, the part in the shard's folder; the client merges it.
-        root = self.context.part_dir or self.context.output_dir
-        self.path = (root / self.config["path"]).resolve()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.handle = open(self.path, "ab")
+        root = (self.context.part_dir or self.context.output_dir).resolve()
+        try:
+            self.path = inside(root, self.config["path"])
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.handle = _open_append(self.path)
+        except (ValueError, OSError) as exc:
+            raise PluginConfigError(f"{self.context.name}: cannot write {self.config['path']} "
+                                    f"inside {root}: {getattr(exc, 'strerror', None) or exc}") from None
         self.known_ids: set[str] = set()
 
     def resume(self, checkpoint: Any) -> None:
@@ -134,12 +142,18 @@ class JsonlSink(Sink):
         try:
             return rewrite_jsonl(self.path, rotate) if self.path.exists() else 0
         finally:
-            self.handle = open(self.path, "ab")
+            self.handle = _open_append(self.path)
 
     def close(self) -> None:
         handle = getattr(self, "handle", None)
         if handle is not None:
             handle.close()
+
+
+def _open_append(path: Path):
+    """Opens for appending, refusing a symbolic link planted in the link's place."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    return os.fdopen(fd, "ab")
 
 
 def _ids_in(path: Path, handle) -> set[str]:

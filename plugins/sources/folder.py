@@ -29,6 +29,7 @@ class FolderSource(Source):
     """Images already on disk, found by extension and by content."""
 
     uses_terms = False
+    reads_local_files = True
     options = (
         Option("path", PathOption(), required=True, help="folder to read (relative to the recipe)"),
         Option("recursive", Bool(), True, help="descend into sub-folders"),
@@ -38,6 +39,8 @@ class FolderSource(Source):
                help="also take files with other extensions whose content is an image"),
         Option("term", Str(), None, help="term to label every record with (default: none)"),
         Option("language", Str(), "en", help="language of `term`"),
+        Option("follow_links", Bool(), False,
+               help="follow symbolic links that lead out of the folder"),
     )
 
     def records(self, query: Query | None) -> Iterator[Record]:
@@ -47,13 +50,20 @@ class FolderSource(Source):
         extensions = {e.lower().lstrip(".") for e in self.config["extensions"]}
         term = self.config["term"]
         label = Query(term, self.config["language"], term) if term else None
-        for folder, subfolders, files in os.walk(root):
+        follow = self.config["follow_links"]
+        real_root = root.resolve()
+        for folder, subfolders, files in os.walk(root, followlinks=follow):
             subfolders.sort()
             if not self.config["recursive"]:
                 subfolders.clear()
             for name in sorted(files):
                 path = Path(folder) / name
                 if not path.is_file():
+                    continue
+                if not follow and path.is_symlink() \
+                        and not path.resolve().is_relative_to(real_root):
+                    self.log.info("%s: a link out of the folder; skipped (follow_links "
+                                  "follows it)", path.relative_to(root).as_posix())
                     continue
                 extension = path.suffix.lower().lstrip(".")
                 if extension not in extensions and not (self.config["sniff"] and looks_like_image(path)):

@@ -1,0 +1,254 @@
+"""Hostile servers and URL lists: address tricks, local files, odd schemes, servers that
+drip, stall or ask to be retried tomorrow. Each is refused or bounded, and logs say why."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from conftest import read_jsonl
+from imagegen import make_image
+
+from harvest.core.errors import RecordError
+from harvest.core.fetch import refuse_private
+
+HARVEST = os.path.join(os.path.dirname(sys.executable), "harvest")
+
+
+class RawServer:
+    """A loopback TCP server whose replies are scripted byte by byte, logging requests."""
+
+    def __init__(self, behaviours: dict):
+        self.behaviours = behaviours
+        self.requests: list[str] = []
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.stopping = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+
+    def _accept(self):
+        while not self.stopping:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn):
+        with conn:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                chunk = conn.recv(4096)
+                if not chunk:
+                    return
+                data += chunk
+            path = data.split(b" ", 2)[1].decode()
+            self.requests.append(path)
+            try:
+                self.behaviours[path.split("?")[0]](conn)
+            except OSError:
+                pass
+
+    def close(self):
+        self.stopping = True
+        self.sock.close()
+
+
+JPEG = make_image(1)
+
+
+def ok(conn):
+    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\nContent-Length: "
+                 + str(len(JPEG)).encode() + b"\r\nConnection: close\r\n\r\n" + JPEG)
+
+
+def drip_body(conn):
+    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\nContent-Length: "
+                 + str(len(JPEG)).encode() + b"\r\n\r\n")
+    for byte in JPEG:
+        conn.sendall(bytes([byte]))
+        time.sleep(0.2)
+
+
+def drip_headers(conn):
+    conn.sendall(b"HTTP/1.1 200 OK\r\n")
+    for _ in range(100_000):
+        conn.sendall(b"X")
+        time.sleep(0.2)
+
+
+def retry_tomorrow(conn):
+    conn.sendall(b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: 99999\r\n"
+                 b"Content-Length: 0\r\n\r\n")
+    time.sleep(1)
+
+
+@pytest.fixture
+def raw_server():
+    server = RawServer({"/ok.jpg": ok, "/drip-body.jpg": drip_body,
+                        "/drip-headers.jpg": drip_headers, "/retry.jpg": retry_tomorrow})
+    yield server
+    server.close()
+
+
+def run_list(harvest, recipe_file, tmp_path, urls, run: dict | None = None, name: str = "out"):
+    (tmp_path / "list.txt").write_text("\n".join(urls) + "\n", encoding="utf-8")
+    output = tmp_path / name
+    recipe = recipe_file(f"""
+terms: [x]
+output: {output}
+run: {json.dumps({"rate_per_host": 1000, "retries": 1, "backoff": 0.01, **(run or {})})}
+sources: [{{use: urls, options: {{path: list.txt}}}}]
+""")
+    status, out, err = harvest("run", recipe, "--no-progress")
+    summary = json.loads((output / ".harvest" / "last-run.json").read_text())
+    reasons = {f["reason"]: f["count"] for f in summary["failures"]}
+    return status, out + err, summary, reasons, output
+
+
+ADDRESS_TRICKS = [
+    # urllib.parse reads the host as 8.8.8.8 (public), urllib3 connects to 127.0.0.1.
+    "{base}\\@8.8.8.8/ok.jpg",
+    "http://[::127.0.0.1]:{port}/ok.jpg",          # IPv4-compatible IPv6
+    "http://[::ffff:127.0.0.1]:{port}/ok.jpg",     # IPv4-mapped
+    "http://[::ffff:0:7f00:1]:{port}/ok.jpg",      # IPv4-translated (SIIT)
+    "http://[64:ff9b::7f00:1]:{port}/ok.jpg",      # NAT64 well-known prefix
+    "http://[64:ff9b:1::7f00:1]:{port}/ok.jpg",    # NAT64 local-use prefix
+    "http://[2002:7f00:1::1]:{port}/ok.jpg",       # 6to4 of 127.0.0.1
+    "http://[2001:0:4136:e378:8000:63bf:80ff:fffe]:{port}/ok.jpg",  # Teredo, client 127.0.0.1
+    "http://0x7f.1:{port}/ok.jpg", "http://2130706433:{port}/ok.jpg", "http://127.1:{port}/ok.jpg",
+    "http://0:{port}/ok.jpg", "http://[::]:{port}/ok.jpg", "http://100.64.0.1:{port}/ok.jpg",
+    "http://224.0.0.1:{port}/ok.jpg", "http://LocalHost:{port}/ok.jpg",
+]
+
+
+def test_address_tricks_are_refused_and_reach_nothing(raw_server, harvest, recipe_file, tmp_path):
+    port = raw_server.base.rsplit(":", 1)[1]
+    urls = [u.format(base=raw_server.base, port=port) for u in ADDRESS_TRICKS]
+    status, _, summary, reasons, output = run_list(harvest, recipe_file, tmp_path, urls)
+    assert raw_server.requests == []
+    assert summary["totals"]["stored"] == 0
+    # Every one is a permanent refusal, not a transient failure retried on every run.
+    assert summary["totals"]["rejected"] == len(urls), reasons
+    assert all(r.startswith(("refused:", "bad URL:")) for r in reasons), reasons
+
+
+def test_the_connection_itself_refuses_a_private_peer(raw_server, harvest, recipe_file, tmp_path,
+                                                      monkeypatch):
+    """A name that resolves to a public address when checked and to loopback when
+    connected (DNS rebinding) is caught on the socket, before any request is sent."""
+    import harvest.core.fetch as fetch
+
+    real = socket.getaddrinfo
+
+    def lying(host, *args, **kwargs):
+        if host == "localhost":
+            return real("8.8.8.8", *args, **kwargs)
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(fetch.socket, "getaddrinfo", lying)
+    with pytest.raises(RecordError):
+        refuse_private("http://127.0.0.1/")  # the lie is only for localhost
+    refuse_private("http://localhost/")  # the name check is fooled...
+    monkeypatch.setattr(fetch.socket, "getaddrinfo", real)
+    port = raw_server.base.rsplit(":", 1)[1]
+
+    def fooled_check(url):
+        pass
+
+    monkeypatch.setattr(fetch, "refuse_private", fooled_check)
+    status, _, summary, reasons, _ = run_list(harvest, recipe_file, tmp_path,
+                                              [f"http://localhost:{port}/ok.jpg"])
+    assert raw_server.requests == []  # ...the connection is not
+    assert list(reasons) == ["refused: localhost resolves to non-public address 127.0.0.1 "
+                             "(run.allow_private_addresses allows it)"]
+
+
+def test_file_urls_are_refused_unless_allowed(harvest, recipe_file, tmp_path):
+    image = tmp_path / "local.jpg"
+    image.write_bytes(JPEG)
+    urls = [image.as_uri(), "file:///etc/passwd", "file:///no/such/file.jpg"]
+    status, _, summary, reasons, output = run_list(harvest, recipe_file, tmp_path, urls)
+    # Refused alike: the reasons must not tell which local files exist.
+    assert reasons == {"refused: file: URL (run.allow_file_urls allows it)": 3}
+    assert summary["totals"]["rejected"] == 3
+    assert not (output / "records.jsonl").read_text()
+
+    status, _, summary, reasons, output = run_list(
+        harvest, recipe_file, tmp_path, [image.as_uri()], run={"allow_file_urls": True},
+        name="allowed")
+    assert summary["totals"]["stored"] == 1
+
+
+@pytest.mark.parametrize("url", ["ftp://example.org/a.jpg", "gopher://example.org/a.jpg",
+                                 "data:image/png;base64,iVBORw0KGgo=", "javascript:alert(1)",
+                                 "//example.org/a.jpg"])
+def test_other_schemes_are_a_permanent_rejection(url, harvest, recipe_file, tmp_path):
+    status, _, summary, reasons, _ = run_list(harvest, recipe_file, tmp_path, [url])
+    assert summary["totals"]["rejected"] == 1 and summary["totals"]["failed"] == 0, reasons
+    [reason] = reasons
+    assert reason.startswith("refused:") and "scheme" in reason
+
+
+def test_drips_and_endless_retry_after_are_bounded(raw_server, harvest, recipe_file, tmp_path):
+    urls = [f"{raw_server.base}/{name}" for name in
+            ("drip-body.jpg", "drip-headers.jpg", "retry.jpg", "ok.jpg")]
+    started = time.monotonic()
+    status, _, summary, reasons, output = run_list(
+        harvest, recipe_file, tmp_path, urls,
+        run={"allow_private_addresses": True, "download_deadline": 2, "max_retry_after": 30,
+             "timeout": 5})
+    assert time.monotonic() - started < 15
+    assert summary["totals"]["stored"] == 1
+    assert reasons == {"took longer than run.download_deadline (2 s)": 2,
+                       "server asked to retry after 99999 s, more than run.max_retry_after "
+                       "(30 s)": 1}
+    assert summary["totals"]["failed"] == 3  # transient: the next run tries them again
+    assert [r["url"] for r in read_jsonl(output / "records.jsonl")] == [urls[-1]]
+
+
+def hang(conn):
+    time.sleep(3600)
+
+
+@pytest.mark.parametrize("how", [signal.SIGINT, signal.SIGTERM])
+def test_a_stop_ends_the_process_even_with_downloads_stuck(how, raw_server, recipe_file,
+                                                           tmp_path, isolated_home):
+    raw_server.behaviours["/hang.jpg"] = hang
+    urls = [f"{raw_server.base}/ok.jpg?n={i}" for i in range(6)]
+    urls += [f"{raw_server.base}/hang.jpg?n={i}" for i in range(8)]
+    (tmp_path / "list.txt").write_text("\n".join(urls) + "\n")
+    output = tmp_path / "out"
+    recipe = recipe_file(f"""
+terms: [x]
+output: {output}
+run: {{allow_private_addresses: true, rate_per_host: 1000, batch_size: 1, concurrency: 4,
+       timeout: 600, download_deadline: 3600}}
+sources: [{{use: urls, options: {{path: list.txt}}}}]
+""")
+    process = subprocess.Popen([HARVEST, "run", str(recipe), "--no-progress"],
+                               env=dict(os.environ, HOME=str(isolated_home)),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while sum(1 for p in raw_server.requests if p.startswith("/hang")) < 4:
+        assert time.monotonic() < deadline and process.poll() is None, process.communicate()
+        time.sleep(0.05)
+    asked = time.monotonic()
+    process.send_signal(how)
+    out, err = process.communicate(timeout=30)
+    assert time.monotonic() - asked < 5, err
+    assert process.returncode == 130, err
+    assert "interrupted" in out
+    assert len(read_jsonl(output / "records.jsonl")) == 6
