@@ -12,6 +12,7 @@ from .errors import HarvestError, UsageError
 from .recipe import Recipe, load_recipe
 from .registry import KINDS, load_registry
 from .secrets import RedactingFilter
+from .summary import printable
 
 log = logging.getLogger("harvest")
 
@@ -260,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
             return 130
         return 1 if summary.outcome in ("incomplete", "failed") else 0
     except HarvestError as exc:
-        print(f"harvest: error: {exc}", file=sys.stderr)
+        print(f"harvest: error: {printable(str(exc), 2000)}", file=sys.stderr)
         return exc.exit_status
     except KeyboardInterrupt:
         print("harvest: interrupted", file=sys.stderr)

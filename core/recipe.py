@@ -98,21 +98,54 @@ class Recipe:
         return self.path.parent
 
 
+MAX_RECIPE_BYTES = 1_000_000
+MAX_DEPTH = 64
+MAX_VALUES = 100_000  # after aliases are expanded
+
+
+def _check_shape(path: Path, root) -> None:
+    """Refuses a document that is too deep, or that aliases make huge (a "billion laughs"
+    bomb is a few lines whose expansion would take minutes and gigabytes to walk). Each
+    node is measured once, so this is linear in the text, not in the expansion."""
+    sizes: dict[int, int] = {}
+
+    def size(node, depth: int) -> int:
+        if depth > MAX_DEPTH:
+            raise RecipeError(path, "", f"nested more than {MAX_DEPTH} levels deep",
+                              node.start_mark.line + 1)
+        if id(node) in sizes:
+            return sizes[id(node)]
+        total = 1
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                total += size(key_node, depth + 1) + size(value_node, depth + 1)
+        elif isinstance(node, yaml.SequenceNode):
+            for item in node.value:
+                total += size(item, depth + 1)
+        sizes[id(node)] = total
+        if total > MAX_VALUES:
+            raise RecipeError(path, "", f"more than {MAX_VALUES:,} values once its aliases "
+                                        f"are expanded", node.start_mark.line + 1)
+        return total
+
+    size(root, 0)
+
+
 class _Lines:
     """Line numbers of YAML nodes by key path, from PyYAML's composed node tree."""
 
-    def __init__(self, path: Path, text: str):
+    def __init__(self, path: Path, root):
         self.path = path
         self.lines: dict[tuple, int] = {}
-        try:
-            root = yaml.compose(text, Loader=yaml.SafeLoader)
-        except yaml.YAMLError:
-            return  # safe_load reports the syntax error with its position
+        self.seen: set[int] = set()
         if root is not None:
             self._walk(root, ())
 
     def _walk(self, node, key_path: tuple) -> None:
         self.lines[key_path] = node.start_mark.line + 1
+        if id(node) in self.seen:
+            return  # an alias: its lines are where it was defined
+        self.seen.add(id(node))
         if isinstance(node, yaml.MappingNode):
             seen: dict[Any, int] = {}
             for key_node, value_node in node.value:
@@ -289,19 +322,26 @@ def load_recipe(path: str | Path, registry: Registry, *, environ: Mapping[str, s
     """Read, interpolate and validate a recipe; raise RecipeError naming what is wrong."""
     path = Path(path)
     try:
+        if path.is_file() and path.stat().st_size > MAX_RECIPE_BYTES:
+            raise UsageError(f"{path}: a recipe is at most {MAX_RECIPE_BYTES:,} bytes")
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise UsageError(f"{path}: no such recipe file") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise UsageError(f"{path}: cannot read recipe ({exc})") from None
     try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        if root is not None:
+            _check_shape(path, root)
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise RecipeError(path, "", f"YAML syntax error: {problem}",
                           mark.line + 1 if mark else None) from None
-    lines = _Lines(path, text)
+    except RecursionError:
+        raise RecipeError(path, "", f"nested more than {MAX_DEPTH} levels deep") from None
+    lines = _Lines(path, root)
     base_dir = path.resolve().parent
     if not isinstance(data, dict):
         raise RecipeError(path, "", "expected a YAML mapping with name, terms, sources, sinks")

@@ -87,22 +87,48 @@ class Summary:
     def render(self) -> str:
         data = self.to_dict()
         header = ["source", "term", *OUTCOMES]
-        table = [header] + [[row["source"], row["term"], *(str(row[o]) for o in OUTCOMES)]
+        table = [header] + [[printable(row["source"], 40), printable(row["term"], 40),
+                             *(str(row[o]) for o in OUTCOMES)]
                             for row in data["by_source_term"]]
         table.append(["all", "", *(str(data["totals"][o]) for o in OUTCOMES)])
         widths = [max(_width(row[i]) for row in table) for i in range(len(header))]
-        lines = [f"harvest {self.recipe_name}: {self.outcome} in {self.elapsed:.1f} s"]
+        lines = [f"harvest {printable(self.recipe_name, 80)}: {self.outcome} in "
+                 f"{self.elapsed:.1f} s"]
         for row in table:
             lines.append("  " + "  ".join(cell + " " * (widths[i] - _width(cell))
                                           for i, cell in enumerate(row)))
         if data["failures"]:
             lines.append("  reasons:")
             for failure in data["failures"]:
-                lines.append(f"    {failure['count']:>5}  {failure['source']} "
-                             f"{failure['stage']}: {failure['reason']}")
+                lines.append(f"    {failure['count']:>5}  {printable(failure['source'], 40)} "
+                             f"{printable(failure['stage'], 40)}: "
+                             f"{printable(failure['reason'], 300)}")
         if self.pending_note:
             lines.append(f"  {self.pending_note}")
         return "\n".join(lines)
+
+
+def printable(text: str, limit: int = 200) -> str:
+    """Text from the outside world (terms, reasons, server messages) made safe for a
+    terminal: control and bidirectional-override characters shown as escapes, so they
+    cannot move the cursor, recolour, hide or fake lines; and cut at ``limit`` columns."""
+    out = []
+    for ch in str(text):
+        code = ord(ch)
+        if code < 0x20 or 0x7F <= code < 0xA0 or 0x202A <= code <= 0x202E \
+                or 0x2066 <= code <= 0x2069 or code in (0x200E, 0x200F, 0x061C):
+            out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
+        else:
+            out.append(ch)
+    safe = "".join(out)
+    if _width(safe) > limit:
+        cut = ""
+        for ch in safe:
+            if _width(cut + ch) > limit - 1:
+                break
+            cut += ch
+        safe = cut + "…"
+    return safe
 
 
 def _width(text: str) -> int:
@@ -121,7 +147,8 @@ class Progress:
         self.enabled = enabled
         if enabled and sys.stderr.isatty():
             from tqdm import tqdm
-            self.bar = tqdm(unit="img", desc=summary.recipe_name, dynamic_ncols=True)
+            self.bar = tqdm(unit="img", desc=printable(summary.recipe_name, 40),
+                            dynamic_ncols=True)
         self.shown = 0
 
     def update(self) -> None:

@@ -181,3 +181,33 @@ def test_an_enricher_error_fails_only_its_record(flickr, recipe_file, harvest, t
     assert sorted(r["source_id"] for r in records) == ["1001", "1002", "1003", "1004"]
     assert all(r["flaky_seen"] for r in records)
     assert "flickr enrich flaky: RuntimeError: boom" in out
+
+
+def test_ascii_values_without_a_counted_nul_keep_their_last_character(tmp_path):
+    """Some cameras count an ASCII value's characters without the trailing NUL; the last
+    character is still part of the value."""
+    exif = piexif.dump({"0th": {piexif.ImageIFD.Make: b"EASTMAN KODAK COMPANY",
+                                piexif.ImageIFD.Model: b"KODAK DC240",
+                                piexif.ImageIFD.Software: b"ab"},
+                        "Exif": {piexif.ExifIFD.DateTimeOriginal: b"2001:02:03 04:05:06"}})
+    # piexif writes each value with a NUL and counts it; count one fewer, as those cameras do.
+    for tag, text in ((piexif.ImageIFD.Make, b"EASTMAN KODAK COMPANY"),
+                      (piexif.ImageIFD.Model, b"KODAK DC240"),
+                      (piexif.ImageIFD.Software, b"ab"),
+                      (piexif.ExifIFD.DateTimeOriginal, b"2001:02:03 04:05:06")):
+        entry = tag.to_bytes(2, "big") + b"\x00\x02" + (len(text) + 1).to_bytes(4, "big")
+        assert exif.count(entry) == 1
+        exif = exif.replace(entry, entry[:4] + len(text).to_bytes(4, "big"))
+    path = tmp_path / "kodak.jpg"
+    path.write_bytes(make_image(3))
+    piexif.insert(exif, str(path))
+    tags = read_exif(path)["tags"]
+    assert tags["IFD0"]["Make"] == "EASTMAN KODAK COMPANY"
+    assert tags["IFD0"]["Model"] == "KODAK DC240"
+    assert tags["IFD0"]["Software"] == "ab"  # short values live in the entry itself
+    assert tags["ExifIFD"]["DateTimeOriginal"] == "2001:02:03 04:05:06"
+    # Values that do count their NUL are unchanged.
+    normal = tmp_path / "normal.jpg"
+    normal.write_bytes(make_image(4))
+    piexif.insert(piexif.dump({"0th": {piexif.ImageIFD.Make: b"Canon"}}), str(normal))
+    assert read_exif(normal)["tags"]["IFD0"]["Make"] == "Canon"

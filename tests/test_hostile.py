@@ -252,3 +252,21 @@ sources: [{{use: urls, options: {{path: list.txt}}}}]
     assert process.returncode == 130, err
     assert "interrupted" in out
     assert len(read_jsonl(output / "records.jsonl")) == 6
+
+
+def test_terms_and_reasons_cannot_drive_the_terminal(harvest, recipe_file, tmp_path):
+    evil = "\x1b[2J\x1b[31mowned\rfake line\n\u202eevil" + "x" * 500
+    (tmp_path / "list.jsonl").write_text(json.dumps({"url": "ftp://h/a.jpg", "term": evil}),
+                                         encoding="utf-8")
+    output = tmp_path / "out"
+    recipe = recipe_file(f"""
+name: "bad\\x1b[0m name"
+terms: [x]
+output: {output}
+sources: [{{use: urls, options: {{path: list.jsonl}}}}]
+""")
+    status, out, err = harvest("run", recipe, "--no-progress")
+    assert status == 0, err
+    assert "\x1b" not in out and "\r" not in out and "\u202e" not in out
+    assert "\\x1b[2J\\x1b[31mowned\\x0dfake line\\x0a\\u…" in out  # cut at 40 columns
+    assert max(len(line) for line in out.splitlines()) < 400

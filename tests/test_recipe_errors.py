@@ -155,3 +155,27 @@ def test_console_script_exit_status(recipe_file, tmp_path):
     done = subprocess.run([harvest_bin, "validate", str(path)], capture_output=True, text=True)
     assert done.returncode == 2
     check_one_line(done.stderr, "sources[0].use", "unknown source 'nosuch'")
+
+
+BILLION_LAUGHS = "name: x\noutput: out\nsources: [{use: folder, options: {path: .}}]\n" \
+    "a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
+        f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 9)}]\n"
+        for i in range(8)) + "terms: *i\n"
+
+
+@pytest.mark.parametrize("text, needle", [
+    (BILLION_LAUGHS, "values once its aliases are expanded"),
+    ("name: x\nterms: " + "[" * 5000 + "]" * 5000 + "\n", "nested more than 64 levels deep"),
+    ("name: x\nterms: " + "[" * 80 + "a" + "]" * 80 + "\n", "nested more than 64 levels deep"),
+    ("name: x\nterms: [a]\n# " + "x" * 1_100_000 + "\n", "a recipe is at most 1,000,000 bytes"),
+])
+def test_hostile_recipes_fail_fast_in_one_line(text, needle, tmp_path, harvest):
+    import time
+
+    recipe = tmp_path / "recipe.yml"
+    recipe.write_text(text, encoding="utf-8")
+    started = time.monotonic()
+    status, out, err = harvest("validate", recipe)
+    assert time.monotonic() - started < 5
+    assert status == 2
+    check_one_line(err, str(recipe), needle)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import base64
 import math
 import string
+import struct
+import types
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,29 @@ MAKER_NOTE = piexif.ExifIFD.MakerNote
 USER_COMMENT = piexif.ExifIFD.UserComment
 MAX_BINARY = 4096  # larger opaque blobs are dropped with a note, not base64-bloated
 _PRINTABLE = set(string.printable)
+
+
+class _ExifReader(piexif._load._ExifReader):
+    """piexif's reader, but an ASCII value keeps its last character when the writer did
+    not count a trailing NUL (piexif drops the last byte unconditionally, so
+    ``EASTMAN KODAK COMPANY`` with count 21 came out ``EASTMAN KODAK COMPAN``)."""
+
+    def convert_value(self, val):
+        kind, length, value = val[0], val[1], val[2]
+        if kind != piexif.TYPES.Ascii:
+            return super().convert_value(val)
+        if length > 4:
+            pointer = struct.unpack(self.endian_mark + "L", value)[0]
+            data = self.tiftag[pointer:pointer + length]
+        else:
+            data = value[:length]
+        return data[:-1] if data.endswith(b"\x00") else data
+
+
+# piexif.load with the reader above: the same function, looking its reader up here.
+_load = types.FunctionType(piexif._load.load.__code__,
+                           {**vars(piexif._load), "_ExifReader": _ExifReader}, "load",
+                           piexif._load.load.__defaults__)
 
 
 def _rational(pair) -> float | None:
@@ -123,7 +148,7 @@ def read_exif(path: Path, *, makernote: bool = False, thumbnail: bool = False,
                 source = image.info.get("exif")
             if not source:
                 return {"error": "no EXIF"}
-        loaded = piexif.load(source)
+        loaded = _load(source)
     except Exception as exc:  # piexif raises many kinds on broken files
         return {"error": f"unreadable EXIF: {exc.__class__.__name__}: {str(exc)[:120]}"}
     notes: list[str] = []
