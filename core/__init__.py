@@ -1,6 +1,6 @@
 """harvest's public types: everything a plugin needs, and nothing it should not touch."""
 
-from .crypto import PROTECTION_OPTIONS, FieldCipher, Keyring, Protection
+from .crypto import PROTECTION_OPTIONS, FieldCipher, Keyring, Protection, check_protection
 from .dataset import rewrite_jsonl
 from .errors import HarvestError, PluginConfigError, RecordError, UsageError
 from .options import (
@@ -13,6 +13,7 @@ from .options import (
     ListOf,
     MapOf,
     Option,
+    OptionError,
     OptionType,
     Path,
     Secret,
@@ -26,7 +27,7 @@ from .scoring import LabelScorer, ScoringError
 from .storage import inside, inside_check
 
 __all__ = [
-    "rewrite_jsonl", "inside", "inside_check",
+    "rewrite_jsonl", "inside", "inside_check", "check_protection", "OptionError",
     "PROTECTION_OPTIONS", "FieldCipher", "Keyring", "Protection",
     "BBox", "Bool", "Choice", "Context", "Date", "Enricher", "FileInfo", "Float", "HarvestError",
     "hookimpl", "Int", "json_default", "LabelScorer", "license_family", "ListOf", "MapOf", "Option",

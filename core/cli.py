@@ -16,6 +16,15 @@ from .summary import printable
 
 log = logging.getLogger("harvest")
 
+# What `harvest run` exits with: the README's "Guarantees and limits" lists them.
+EXIT_STATUS = {
+    "complete": 0,      # every record found is stored, or dropped/rejected for good
+    "failed": 1,        # the run itself broke (a bug, a crash of the engine)
+    # 2: bad input (recipe, option, secret, argument, output folder), before any work
+    "incomplete": 3,    # finished, but some records are not stored or a search failed
+    "interrupted": 130,  # stopped by a signal; progress is saved
+}
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="harvest", description="Harvest image datasets "
@@ -129,7 +138,10 @@ def _setup_logging(verbose: bool, recipe: Recipe | None = None) -> None:
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
-    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    # -v is harvest's own per-record log; libraries stay at WARNING, because their DEBUG
+    # output quotes what they parse (Pillow prints every EXIF value, an Artist included).
+    root.setLevel(logging.WARNING)
+    logging.getLogger("harvest").setLevel(logging.DEBUG if verbose else logging.INFO)
     console = logging.StreamHandler(sys.stderr)
     console.setLevel(logging.INFO if verbose else logging.WARNING)
     console.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
@@ -177,6 +189,7 @@ def _plain(value):
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    recipe = None
     try:
         if args.command == "plugins":
             return _cmd_plugins(args.json)
@@ -257,11 +270,10 @@ def main(argv: list[str] | None = None) -> int:
 
             summary = Engine(recipe, limit=args.limit, progress=not args.no_progress).run()
         print(summary.render())
-        if summary.outcome == "interrupted":
-            return 130
-        return 1 if summary.outcome in ("incomplete", "failed") else 0
+        return EXIT_STATUS.get(summary.outcome, 1)
     except HarvestError as exc:
-        print(f"harvest: error: {printable(str(exc), 2000)}", file=sys.stderr)
+        message = recipe.resolver.redact(str(exc)) if recipe is not None else str(exc)
+        print(f"harvest: error: {printable(message, 2000)}", file=sys.stderr)
         return exc.exit_status
     except KeyboardInterrupt:
         print("harvest: interrupted", file=sys.stderr)

@@ -258,7 +258,8 @@ class ClusterRun:
         self.show_progress = progress
         self.output = recipe.output
         self.run_id = f"{recipe.output.resolve()}#{uuid.uuid4().hex[:12]}"
-        self.summary = Summary(recipe.name)
+        self.summary = Summary(recipe.name, recipe.resolver.redact)
+        self.shards_incomplete = 0
         self.merged: set[str] = set()
 
     def check_sinks(self) -> None:
@@ -400,7 +401,7 @@ class ClusterRun:
                 self.summary.pending_note = (f"{len(failed)} shard(s) failed; run again to "
                                              f"retry them")
             elif self.summary.outcome == "running":
-                self.summary.outcome = "complete"
+                self.summary.outcome = "incomplete" if self.shards_incomplete else "complete"
         except (KeyboardInterrupt, _Interrupted):
             self.summary.outcome = "interrupted"
             self._stop(client, futures, merger)
@@ -416,6 +417,8 @@ class ClusterRun:
 
     def _absorb(self, result: dict) -> None:
         self.summary.absorb(result["summary"])
+        if result["summary"]["outcome"] == "incomplete":
+            self.shards_incomplete += 1
         if result["summary"]["outcome"] == "interrupted":
             self.summary.outcome = "interrupted"
 

@@ -140,6 +140,19 @@ PROTECTION_OPTIONS = (
 )
 
 
+def check_protection(options) -> None:
+    """A sink's ``check_options`` for PROTECTION_OPTIONS: encrypting needs a usable key."""
+    from .options import OptionError
+
+    if options.get("personal_fields") != "encrypt":
+        return
+    try:
+        FieldCipher(Keyring.load(options.get("key_file"), options.get("key_env"))) \
+            .round_trip_check()
+    except UsageError as exc:
+        raise OptionError("key_file" if options.get("key_file") else "key_env", str(exc)) from None
+
+
 class Protection:
     """What a sink does with personal fields, just before it writes."""
 

@@ -71,11 +71,13 @@ class Engine:
         self.early_claims: dict[str, tuple[str, dict]] = {}  # record id -> (path, claim)
         self.state_dir = self.output / STATE_DIR
         self.temp_dir = self.state_dir / "tmp"
-        self.summary = Summary(recipe.name)
+        self.resolver = recipe.resolver
+        self.summary = Summary(recipe.name, self.resolver.redact)
         self.hints: dict = {}
         self.made_dirs: set[Path] = set()  # one per term folder: bounded
         self.show_progress = progress
         self.stop_requested = threading.Event()
+        self.search_failures = 0
         self.http = HttpClient(rate_per_host=self.settings.rate_per_host,
                                timeout=self.settings.timeout, retries=self.settings.retries,
                                backoff=self.settings.backoff, user_agent=self.settings.user_agent,
@@ -119,7 +121,7 @@ class Engine:
         (self.images_root / "images").mkdir(parents=True, exist_ok=True)
         shutil.rmtree(self.temp_dir, ignore_errors=True)  # parts of downloads a crash cut off
         self.temp_dir.mkdir(parents=True)
-        self.state = RunState(self.state_dir / "state.sqlite")
+        self.state = RunState(self.state_dir / "state.sqlite", self.resolver.redact)
         run_id = self.state.start_run()
         progress = Progress(self.summary, enabled=self.show_progress)
         try:
@@ -136,7 +138,11 @@ class Engine:
                     sink.resume(self.state.checkpoint(spec.label))
                 try:
                     self._pump(sources, progress)
-                    self.summary.outcome = "complete"
+                    # Complete means every record found reached its end: stored, or
+                    # dropped or rejected for a reason that will not change. A transient
+                    # failure, a record a sink never took, or a failed search is not that.
+                    unfinished = self.summary.total("failed") or self.search_failures
+                    self.summary.outcome = "incomplete" if unfinished else "complete"
                 except (KeyboardInterrupt, Interrupted):
                     self.summary.outcome = "interrupted"
                     log.warning("interrupted: progress is saved; run again to resume")
@@ -366,6 +372,7 @@ class Engine:
                 log.error("%s: search %r failed: %s", spec.label,
                           query.text if query else "", reason)
                 self.summary.note_reason(spec.label, "search", reason)
+                self.search_failures += 1
 
     def _finished(self, in_flight: dict, block: bool) -> list[Future]:
         """Downloads done since the last call, from the completion queue (no scanning)."""
@@ -499,6 +506,11 @@ class Engine:
     # -- enrich and store ---------------------------------------------------------------------
 
     def _add_to_batch(self, record: Record) -> None:
+        if self.resolver.revealed:
+            # A secret in an endpoint or a folder path must not reach the records (a URL
+            # that quotes it) any more than the logs.
+            record.url = self.resolver.redact(record.url) if record.url else record.url
+            record.fields = self.resolver.redact_value(record.fields)
         self.batch.append(record)
         self.held_ids.add(record.id)
         if (len(self.batch) >= self.settings.batch_size

@@ -11,6 +11,14 @@ from typing import Any
 _MISSING = object()
 
 
+class OptionError(ValueError):
+    """A problem with one option, found by a plugin's ``check_options``."""
+
+    def __init__(self, option: str, message: str):
+        super().__init__(message)
+        self.option = option
+
+
 class OptionType:
     """Converts a YAML value to what the plugin gets, or raises ValueError(what was expected)."""
 
@@ -244,9 +252,14 @@ class Thresholds(OptionType):
 
 
 class Path(Str):
-    """A file-system path; relative paths are resolved against the recipe's folder."""
+    """A file-system path; relative paths are resolved against the recipe's folder.
+    ``exists``: "file" or "dir" when the recipe is wrong without one there."""
 
     name = "path"
+
+    def __init__(self, exists: str | None = None):
+        super().__init__()
+        self.exists = exists
 
 
 @dataclass(frozen=True)

@@ -76,6 +76,12 @@ class Plugin:
         """Release what ``open`` acquired; called once, even after an error."""
 
     @classmethod
+    def check_options(cls, options: Mapping[str, Any]) -> None:
+        """Checks that need several options or the local machine (a key file), made by
+        ``harvest validate`` and before every run, never over the network. Raises
+        ``OptionError(option_name, message)``."""
+
+    @classmethod
     def summary(cls) -> str:
         doc = (cls.__doc__ or "").strip()
         return doc.splitlines()[0] if doc else ""

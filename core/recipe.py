@@ -11,7 +11,18 @@ from typing import Any
 import yaml
 
 from .errors import RecipeError, UsageError
-from .options import Bool, Float, Int, Option, OptionType, Secret, SecretValue, Size, Str
+from .options import (
+    Bool,
+    Float,
+    Int,
+    Option,
+    OptionError,
+    OptionType,
+    Secret,
+    SecretValue,
+    Size,
+    Str,
+)
 from .options import Path as PathType
 from .record import Term
 from .registry import Registry
@@ -243,13 +254,20 @@ class _Checker:
     def value(self, option_type: OptionType, value: Any, key_path: tuple, base_dir: Path) -> Any:
         if isinstance(option_type, Secret):
             return self.secret(value, key_path)
+        written = value
         value = self.interpolate(value, key_path)
         try:
             converted = option_type.convert(value)
         except ValueError as exc:
-            raise self.fail(key_path, f"{exc} (got {value!r})") from None
+            # Show what the recipe says, never what a ${NAME} in it resolved to.
+            raise self.fail(key_path, f"{exc} (got {written!r})") from None
         if isinstance(option_type, PathType):
             converted = str((base_dir / Path(converted).expanduser()).resolve())
+            expected = {"file": Path.is_file, "dir": Path.is_dir}.get(option_type.exists)
+            if expected is not None and not expected(Path(converted)):
+                what = "file" if option_type.exists == "file" else "folder"
+                shown = written if written != value else converted
+                raise self.fail(key_path, f"no such {what}: {shown}")
         return converted
 
 
@@ -313,6 +331,10 @@ def _parse_plugins(checker: _Checker, kind: str, raw: Any, registry: Registry,
         labels.add(label)
         options = checker.options(info.cls.options, item.get("options"), here + ("options",),
                                   base_dir)
+        try:
+            info.cls.check_options(options)
+        except OptionError as exc:
+            raise checker.fail(here + ("options", exc.option), str(exc)) from None
         specs.append(PluginSpec(kind, use, label, format_path(here), info.cls, options))
     return specs
 

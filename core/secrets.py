@@ -9,6 +9,7 @@ import os
 import re
 import stat
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from .errors import UsageError
 
@@ -70,7 +71,32 @@ class SecretResolver:
             value = self._load_credentials().get(name)
         if value:
             self.revealed.add(value)
+            # Errors quote a URL's parts (a host that does not resolve), not the whole.
+            parts = urlsplit(value) if "://" in value else None
+            if parts is not None and parts.hostname:
+                self.revealed.update({parts.hostname, parts.netloc})
         return value or None
+
+    def secrets(self) -> list[str]:
+        """Every value resolved so far that is long enough to redact, longest first (so
+        that a secret containing another is replaced whole)."""
+        return sorted((s for s in self.revealed if len(s) >= 4), key=len, reverse=True)
+
+    def redact(self, text: str) -> str:
+        for secret in self.secrets():
+            if secret in text:
+                text = text.replace(secret, "***")
+        return text
+
+    def redact_value(self, value):
+        """``value`` with every secret replaced in its strings, however deeply nested."""
+        if isinstance(value, str):
+            return self.redact(value)
+        if isinstance(value, dict):
+            return {key: self.redact_value(item) for key, item in value.items()}
+        if isinstance(value, list):
+            return [self.redact_value(item) for item in value]
+        return value
 
     def where(self) -> str:
         path = self.credentials_file or self.environ.get(CREDENTIALS_ENV) or DEFAULT_CREDENTIALS
@@ -85,12 +111,9 @@ class RedactingFilter(logging.Filter):
         self.resolver = resolver
 
     def filter(self, record: logging.LogRecord) -> bool:
-        secrets = [s for s in self.resolver.revealed if len(s) >= 4]
-        if secrets:
+        if self.resolver.revealed:
             message = record.getMessage()
-            redacted = message
-            for secret in secrets:
-                redacted = redacted.replace(secret, "***")
+            redacted = self.resolver.redact(message)
             if redacted != message:
                 record.msg, record.args = redacted, None
         return True

@@ -106,7 +106,9 @@ class KnownRecord:
 
 
 class RunState:
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, redact=None):
+        """``redact``: applied to failure reasons, which may quote a secret path or URL."""
+        self.redact = redact or (lambda text: text)
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(path, isolation_level=None)
@@ -161,7 +163,8 @@ class RunState:
     def set_status(self, record_id: str, source: str, term: str | None, status: str,
                    reason: str | None = None, sha256: str | None = None,
                    duplicate_of: str | None = None) -> None:
-        self._status_rows.append((record_id, source, term, status, reason, sha256, duplicate_of,
+        self._status_rows.append((record_id, source, term, status,
+                                  self.redact(reason) if reason else reason, sha256, duplicate_of,
                                   time.time()))
         self.known_ids.add(record_id)
         known = self._recent.get(record_id)

@@ -13,8 +13,11 @@ OUTCOMES = ("found", "skipped", "downloaded", "duplicate", "dropped", "rejected"
 
 
 class Summary:
-    def __init__(self, recipe_name: str):
-        self.recipe_name = recipe_name
+    def __init__(self, recipe_name: str, redact=None):
+        """``redact``: applied to every reason, so that no resolved secret (in a path or
+        an endpoint that an error message quotes) reaches the printout or last-run.json."""
+        self.redact = redact or (lambda text: text)
+        self.recipe_name = self.redact(recipe_name)
         self.started = time.monotonic()
         self.counts: Counter[tuple[str, str, str]] = Counter()  # (source, term, outcome)
         self.reasons: Counter[tuple[str, str, str]] = Counter()  # (source, stage, reason)
@@ -28,10 +31,10 @@ class Summary:
 
     def fail(self, source: str, term: str | None, stage: str, reason: str, outcome: str) -> None:
         self.count(source, term, outcome)
-        with self._lock:
-            self.reasons[(source, stage, reason)] += 1
+        self.note_reason(source, stage, reason)
 
     def note_reason(self, source: str, stage: str, reason: str) -> None:
+        reason = self.redact(reason)
         with self._lock:
             self.reasons[(source, stage, reason)] += 1
 

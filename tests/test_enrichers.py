@@ -176,7 +176,7 @@ def test_an_enricher_error_fails_only_its_record(flickr, recipe_file, harvest, t
     output = tmp_path / "out"
     recipe = recipe_file(flickr_recipe(flickr.endpoint, output) + "enrichers: [flaky]\n")
     status, out, _ = harvest("run", recipe, "--no-progress")
-    assert status == 0
+    assert status == 3  # the failed record is retried by the next run
     records = read_jsonl(output / "records.jsonl")
     assert sorted(r["source_id"] for r in records) == ["1001", "1002", "1003", "1004"]
     assert all(r["flaky_seen"] for r in records)
@@ -211,3 +211,21 @@ def test_ascii_values_without_a_counted_nul_keep_their_last_character(tmp_path):
     normal.write_bytes(make_image(4))
     piexif.insert(piexif.dump({"0th": {piexif.ImageIFD.Make: b"Canon"}}), str(normal))
     assert read_exif(normal)["tags"]["IFD0"]["Make"] == "Canon"
+
+
+def test_verbose_logs_outcomes_not_personal_values(tmp_path, recipe_file, harvest):
+    """-v logs each record's outcome; it does not turn on the libraries' DEBUG output,
+    which prints EXIF values (an Artist is a person's name)."""
+    images = tmp_path / "images"
+    images.mkdir()
+    for seed in range(3):
+        (images / f"{seed}.jpg").write_bytes(make_image(seed, gps=(14.5995, 120.9842)))
+    (images / "broken.jpg").write_bytes(make_image(9)[:200])
+    output = tmp_path / "out"
+    recipe = recipe_file(folder_recipe(images, output, "  - use: exif", sink="omit"))
+    status, out, err = harvest("-v", "run", recipe, "--no-progress")
+    assert status == 0, err
+    log = (output / ".harvest" / "harvest.log").read_text(encoding="utf-8")
+    assert "folder:broken.jpg: download rejected: corrupt image" in log
+    for text in (log, out, err):
+        assert "Test Camera Owner" not in text and " DEBUG PIL" not in text

@@ -13,7 +13,7 @@ import threading
 import time
 
 import pytest
-from conftest import read_jsonl
+from conftest import REPO, read_jsonl
 from imagegen import make_image
 
 from harvest.core.errors import RecordError
@@ -270,3 +270,54 @@ sources: [{{use: urls, options: {{path: list.jsonl}}}}]
     assert "\x1b" not in out and "\r" not in out and "\u202e" not in out
     assert "\\x1b[2J\\x1b[31mowned\\x0dfake line\\x0a\\u…" in out  # cut at 40 columns
     assert max(len(line) for line in out.splitlines()) < 400
+
+
+def test_secrets_in_paths_and_endpoints_reach_no_output(flickr, recipe_file, harvest, tmp_path,
+                                                        monkeypatch):
+    """A ${NAME} used in a path or an endpoint is as secret as an API key: it appears in
+    no file of the output, no printout and no error."""
+    from conftest import monkey_photos
+
+    secret = "S3cr3tPlace9"
+    folder = tmp_path / secret
+    folder.mkdir()
+    for name in ("animal-00.jpg", "animal-01.jpg"):
+        (folder / name).write_bytes((REPO / "configs/demo-images/animals" / name).read_bytes())
+    (folder / "broken.jpg").write_bytes(JPEG[:300])
+    flickr.photos = monkey_photos(3)
+    monkeypatch.setenv("SECRET_DIR", str(folder))
+    monkeypatch.setenv("SECRET_MISSING", str(tmp_path / secret / "nothing-here"))
+    # A host that does not resolve: the error quotes the host alone, not the whole value.
+    endpoint_secret = secret.lower() + ".localhost"
+    monkeypatch.setenv("SECRET_ENDPOINT", flickr.endpoint.replace("127.0.0.1", endpoint_secret))
+    monkeypatch.setenv("SECRET_NUMBER", secret)
+    output = tmp_path / "out"
+    recipe = recipe_file(f"""
+terms: [monkey]
+output: {output}
+run: {{allow_private_addresses: true, rate_per_host: 1000, retries: 1, backoff: 0.01}}
+sources:
+  - {{use: folder, options: {{path: "${{SECRET_DIR}}"}}}}
+  - {{use: flickr, options: {{endpoint: "${{SECRET_ENDPOINT}}"}}}}
+""")
+    status, out, err = harvest("run", recipe, "--no-progress")
+    printed = out + err
+    assert secret not in printed and endpoint_secret not in printed
+    for path in output.rglob("*"):
+        if path.is_file():
+            data = path.read_bytes()
+            assert secret.encode() not in data and endpoint_secret.encode() not in data, path
+    assert "***" in printed  # the reasons are there, with the secret replaced
+
+    for option, shown in (("per_page", "(got '${SECRET_NUMBER}')"),
+                          ("path", "no such folder: ${SECRET_MISSING}")):
+        plugin = "flickr" if option == "per_page" else "folder"
+        variable = "SECRET_NUMBER" if option == "per_page" else "SECRET_MISSING"
+        bad = recipe_file(f"""
+terms: [monkey]
+output: {output}
+sources: [{{use: {plugin}, options: {{{option}: "${{{variable}}}"}}}}]
+""", name="bad.yml")
+        status, out, err = harvest("validate", bad)
+        assert status == 2 and secret not in out + err
+        assert shown in err, err

@@ -32,6 +32,23 @@ def keys(monkeypatch):
 
 
 CASES = {
+    "folder that does not exist": (
+        "name: x\nterms: [monkey]\noutput: out\nsources:\n  - use: folder\n"
+        "    options:\n      path: no/such/folder\n",
+        ["recipe.yml:7", "sources[0].options.path", "no such folder", "no/such/folder"]),
+    "URL list that does not exist": (
+        "name: x\nterms: [monkey]\noutput: out\nsources:\n  - use: urls\n"
+        "    options: {path: urls.txt}\n",
+        ["recipe.yml:6", "sources[0].options.path", "no such file", "urls.txt"]),
+    "encrypting sink without a key": (
+        "name: x\nterms: [monkey]\noutput: out\nsources: [{use: folder, options: {path: .}}]\n"
+        "sinks:\n  - use: jsonl\n    options:\n      personal_fields: encrypt\n"
+        "      key_file: keys/none.key\n",
+        ["recipe.yml:9", "sinks[0].options.key_file", "key file not found", "harvest keygen"]),
+    "encrypting sink, key variable unset": (
+        "name: x\nterms: [monkey]\noutput: out\nsources: [{use: folder, options: {path: .}}]\n"
+        "sinks:\n  - use: jsonl\n    options: {personal_fields: encrypt}\n",
+        ["recipe.yml:7", "sinks[0].options.key_env", "no encryption key: set HARVEST_KEY"]),
     "unknown plugin": (
         "name: x\nterms: [monkey]\noutput: out\nsources:\n  - use: flikr\n",
         ["recipe.yml:5", "sources[0].use", "unknown source 'flikr'", "flickr", "folder"]),
@@ -179,3 +196,13 @@ def test_hostile_recipes_fail_fast_in_one_line(text, needle, tmp_path, harvest):
     assert time.monotonic() - started < 5
     assert status == 2
     check_one_line(err, str(recipe), needle)
+
+
+def test_a_failed_search_makes_the_run_incomplete(recipe_file, harvest, tmp_path, keys):
+    """Exit 3: the run went to the end, but not everything it was asked for is stored."""
+    path = recipe_file(f"name: x\nterms: [monkey]\noutput: {tmp_path / 'out'}\n"
+                       "run: {retries: 0}\nsources:\n  - use: flickr\n    options:\n"
+                       "      endpoint: http://127.0.0.1:9/services/rest/\n")
+    status, out, err = harvest("run", path, "--no-progress")
+    assert status == 3, err
+    assert out.startswith("harvest x: incomplete")

@@ -99,44 +99,50 @@ KILL_LOOPS = int(os.environ.get("HARVEST_KILL_LOOPS", "8"))
 
 def test_many_stops_in_a_row_never_write_a_record_twice(flickr, recipe_file, tmp_path,
                                                         isolated_home, harvest):
-    """Stop the same run again and again at random moments, by every kind of signal; after
-    each clean stop the file has no duplicate, and the last run completes the set.
+    """Stop runs again and again at random moments, by every kind of signal; after each
+    clean stop the file has no duplicate, and a last run completes the set. When a round's
+    set is complete, the next round starts on a new output folder.
     (HARVEST_KILL_LOOPS=200 runs it as the issue asked, locally.)"""
     import random
 
     rng = random.Random(int(os.environ.get("HARVEST_KILL_SEED", "7")))
-    total = 40 * KILL_LOOPS  # enough that every loop finds work left
-    flickr.photos = monkey_photos(total)
+    flickr.photos = monkey_photos(300)
     flickr.image_latency = 0.005
-    output = tmp_path / "out"
-    recipe = recipe_file(flickr_recipe(flickr.endpoint, output,
-                                       run=f"concurrency: 4\nbatch_size: 3\n"
-                                           f"limit_per_term: {total}"))
-    sink = output / "records.jsonl"
-    stops = 0
-    for loop in range(KILL_LOOPS):
-        before = sink.read_bytes().count(b"\n") if sink.exists() else 0
-        if before >= total - 10:
-            break
-        process = start_run(recipe, isolated_home)
-        wait_for_lines(sink, before + 1, process)
-        time.sleep(rng.uniform(0, 0.3))
-        how = rng.choice([signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
-        process.send_signal(how)
-        out, err = process.communicate(timeout=30)
-        if process.returncode == 0:
-            break  # finished before the signal landed
-        stops += 1
-        assert process.returncode == (-signal.SIGKILL if how == signal.SIGKILL else 130), \
-            (loop, how, err)
-        if how != signal.SIGKILL:
-            counts = Counter(r["id"] for r in read_jsonl(sink))
-            assert max(counts.values()) == 1, (loop, how, [i for i, n in counts.items() if n > 1])
-            assert "sink jsonl failed" not in err
+    expected = {p.id for p in flickr.photos}
+    stops, rounds = 0, 0
+    loop = 0
+    while loop < KILL_LOOPS:
+        rounds += 1
+        output = tmp_path / f"out{rounds}"
+        recipe = recipe_file(flickr_recipe(flickr.endpoint, output,
+                                           run="concurrency: 4\nbatch_size: 3\n"
+                                               "limit_per_term: 300"), name=f"r{rounds}.yml")
+        sink = output / "records.jsonl"
+        while loop < KILL_LOOPS:
+            before = sink.read_bytes().count(b"\n") if sink.exists() else 0
+            if before >= 280:
+                break
+            loop += 1
+            process = start_run(recipe, isolated_home)
+            wait_for_lines(sink, before + 1, process)
+            time.sleep(rng.uniform(0, 0.3))
+            how = rng.choice([signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
+            process.send_signal(how)
+            out, err = process.communicate(timeout=30)
+            if process.returncode == 0:
+                break  # finished before the signal landed
+            stops += 1
+            assert process.returncode == (-signal.SIGKILL if how == signal.SIGKILL else 130), \
+                (loop, how, err)
+            if how != signal.SIGKILL:
+                counts = Counter(r["id"] for r in read_jsonl(sink))
+                assert max(counts.values()) == 1, (loop, how,
+                                                   [i for i, n in counts.items() if n > 1])
+                assert "sink jsonl failed" not in err
+        status, out, err = harvest("run", recipe, "--no-progress")
+        assert status == 0, err
+        check_complete(output, expected)
     assert stops >= KILL_LOOPS // 2
-    status, out, err = harvest("run", recipe, "--no-progress")
-    assert status == 0, err
-    check_complete(output, {p.id for p in flickr.photos})
 
 
 def test_a_second_run_on_the_same_output_is_refused(flickr, recipe_file, tmp_path,

@@ -115,7 +115,7 @@ def test_an_image_vision_cannot_read_fails_alone(vision_server, tmp_path, recipe
     output = tmp_path / "out"
     recipe = recipe_file(recipe_text(folder, output, vision_server.url, ""))
     status, out, _ = harvest("run", recipe, "--no-progress")
-    assert status == 0
+    assert status == 3  # green is retried by the next run
     assert sorted(by_name(output)) == ["blue02", "red00"]
     assert "Bad image data" in out
 

@@ -17,6 +17,7 @@ from harvest.core import (
     Record,
     Sink,
     Str,
+    check_protection,
     hookimpl,
     inside,
     inside_check,
@@ -37,6 +38,10 @@ class JsonlSink(Sink):
         *PROTECTION_OPTIONS,
         Option("fsync", Bool(), True, help="sync each batch to disk before it counts as stored"),
     )
+
+    @classmethod
+    def check_options(cls, options) -> None:
+        check_protection(options)
 
     def open(self) -> None:
         self.protection = Protection(self.config)

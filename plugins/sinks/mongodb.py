@@ -13,6 +13,7 @@ from harvest.core import (
     Record,
     Sink,
     Str,
+    check_protection,
     hookimpl,
 )
 
@@ -36,6 +37,10 @@ class MongoSink(Sink):
           Option("personal_fields", option.type, "encrypt", help=option.help)
           for option in PROTECTION_OPTIONS],
     )
+
+    @classmethod
+    def check_options(cls, options) -> None:
+        check_protection(options)
 
     def open(self) -> None:
         import pymongo  # here, not at import: recipes without this sink should not load it

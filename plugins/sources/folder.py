@@ -31,7 +31,8 @@ class FolderSource(Source):
     uses_terms = False
     reads_local_files = True
     options = (
-        Option("path", PathOption(), required=True, help="folder to read (relative to the recipe)"),
+        Option("path", PathOption(exists="dir"), required=True,
+               help="folder to read (relative to the recipe)"),
         Option("recursive", Bool(), True, help="descend into sub-folders"),
         Option("extensions", ListOf(Str()), ["jpg", "jpeg", "png", "gif", "webp", "tif", "tiff",
                                              "bmp"], help="file extensions taken as images"),

@@ -17,7 +17,7 @@ class UrlListSource(Source):
 
     uses_terms = False
     options = (
-        Option("path", PathOption(), required=True, help="the list (relative to the recipe)"),
+        Option("path", PathOption(exists="file"), required=True, help="the list (relative to the recipe)"),
         Option("format", Choice("auto", "txt", "csv", "tsv", "jsonl"), "auto",
                help="file format (auto: from the extension)"),
         Option("url_column", Str(), "url", help="column or key holding the URL"),
