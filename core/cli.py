@@ -6,12 +6,14 @@ import argparse
 import json
 import logging
 import sys
+import threading
 from pathlib import Path
 
 from .errors import HarvestError, UsageError
 from .recipe import Recipe, load_recipe
 from .registry import KINDS, load_registry
 from .secrets import RedactingFilter
+from .stopping import StopSignals
 from .summary import printable
 
 log = logging.getLogger("harvest")
@@ -37,6 +39,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--output", type=Path, help="override the recipe's output folder")
     run.add_argument("--limit", type=int, help="stop after this many records in all")
     run.add_argument("--no-progress", action="store_true", help="no progress bar or lines")
+    run.add_argument("--verify-sinks", action="store_true",
+                     help="first check that every sink has every record stored earlier, and "
+                          "write again those it lacks")
     run.add_argument("--cluster", metavar="ADDRESS",
                      help="run on this Dask cluster (its scheduler, e.g. tcp://host:8786)")
     run.add_argument("--local-workers", type=int, metavar="N",
@@ -261,6 +266,9 @@ def main(argv: list[str] | None = None) -> int:
             if args.limit is not None:
                 raise UsageError("--limit works on one machine only; on a cluster set "
                                  "run.limit_per_term or a source's count in the recipe")
+            if args.verify_sinks:
+                raise UsageError("--verify-sinks works on one machine only: run it without "
+                                 "--cluster/--local-workers, then go on with the cluster")
             from .cluster import ClusterRun
 
             summary = ClusterRun(recipe, address=args.cluster, local_workers=args.local_workers,
@@ -268,7 +276,12 @@ def main(argv: list[str] | None = None) -> int:
         else:
             from .engine import Engine
 
-            summary = Engine(recipe, limit=args.limit, progress=not args.no_progress).run()
+            # From here a signal is a stop request, even before the engine starts: once
+            # the output is locked (the engine's first step) it is always honoured.
+            stop = threading.Event()
+            with StopSignals(stop):
+                summary = Engine(recipe, limit=args.limit, progress=not args.no_progress,
+                                 verify_sinks=args.verify_sinks, stop_requested=stop).run()
         print(summary.render())
         return EXIT_STATUS.get(summary.outcome, 1)
     except HarvestError as exc:

@@ -55,10 +55,12 @@ log = logging.getLogger("harvest.engine")
 class Engine:
     def __init__(self, recipe: Recipe, *, limit: int | None = None, progress: bool = True,
                  shards: list[Shard] | None = None, part_dir: Path | None = None,
-                 coordinator: Coordinator | None = None):
+                 coordinator: Coordinator | None = None, verify_sinks: bool = False,
+                 stop_requested: threading.Event | None = None):
         """``shards``: run only these (a cluster worker's share), keeping run state and
         the parts of unshared sinks in ``part_dir``; images still go to the output folder."""
         self.recipe = recipe
+        self.verify_sinks = verify_sinks
         self.settings = recipe.run
         self.limit = limit
         self.shards = shards
@@ -76,7 +78,10 @@ class Engine:
         self.hints: dict = {}
         self.made_dirs: set[Path] = set()  # one per term folder: bounded
         self.show_progress = progress
-        self.stop_requested = threading.Event()
+        # A caller that handles signals itself passes its stop event; otherwise the engine
+        # turns SIGINT/SIGTERM into one while it runs.
+        self.own_signals = stop_requested is None
+        self.stop_requested = stop_requested or threading.Event()
         self.search_failures = 0
         self.http = HttpClient(rate_per_host=self.settings.rate_per_host,
                                timeout=self.settings.timeout, retries=self.settings.retries,
@@ -128,7 +133,8 @@ class Engine:
             # A cluster worker runs the engine in a thread of its own, where signals cannot
             # go; there the client's stop request arrives through report_progress.
             with ExitStack() as stack:
-                stack.enter_context(StopSignals(self.stop_requested))
+                if self.own_signals:
+                    stack.enter_context(StopSignals(self.stop_requested))
                 self.sinks = [(spec, self._open(stack, spec)) for spec in self.recipe.sinks]
                 self.enrichers = [(spec, self._open(stack, spec)) for spec in self.recipe.enrichers]
                 for _, enricher in self.enrichers:
@@ -136,6 +142,8 @@ class Engine:
                 sources = [(spec, self._open(stack, spec)) for spec in self.recipe.sources]
                 for spec, sink in self.sinks:
                     sink.resume(self.state.checkpoint(spec.label))
+                if self.verify_sinks:
+                    self._verify_sinks()
                 try:
                     self._pump(sources, progress)
                     # Complete means every record found reached its end: stored, or
@@ -195,6 +203,33 @@ class Engine:
         plugin.open()
         stack.callback(plugin.close)
         return plugin
+
+    def _verify_sinks(self) -> None:
+        """Asks each sink which records the run state calls stored it does not have (a
+        database that lost acknowledged writes, a file restored from an old backup);
+        those are reopened, and this run writes them again to the sinks that lack them."""
+        reopened = 0
+        for ids in self.state.done_ids():
+            lacking: dict[str, set[str]] = {}
+            for spec, sink in self.sinks:
+                missing = sink.missing(ids)
+                if missing:
+                    lacking[spec.label] = missing
+            if not lacking:
+                continue
+            reopen = sorted(set().union(*lacking.values()))
+            for spec, _ in self.sinks:
+                has = [i for i in reopen if i not in lacking.get(spec.label, ())]
+                if has:
+                    self.state.mark_delivered(spec.label, has)
+            self.state.reopen(reopen)
+            self.state.commit()
+            reopened += len(reopen)
+            for label, missing in lacking.items():
+                log.warning("verify: sink %s lacks %d stored record(s)", label, len(missing))
+        self.summary.notes.append(f"verify: {reopened} stored record(s) missing from a sink; "
+                                  f"written again when their sources yield them"
+                                  if reopened else "verify: every sink has every stored record")
 
     # -- the loop -----------------------------------------------------------------------------
 

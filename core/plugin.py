@@ -141,6 +141,11 @@ class Sink(Plugin):
     # a part in ``context.part_dir``, and the client merges the parts at the end.
     shared: ClassVar[bool] = False
 
+    def missing(self, record_ids: list[str]) -> set[str] | None:
+        """Which of these records (the run state says they were stored here) the store
+        does not have; None when the sink cannot tell. Used by ``run --verify-sinks``."""
+        return None
+
     def resume(self, checkpoint: Any) -> None:
         """Called after ``open`` with the last committed checkpoint (None on a first run)."""
 

@@ -227,6 +227,27 @@ class RunState:
         self.db.executemany("DELETE FROM delivered WHERE record_id = ?",
                             [(record_id,) for record_id in record_ids])
 
+    def done_ids(self, chunk: int = 1000):
+        """The ids of records stored to every sink, in chunks (for --verify-sinks)."""
+        self.commit()
+        last = ""
+        while True:
+            rows = self.db.execute("SELECT id FROM records WHERE status = 'done' AND id > ? "
+                                   "ORDER BY id LIMIT ?", (last, chunk)).fetchall()
+            if not rows:
+                return
+            yield [row[0] for row in rows]
+            last = rows[-1][0]
+
+    def reopen(self, record_ids: list[str]) -> None:
+        """Stored records a sink turned out to lack: back to 'downloaded', so that the
+        next time a source yields them they are written again (to the sinks lacking them)."""
+        self.begin()
+        self.db.executemany("UPDATE records SET status = 'downloaded' WHERE id = ?",
+                            [(record_id,) for record_id in record_ids])
+        for record_id in record_ids:
+            self._recent.pop(record_id, None)
+
     def start_run(self) -> int:
         cursor = self.db.execute("INSERT INTO runs (started) VALUES (?)", (time.time(),))
         return cursor.lastrowid

@@ -23,6 +23,7 @@ class Summary:
         self.reasons: Counter[tuple[str, str, str]] = Counter()  # (source, stage, reason)
         self.outcome = "running"
         self.pending_note = ""
+        self.notes: list[str] = []
         self._lock = threading.Lock()  # sources count from their own thread
 
     def count(self, source: str, term: str | None, outcome: str, n: int = 1) -> None:
@@ -106,6 +107,8 @@ class Summary:
                 lines.append(f"    {failure['count']:>5}  {printable(failure['source'], 40)} "
                              f"{printable(failure['stage'], 40)}: "
                              f"{printable(failure['reason'], 300)}")
+        for note in self.notes:
+            lines.append(f"  {note}")
         if self.pending_note:
             lines.append(f"  {self.pending_note}")
         return "\n".join(lines)

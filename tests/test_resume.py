@@ -31,6 +31,19 @@ def wait_for_lines(path, count: int, process, timeout: float = 30.0) -> None:
     raise AssertionError("the run made no progress")
 
 
+def wait_for_lock(output, process, timeout: float = 30.0) -> None:
+    """Until ``process`` holds the output's lock: from then on a signal is a clean stop
+    (before, Python's default handlers apply, as for any program still starting)."""
+    lock = output / ".harvest" / "lock"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if lock.exists() and lock.read_text().strip() == str(process.pid):
+            return
+        assert process.poll() is None, process.communicate()
+        time.sleep(0.01)
+    raise AssertionError("the run never took the lock")
+
+
 def check_complete(output, expected_ids: set[str]) -> None:
     records = read_jsonl(output / "records.jsonl")
     counts = Counter(r["source_id"] for r in records)
@@ -124,6 +137,7 @@ def test_many_stops_in_a_row_never_write_a_record_twice(flickr, recipe_file, tmp
                 break
             loop += 1
             process = start_run(recipe, isolated_home)
+            wait_for_lock(output, process)
             wait_for_lines(sink, before + 1, process)
             time.sleep(rng.uniform(0, 0.3))
             how = rng.choice([signal.SIGINT, signal.SIGTERM, signal.SIGKILL])

@@ -115,6 +115,11 @@ class JsonlSink(Sink):
             os.fsync(self.handle.fileno())
         return {"offset": self.handle.tell(), "last_id": getattr(self, "last_id", None)}
 
+    def missing(self, record_ids: list[str]) -> set[str]:
+        if getattr(self, "present", None) is None:
+            self.present = _ids_in(self.path, None)
+        return set(record_ids) - self.present
+
     def part_documents(self, part_dir: Path) -> Iterator[list[dict]]:
         part = part_dir / self.config["path"]
         if not part.exists():
@@ -173,7 +178,8 @@ def _ids_in(path: Path, handle) -> set[str]:
             except (ValueError, KeyError, TypeError):
                 pass
             good_end += len(line)
-    handle.truncate(good_end)
+    if handle is not None:
+        handle.truncate(good_end)
     return ids
 
 

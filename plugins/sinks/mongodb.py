@@ -54,19 +54,32 @@ class MongoSink(Sink):
                                               tz_aware=True)
         except ConfigurationError as exc:
             raise PluginConfigError(f"{self.context.name}: bad MongoDB URI: {exc}") from None
-        name = self.config["collection"] or self.context.recipe_name
-        self.collection = self.client[self.config["database"]][name]
+        self.name = self.config["collection"] or self.context.recipe_name
+        self._indexed = False
+
+    def _collections(self) -> None:
+        """Made at the first write, once the server is known: writes are acknowledged
+        only once journaled (a server killed -9 right after loses none of them), and on a
+        replica set only once a majority has them."""
+        from pymongo import WriteConcern
+
+        replica_set = self.client.topology_description.topology_type_name == \
+            "ReplicaSetWithPrimary"
+        concern = WriteConcern(w="majority" if replica_set else 1, j=True)
+        database = self.client.get_database(self.config["database"], write_concern=concern)
+        self.collection = database[self.name]
         # One document per image content, keyed by sha256: its unique _id index decides
         # which record holds the content, however many writers race (cluster workers,
         # separate runs sharing the collection).
-        self.contents = self.client[self.config["database"]][f"{name}.contents"]
-        self._indexed = False
+        self.contents = database[f"{self.name}.contents"]
 
     def _ensure_indexes(self) -> None:
         from pymongo import ASCENDING
 
         if self._indexed:
             return
+        self.client.admin.command("ping")  # learn the topology before choosing a concern
+        self._collections()
         self.collection.create_index([("id", ASCENDING)], unique=True, name="id_unique")
         for field in INDEXED:
             self.collection.create_index([(field, ASCENDING)])
@@ -116,7 +129,14 @@ class MongoSink(Sink):
             if owner is not None and owner != record.id:
                 document["duplicate_of"] = owner
 
+    def missing(self, record_ids: list[str]) -> set[str]:
+        self._ensure_indexes()
+        found = {document["id"] for document in self.collection.find(
+            {"id": {"$in": record_ids}}, {"id": 1, "_id": 0})}
+        return set(record_ids) - found
+
     def rekey(self, rotate) -> int:
+        self._ensure_indexes()
         changed = 0
         # Each document is rotated and replaced on its own: an interrupted rekey leaves
         # every document readable, and a rerun skips those already under the new key.
