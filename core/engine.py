@@ -99,7 +99,8 @@ class Engine:
                                allow_private=self.settings.allow_private_addresses,
                                respect_opt_outs=self.settings.respect_opt_outs,
                                deadline=self.settings.download_deadline,
-                               allow_file_urls=self.settings.allow_file_urls)
+                               allow_file_urls=self.settings.allow_file_urls,
+                               decode_memory=self.settings.decode_memory)
 
     def _context(self, spec: PluginSpec) -> Context:
         return Context(recipe_name=self.recipe.name, recipe_dir=self.recipe.directory,

@@ -56,6 +56,8 @@ RUN_OPTIONS: tuple[Option, ...] = (
            help="most seconds one download may take, retries and slow servers included"),
     Option("max_retry_after", Float(0, 21600), 300.0,
            help="longest Retry-After honoured; a longer one fails the record until next run"),
+    Option("decode_memory", Size(), "1GB",
+           help="memory all image decodes may take at once (checking images)"),
     Option("allow_file_urls", Bool(), False,
            help="let URL lists and other sources read file: URLs from this machine"),
 )
@@ -80,6 +82,7 @@ class RunSettings:
     download_deadline: float = 120.0
     max_retry_after: float = 300.0
     allow_file_urls: bool = False
+    decode_memory: int = 1_000_000_000
 
 
 @dataclass

@@ -321,3 +321,42 @@ sources: [{{use: {plugin}, options: {{{option}: "${{{variable}}}"}}}}]
         status, out, err = harvest("validate", bad)
         assert status == 2 and secret not in out + err
         assert shown in err, err
+
+
+def test_decodes_share_a_memory_budget(raw_server, recipe_file, tmp_path, isolated_home):
+    """Sixteen PNGs of 6000 x 6000 RGBA (144 MB each once decoded, a few hundred KB on the
+    wire) fetched at once: without a budget the decodes need 2.3 GB together; with
+    decode_memory 300MB the process peaks far below that."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGBA", (6000, 6000), (10, 200, 30, 128)).save(buffer, "PNG", compress_level=1)
+    big = buffer.getvalue()
+
+    def big_png(conn):
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nContent-Length: "
+                     + str(len(big)).encode() + b"\r\nConnection: close\r\n\r\n" + big)
+
+    raw_server.behaviours["/big.png"] = big_png
+    (tmp_path / "list.txt").write_text("".join(f"{raw_server.base}/big.png?n={i}\n"
+                                               for i in range(16)))
+    output = tmp_path / "out"
+    recipe = recipe_file(f"""
+terms: [x]
+output: {output}
+run: {{allow_private_addresses: true, rate_per_host: 1000, concurrency: 16,
+       decode_memory: 300MB}}
+sources: [{{use: urls, options: {{path: list.txt}}}}]
+""")
+    measure = ("import resource, sys\nfrom harvest.core.cli import main\n"
+               f"status = main(['run', {str(recipe)!r}, '--no-progress'])\n"
+               "print('MAXRSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "
+               "file=sys.stderr)\nsys.exit(status)\n")
+    done = subprocess.run([sys.executable, "-c", measure], capture_output=True, text=True,
+                          env=dict(os.environ, HOME=str(isolated_home)), timeout=300)
+    assert done.returncode == 0, done.stderr
+    peak_mb = int(done.stderr.split("MAXRSS")[1].split()[0]) / 1024
+    assert len(read_jsonl(output / "records.jsonl")) == 16
+    assert peak_mb < 700, peak_mb
