@@ -276,12 +276,13 @@ def main(argv: list[str] | None = None) -> int:
         else:
             from .engine import Engine
 
-            # From here a signal is a stop request, even before the engine starts: once
-            # the output is locked (the engine's first step) it is always honoured.
+            # From here to the process's exit a signal is a stop request: honoured once
+            # the output is locked (the engine's first step), and harmless after the run
+            # ended (the exit status stays the run's, not "killed by a signal").
             stop = threading.Event()
-            with StopSignals(stop):
-                summary = Engine(recipe, limit=args.limit, progress=not args.no_progress,
-                                 verify_sinks=args.verify_sinks, stop_requested=stop).run()
+            StopSignals(stop).install()
+            summary = Engine(recipe, limit=args.limit, progress=not args.no_progress,
+                             verify_sinks=args.verify_sinks, stop_requested=stop).run()
         print(summary.render())
         return EXIT_STATUS.get(summary.outcome, 1)
     except HarvestError as exc:
