@@ -9,7 +9,7 @@ import sys
 import threading
 from pathlib import Path
 
-from .errors import HarvestError, UsageError
+from .errors import HarvestError, UsageError, disk_full
 from .recipe import Recipe, load_recipe
 from .registry import KINDS, load_registry
 from .secrets import RedactingFilter
@@ -154,7 +154,7 @@ def _setup_logging(verbose: bool, recipe: Recipe | None = None) -> None:
     if recipe is not None:
         state_dir = recipe.output / ".harvest"
         state_dir.mkdir(parents=True, exist_ok=True)
-        logfile = logging.FileHandler(state_dir / "harvest.log", encoding="utf-8")
+        logfile = _LogFile(state_dir / "harvest.log", encoding="utf-8")
         logfile.setLevel(logging.DEBUG if verbose else logging.INFO)
         logfile.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         handlers.append(logfile)
@@ -164,6 +164,21 @@ def _setup_logging(verbose: bool, recipe: Recipe | None = None) -> None:
         root.addHandler(handler)
     # urllib3 logs every retry with the full URL; our summary reports retries' outcomes.
     logging.getLogger("urllib3").setLevel(logging.ERROR)
+
+
+class _LogFile(logging.FileHandler):
+    """The run's log file. When it cannot be written (a full disk) it says so once and
+    goes quiet, instead of a traceback for every line (which buried the one line that
+    said why the run stopped)."""
+
+    failed = False
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if not self.failed:
+            self.failed = True
+            if not disk_full(sys.exc_info()[1]):  # a full disk: the run's error says so
+                sys.stderr.write(f"harvest: warning: cannot write {self.baseFilename}; "
+                                 f"the log goes to the terminal only\n")
 
 
 def _cmd_plugins(as_json: bool) -> int:
@@ -284,6 +299,8 @@ def main(argv: list[str] | None = None) -> int:
             summary = Engine(recipe, limit=args.limit, progress=not args.no_progress,
                              verify_sinks=args.verify_sinks, stop_requested=stop).run()
         print(summary.render())
+        if summary.error:
+            print(f"harvest: error: {printable(summary.error, 2000)}", file=sys.stderr)
         return EXIT_STATUS.get(summary.outcome, 1)
     except HarvestError as exc:
         message = recipe.resolver.redact(str(exc)) if recipe is not None else str(exc)

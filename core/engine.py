@@ -26,7 +26,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from .errors import PluginConfigError, RecordError, one_line
+from .errors import DiskFull, PluginConfigError, RecordError, disk_full, one_line
 from .fetch import Fetched, Fetcher
 from .http import HttpClient
 from .lock import OutputLock
@@ -155,14 +155,24 @@ class Engine:
                 except (KeyboardInterrupt, Interrupted):
                     self.summary.outcome = "interrupted"
                     log.warning("interrupted: progress is saved; run again to resume")
+                except DiskFull as exc:
+                    self.summary.outcome = "failed"
+                    self.summary.error = str(exc)  # the CLI's one line; the log is full too
         finally:
             progress.close()
             if self.summary.outcome == "running":
                 self.summary.outcome = "failed"
-            self._note_pending()
-            self.state.finish_run(run_id, self.summary.outcome, self.summary.to_dict())
-            self.state.close()
-            self.summary.save(self.state_dir / "last-run.json")
+            # On a full disk each of these may fail in turn; what was committed stays.
+            for step in (self._note_pending,
+                         lambda: self.state.finish_run(run_id, self.summary.outcome,
+                                                       self.summary.to_dict()),
+                         self.state.close,
+                         lambda: self.summary.save(self.state_dir / "last-run.json")):
+                try:
+                    step()
+                except (DiskFull, OSError) as exc:
+                    if not (isinstance(exc, DiskFull) or disk_full(exc)):
+                        raise
             shutil.rmtree(self.temp_dir, ignore_errors=True)
         return self.summary
 
@@ -273,9 +283,11 @@ class Engine:
                 self._tick(progress)
             self._flush()
             self._drain_pending()
-        except BaseException:
+        except BaseException as exc:
             pool.shutdown()
             self.fetcher.abandon()  # downloads stuck on a silent server end now
+            if isinstance(exc, DiskFull):
+                raise  # nothing more can be written; the last commit stands
             done = {f: r for f, r in in_flight.items() if f.done() and not f.cancelled()}
             for future, record in done.items():
                 in_flight.pop(future)
@@ -444,6 +456,8 @@ class Engine:
         in_flight_ids.discard(record.id)
         try:
             fetched = future.result()
+        except DiskFull:
+            raise
         except RecordError as exc:
             self._record_failed(record, "download", exc.reason, exc.permanent)
             return
@@ -582,6 +596,8 @@ class Engine:
             except PluginConfigError:
                 raise
             except Exception as exc:
+                if disk_full(exc):
+                    raise DiskFull(self.output) from None
                 reason = one_line(exc)
                 log.warning("sink %s failed a batch of %d; keeping it to retry: %s",
                             spec.label, len(todo), reason[:300])

@@ -21,6 +21,25 @@ class UsageError(HarvestError):
     exit_status = 2
 
 
+class DiskFull(HarvestError):
+    """No space left where the run writes: nothing more can be stored, so the run stops
+    (what it committed stays; the next run resumes from there)."""
+
+    def __init__(self, where):
+        super().__init__(f"no space left on the device of {where}; free some space and run "
+                         f"again to resume")
+
+
+def disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` says the disk (or the user's quota) is full."""
+    import errno
+    import sqlite3
+
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    return isinstance(exc, sqlite3.Error) and "full" in str(exc).lower()
+
+
 class RecipeError(UsageError):
     """A recipe problem, located by file, key path and (when YAML knows it) line."""
 

@@ -19,7 +19,7 @@ import urllib3
 from PIL import Image
 from urllib3.util import parse_url
 
-from .errors import RecordError
+from .errors import DiskFull, RecordError, disk_full
 from .http import HttpClient
 from .netguard import (
     DEADLINES,
@@ -299,7 +299,12 @@ class Fetcher:
             if size > self.max_bytes:
                 raise RecordError(f"too large: over max_bytes {self.max_bytes}")
             digest.update(chunk)
-            out.write(chunk)
+            try:
+                out.write(chunk)
+            except OSError as exc:
+                if disk_full(exc):
+                    raise DiskFull(self.temp_dir.parent.parent) from None
+                raise
         if size == 0:
             raise RecordError("empty response")
         return size, digest.hexdigest()

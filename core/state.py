@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .errors import DiskFull, disk_full
 from .record import FileInfo
 
 FINAL = ("done", "dropped", "rejected")
@@ -139,6 +140,15 @@ class RunState:
             self._in_transaction = True
 
     def commit(self) -> None:
+        try:
+            self._commit()
+        except sqlite3.Error as exc:
+            if disk_full(exc):
+                self._in_transaction = False  # SQLite rolled it back
+                raise DiskFull(self.path.parent.parent) from None
+            raise
+
+    def _commit(self) -> None:
         if self._status_rows or self._file_rows:
             self.begin()
             self.db.executemany(FILE_UPSERT, [

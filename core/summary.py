@@ -24,6 +24,7 @@ class Summary:
         self.outcome = "running"
         self.pending_note = ""
         self.notes: list[str] = []
+        self.error = ""  # why the run stopped early, when it did
         self._lock = threading.Lock()  # sources count from their own thread
 
     def count(self, source: str, term: str | None, outcome: str, n: int = 1) -> None:

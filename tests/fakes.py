@@ -8,6 +8,7 @@ import html
 import io
 import json
 import re
+import sys
 import threading
 import time
 import zlib
@@ -18,6 +19,13 @@ from urllib.parse import parse_qs, urlsplit
 
 from imagegen import make_image
 from PIL import Image
+
+
+class _QuietServer(ThreadingHTTPServer):
+    def handle_error(self, request, client_address):
+        # A client that hangs up mid-response (a stopped run) is not the server's error.
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
 
 
 class LocalServer:
@@ -43,7 +51,7 @@ class LocalServer:
             def do_POST(self):
                 server._dispatch(self, "POST")
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd = _QuietServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
         self.handle = handler_factory
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)

@@ -109,16 +109,29 @@ class JsonlSink(Sink):
         return self._append(lines)
 
     def _append(self, lines: list[str]) -> dict:
-        self.handle.write("".join(lines).encode("utf-8"))
-        self.handle.flush()
-        if self.config["fsync"]:
-            os.fsync(self.handle.fileno())
+        start = self.handle.tell()
+        try:
+            self.handle.write("".join(lines).encode("utf-8"))
+            self.handle.flush()
+            if self.config["fsync"]:
+                os.fsync(self.handle.fileno())
+        except OSError:
+            self._cut_back(start)  # a full disk must not leave half a line behind
+            raise
         return {"offset": self.handle.tell(), "last_id": getattr(self, "last_id", None)}
 
     def missing(self, record_ids: list[str]) -> set[str]:
         if getattr(self, "present", None) is None:
             self.present = _ids_in(self.path, None)
         return set(record_ids) - self.present
+
+    def _cut_back(self, offset: int) -> None:
+        try:
+            self.handle.close()  # its buffer still holds what failed: drop it with the handle
+        except OSError:
+            pass
+        os.truncate(self.path, offset)
+        self.handle = _open_append(self.path)
 
     def part_documents(self, part_dir: Path) -> Iterator[list[dict]]:
         part = part_dir / self.config["path"]
