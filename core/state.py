@@ -6,6 +6,7 @@ checkpoints; never titles, owners or any other personal field.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import sqlite3
@@ -106,6 +107,21 @@ class KnownRecord:
     duplicate_of: str | None
 
 
+def _writes(method):
+    """A full disk is DiskFull, whichever write meets it (SQLite rolls back the open
+    transaction: the last commit stands)."""
+    @functools.wraps(method)
+    def guarded(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except sqlite3.Error as exc:
+            if disk_full(exc):
+                self._in_transaction = False
+                raise DiskFull(self.path.parent.parent) from None
+            raise
+    return guarded
+
+
 class RunState:
     def __init__(self, path: Path, redact=None):
         """``redact``: applied to failure reasons, which may quote a secret path or URL."""
@@ -139,16 +155,8 @@ class RunState:
             self.db.execute("BEGIN")
             self._in_transaction = True
 
+    @_writes
     def commit(self) -> None:
-        try:
-            self._commit()
-        except sqlite3.Error as exc:
-            if disk_full(exc):
-                self._in_transaction = False  # SQLite rolled it back
-                raise DiskFull(self.path.parent.parent) from None
-            raise
-
-    def _commit(self) -> None:
         if self._status_rows or self._file_rows:
             self.begin()
             self.db.executemany(FILE_UPSERT, [
@@ -212,6 +220,7 @@ class RunState:
         row = self.db.execute("SELECT value FROM checkpoints WHERE sink = ?", (sink,)).fetchone()
         return json.loads(row[0]) if row and row[0] is not None else None
 
+    @_writes
     def set_checkpoint(self, sink: str, value: Any) -> None:
         self.begin()
         self.db.execute("INSERT INTO checkpoints VALUES (?, ?) ON CONFLICT(sink) DO UPDATE "
@@ -227,11 +236,13 @@ class RunState:
                 [sink, *chunk]))
         return found
 
+    @_writes
     def mark_delivered(self, sink: str, record_ids: list[str]) -> None:
         self.begin()
         self.db.executemany("INSERT OR IGNORE INTO delivered VALUES (?, ?)",
                             [(sink, record_id) for record_id in record_ids])
 
+    @_writes
     def forget_delivered(self, record_ids: list[str]) -> None:
         self.begin()
         self.db.executemany("DELETE FROM delivered WHERE record_id = ?",
@@ -249,6 +260,7 @@ class RunState:
             yield [row[0] for row in rows]
             last = rows[-1][0]
 
+    @_writes
     def reopen(self, record_ids: list[str]) -> None:
         """Stored records a sink turned out to lack: back to 'downloaded', so that the
         next time a source yields them they are written again (to the sinks lacking them)."""
@@ -258,10 +270,12 @@ class RunState:
         for record_id in record_ids:
             self._recent.pop(record_id, None)
 
+    @_writes
     def start_run(self) -> int:
         cursor = self.db.execute("INSERT INTO runs (started) VALUES (?)", (time.time(),))
         return cursor.lastrowid
 
+    @_writes
     def finish_run(self, run_id: int, outcome: str, summary: dict) -> None:
         self.commit()
         self.db.execute("UPDATE runs SET finished = ?, outcome = ?, summary = ? WHERE id = ?",
