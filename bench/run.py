@@ -77,8 +77,28 @@ def peak_rss_mb(pid: int) -> float | None:
     return None
 
 
+def tree_rss_mb(pid: int) -> float:
+    """The current RSS of a process and all its descendants (harvest's download workers)."""
+    total, todo = 0.0, [pid]
+    while todo:
+        current = todo.pop()
+        try:
+            with open(f"/proc/{current}/status") as status:
+                for line in status:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1]) / 1024
+            for task in os.listdir(f"/proc/{current}/task"):
+                with open(f"/proc/{current}/task/{task}/children") as children:
+                    todo.extend(int(child) for child in children.read().split())
+        except OSError:
+            continue
+    return total
+
+
 def measure(command: list[str], env=None) -> dict:
-    """Runs a child; its own wall time, CPU seconds and peak RSS (MB)."""
+    """Runs a child; its wall time, CPU seconds (its own and its waited-for children's)
+    and peak RSS in MB (the highest sum over its process tree, or its own high-water
+    mark when that is higher)."""
     started = time.perf_counter()
     child = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     peak = 0.0
@@ -92,7 +112,7 @@ def measure(command: list[str], env=None) -> dict:
         waited, status, usage = os.wait4(child.pid, os.WNOHANG)
         if waited:
             break
-        peak = max(peak, peak_rss_mb(child.pid) or 0.0)
+        peak = max(peak, peak_rss_mb(child.pid) or 0.0, tree_rss_mb(child.pid))
         time.sleep(0.02)
     wall = time.perf_counter() - started
     reader.join()
@@ -137,6 +157,9 @@ def baseline(endpoint: str, n: int, folder: Path) -> None:
 
 # -- harvest ------------------------------------------------------------------------------------
 
+WORKERS = 0  # run.workers for harvest's recipes (--workers)
+
+
 def harvest_recipe(endpoint: str, n: int, output: Path, concurrency: int,
                    terms: str = "[monkey]", flickr_options: str = "") -> str:
     """``flickr_options``: extra lines for the Flickr source's options (bench/cluster.py)."""
@@ -151,6 +174,7 @@ def harvest_recipe(endpoint: str, n: int, output: Path, concurrency: int,
           limit_per_term: {n}
           batch_size: 256
           allow_private_addresses: true
+          workers: {WORKERS}
         sources:
           - use: flickr
             options:
@@ -171,7 +195,7 @@ def urls_recipe(list_path: Path, output: Path, concurrency: int) -> str:
         terms: [x]
         output: {output}
         run: {{concurrency: {concurrency}, rate_per_host: 100000, batch_size: 256,
-               allow_private_addresses: true}}
+               allow_private_addresses: true, workers: {WORKERS}}}
         sources: [{{use: urls, options: {{path: {list_path}}}}}]
         sinks: [jsonl]
     """)
@@ -350,6 +374,8 @@ def main(argv=None) -> int:
     parser.add_argument("--latency", type=float, default=0.05)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--skip-baseline", action="store_true")
+    parser.add_argument("--workers", type=int, default=0,
+                        help="harvest's run.workers (0: one per core, 1: threads only)")
     parser.add_argument("--flat", help="comma-separated N for the urls RSS check, e.g. 10000,100000")
     parser.add_argument("--micro", action="store_true", help="component throughputs too")
     parser.add_argument("--scale", type=float, default=1.0, help=argparse.SUPPRESS)
@@ -362,7 +388,10 @@ def main(argv=None) -> int:
         baseline(args.endpoint, args.n, args.out)
         return 0
 
-    figures: dict = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]}}
+    global WORKERS
+    WORKERS = args.workers
+    figures: dict = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
+                     "workers": args.workers}
     with tempfile.TemporaryDirectory(prefix="harvest-bench-") as scratch:
         work = Path(scratch)
         os.environ.setdefault("BENCH_KEY", __import__("cryptography.fernet").fernet.Fernet

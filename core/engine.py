@@ -28,6 +28,7 @@ from PIL import Image
 
 from .errors import DiskFull, PluginConfigError, RecordError, disk_full, one_line
 from .fetch import Fetched, Fetcher
+from .fetchpool import ProcessFetchPool, WorkerSettings
 from .http import HttpClient
 from .lock import OutputLock
 from .plugin import Context, Plugin
@@ -256,7 +257,7 @@ class Engine:
         self.pending_records = 0
         self.next_pending_retry = 0.0
         self.last_sink_error: dict[str, str] = {}
-        pool = DaemonPool(self.settings.concurrency, "download")
+        pool, submit = self._download_pool()
         try:
             for record in self._produced(sources):
                 if record.id in in_flight_ids or record.id in self.held_ids:
@@ -272,7 +273,7 @@ class Engine:
                 while len(in_flight) >= max_in_flight:
                     self._collect(in_flight, in_flight_ids, block=True)
                     self._tick(progress)
-                future = pool.submit(self._fetch, record)
+                future = submit(record)
                 in_flight[future] = record
                 in_flight_ids.add(record.id)
                 future.add_done_callback(self.finished.put)
@@ -299,6 +300,27 @@ class Engine:
         finally:
             pool.shutdown()
             progress.update()
+
+    def _download_pool(self):
+        """Worker processes on one machine (every core checks images), threads here on a
+        cluster shard (the Dask worker is the process) or with ``run.workers: 1``."""
+        workers = self.settings.workers or os.cpu_count() or 1
+        if self.shards is not None or workers <= 1:
+            pool = DaemonPool(self.settings.concurrency, "download")
+            return pool, lambda record: pool.submit(self._fetch, record)
+        settings = self.settings
+        threads = -(-settings.concurrency // workers)
+        pool = ProcessFetchPool(WorkerSettings(
+            temp_dir=str(self.temp_dir), threads=threads,
+            rate_per_host=settings.rate_per_host / workers, timeout=settings.timeout,
+            retries=settings.retries, backoff=settings.backoff, user_agent=settings.user_agent,
+            max_retry_after=settings.max_retry_after,
+            allow_private=settings.allow_private_addresses, max_bytes=settings.max_bytes,
+            max_pixels=settings.max_pixels, verify=settings.verify_images,
+            respect_opt_outs=settings.respect_opt_outs, deadline=settings.download_deadline,
+            allow_file_urls=settings.allow_file_urls,
+            decode_memory=max(1, settings.decode_memory // workers)), workers)
+        return pool, lambda record: pool.submit(record.url, record.local_file_ok)
 
     def _check_stop(self) -> None:
         if self.stop_requested.is_set():

@@ -26,6 +26,7 @@ class DiskFull(HarvestError):
     (what it committed stays; the next run resumes from there)."""
 
     def __init__(self, where):
+        self.where = where
         super().__init__(f"no space left on the device of {where}; free some space and run "
                          f"again to resume")
 

@@ -34,6 +34,9 @@ TOP_LEVEL = ("name", "terms", "language", "output", "credentials", "run", "sourc
 
 RUN_OPTIONS: tuple[Option, ...] = (
     Option("concurrency", Int(1, 256), 16, help="downloads in flight at once"),
+    Option("workers", Int(0, 256), 0,
+           help="processes that download and check images (0: one per core; 1: none, "
+                "threads in the run's own process)"),
     Option("rate_per_host", Float(0.01, 1_000_000), 8.0, help="requests per second to any one host"),
     Option("limit_per_term", Int(1), 100,
            help="records each source yields for each term in each language"),
@@ -66,6 +69,7 @@ RUN_OPTIONS: tuple[Option, ...] = (
 @dataclass(frozen=True)
 class RunSettings:
     concurrency: int = 16
+    workers: int = 0
     rate_per_host: float = 8.0
     limit_per_term: int = 100
     timeout: float = 30.0

@@ -158,10 +158,15 @@ def test_inside_refuses_escapes(tmp_path):
         inside(tmp_path, "../outside.jpg")
 
 
-def test_requests_to_one_host_respect_the_rate_limit(flickr, recipe_file, harvest, tmp_path):
+@pytest.mark.parametrize("workers", [1, 3])
+def test_requests_to_one_host_respect_the_rate_limit(workers, flickr, recipe_file, harvest,
+                                                     tmp_path):
+    """The limit holds for the run, whether its downloads run in threads here or in
+    several worker processes (each takes its share of the rate)."""
     flickr.photos = monkey_photos(8)
     output = tmp_path / "out"
-    run_flickr(harvest, recipe_file, flickr, output, run="concurrency: 8\nrate_per_host: 10")
+    run_flickr(harvest, recipe_file, flickr, output,
+               run=f"concurrency: 8\nrate_per_host: 10\nworkers: {workers}")
     times = sorted(t for t, _, path, _ in flickr.server.requests if path.startswith("/img/"))
     assert len(times) == 8
     # Eight concurrent downloads at 10 requests/s: spread over at least 0.7 s, not a burst.

@@ -169,8 +169,10 @@ def test_the_connection_itself_refuses_a_private_peer(raw_server, harvest, recip
         pass
 
     monkeypatch.setattr(fetch, "refuse_private", fooled_check)
+    # Threads in this process (workers: 1): the patched check is this process's.
     status, _, summary, reasons, _ = run_list(harvest, recipe_file, tmp_path,
-                                              [f"http://localhost:{port}/ok.jpg"])
+                                              [f"http://localhost:{port}/ok.jpg"],
+                                              run={"workers": 1})
     assert raw_server.requests == []  # ...the connection is not
     assert list(reasons) == ["refused: localhost resolves to non-public address 127.0.0.1 "
                              "(run.allow_private_addresses allows it)"]

@@ -31,6 +31,19 @@ def wait_for_lines(path, count: int, process, timeout: float = 30.0) -> None:
     raise AssertionError("the run made no progress")
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie (exited, not yet reaped by init) counts as gone.
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def wait_for_lock(output, process, timeout: float = 30.0) -> None:
     """Until ``process`` holds the output's lock: from then on a signal is a clean stop
     (before, Python's default handlers apply, as for any program still starting)."""
@@ -65,8 +78,17 @@ def test_interrupted_run_resumes_without_duplicates(how, flickr, recipe_file, tm
                                        run="concurrency: 2\nbatch_size: 4\nlimit_per_term: 60"))
     process = start_run(recipe, isolated_home)
     wait_for_lines(output / "records.jsonl", 8, process)
+    workers = [int(pid) for pid in subprocess.run(
+        ["pgrep", "-f", "-P", str(process.pid), "spawn_main"], capture_output=True,
+        text=True).stdout.split()]
+    assert workers  # the downloads run in worker processes
     process.send_signal(how)
     process.wait(timeout=30)
+    # No download worker outlives the run, however it ended (kill -9 included).
+    deadline = time.monotonic() + 5
+    while any(_alive(pid) for pid in workers):
+        assert time.monotonic() < deadline, [pid for pid in workers if _alive(pid)]
+        time.sleep(0.05)
     if how == signal.SIGKILL:
         assert process.returncode == -signal.SIGKILL
     else:
@@ -228,3 +250,26 @@ def test_a_full_disk_stops_the_run_in_one_line_and_the_next_run_recovers(
     status, out, err = harvest("run", recipe, "--no-progress")
     assert status == 0, out + err
     check_complete(output, {p.id for p in photos})
+
+
+def test_a_download_worker_killed_mid_run_costs_only_its_downloads(flickr, recipe_file,
+                                                                    tmp_path, isolated_home,
+                                                                    harvest):
+    flickr.photos = monkey_photos(60)
+    flickr.image_latency = 0.05
+    output = tmp_path / "out"
+    recipe = recipe_file(flickr_recipe(flickr.endpoint, output,
+                                       run="concurrency: 4\nbatch_size: 2\nlimit_per_term: 60\n"
+                                           "workers: 2"))
+    process = start_run(recipe, isolated_home)
+    wait_for_lock(output, process)
+    wait_for_lines(output / "records.jsonl", 6, process)
+    workers = subprocess.run(["pgrep", "-f", "-P", str(process.pid), "spawn_main"],
+                             capture_output=True, text=True).stdout.split()
+    assert len(workers) == 2
+    os.kill(int(workers[0]), signal.SIGKILL)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode in (0, 3), err  # 3: the lost downloads wait for a rerun
+    status, out, err = harvest("run", recipe, "--no-progress")
+    assert status == 0, err
+    check_complete(output, {p.id for p in flickr.photos})

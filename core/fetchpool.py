@@ -1,0 +1,216 @@
+"""Downloads in worker processes, so that a run on one machine uses all of its cores.
+
+Why this split. Profiles of a 20,000-URL run put nearly all of the per-image CPU in the
+download threads: HTTP parsing, sha256, writing the file and Pillow's check of the image
+(a third of it on its own). Those threads share one GIL, so one process does about what
+one core can. What is left on the engine's thread (the run state, placing files,
+enrichers, sinks) is what makes a run exactly-once and resumable, and it stays as it is,
+in one process: workers only turn a URL into a checked file under ``.harvest/tmp`` and
+say what they found (size, sha256, width, height, format, or why not). A worker that
+dies loses only downloads in flight, which were never recorded; the engine's thread
+treats them as transient failures, retried by the next run.
+
+Each worker has its own download threads and its share of the per-host rate (rate /
+workers, so the hosts see no more than the recipe allows) and of the decode memory.
+Workers ignore Ctrl-C (the terminal sends it to the whole process group): the engine
+stops them, and each one exits by itself if the engine's process disappears.
+"""
+
+from __future__ import annotations
+
+import itertools
+import multiprocessing
+import os
+import signal
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .errors import DiskFull, RecordError, one_line
+from .fetch import Fetched, Fetcher
+from .http import HttpClient
+
+RESULT_BATCH_SECONDS = 0.005
+
+
+@dataclass
+class WorkerSettings:
+    temp_dir: str
+    threads: int
+    rate_per_host: float
+    timeout: float
+    retries: int
+    backoff: float
+    user_agent: str
+    max_retry_after: float
+    allow_private: bool
+    max_bytes: int
+    max_pixels: int
+    verify: bool
+    respect_opt_outs: bool
+    deadline: float
+    allow_file_urls: bool
+    decode_memory: int
+
+
+class ProcessFetchPool:
+    """``submit(url, local_files) -> Future[Fetched]``, served by worker processes."""
+
+    def __init__(self, settings: WorkerSettings, workers: int):
+        context = multiprocessing.get_context("spawn")
+        self.jobs = context.Queue()
+        self.results = context.Queue()
+        self.futures: dict[int, Future] = {}
+        self.lock = threading.Lock()
+        self.ids = itertools.count()
+        self.closed = False
+        self.context = context
+        self.worker_args = (asdict(settings), self.jobs, self.results, os.getpid())
+        self.processes = [self._start_worker() for _ in range(workers)]
+        self.collector = threading.Thread(target=self._collect, name="fetch-results",
+                                          daemon=True)
+        self.collector.start()
+
+    def _start_worker(self):
+        process = self.context.Process(target=_worker, name="harvest-fetch",
+                                       args=self.worker_args, daemon=True)
+        process.start()
+        return process
+
+    def submit(self, url: str, local_files: bool) -> Future:
+        future: Future = Future()
+        future.set_running_or_notify_cancel()
+        job = next(self.ids)
+        with self.lock:
+            self.futures[job] = future
+        self.jobs.put((job, url, local_files))
+        return future
+
+    def _collect(self) -> None:
+        while True:
+            try:
+                batch = self.results.get(timeout=0.5)
+            except Exception:  # queue.Empty, or the queue closed under us at shutdown
+                if self.closed:
+                    return
+                self._check_workers()
+                continue
+            if batch is None:
+                return
+            for job, outcome, payload in batch:
+                with self.lock:
+                    future = self.futures.pop(job, None)
+                if future is None:
+                    continue
+                if outcome == "ok":
+                    path, size, sha256, width, height, image_format = payload
+                    future.set_result(Fetched(Path(path), size, sha256, width, height,
+                                              image_format))
+                elif outcome == "rejected":
+                    future.set_exception(RecordError(payload[0], permanent=payload[1]))
+                elif outcome == "disk_full":
+                    future.set_exception(DiskFull(payload))
+                else:
+                    future.set_exception(RecordError(f"unexpected {payload}", permanent=False))
+
+    def _check_workers(self) -> None:
+        """A worker that died (killed, out of memory) took its downloads with it. Which
+        ones is not known here, so every download in flight fails transiently (the next
+        run retries them; late answers for them are ignored), and a new worker takes the
+        dead one's place."""
+        dead = [p for p in self.processes if not p.is_alive()]
+        if not dead or self.closed:
+            return
+        with self.lock:
+            lost, self.futures = self.futures, {}
+        for future in lost.values():
+            future.set_exception(RecordError("download worker died", permanent=False))
+        self.processes = [p for p in self.processes if p.is_alive()]
+        self.processes += [self._start_worker() for _ in dead]
+
+    def shutdown(self) -> None:
+        """Stops every worker now: downloads in flight are abandoned (their temporary
+        files are removed with ``.harvest/tmp`` at the end of the run)."""
+        if self.closed:
+            return
+        self.closed = True
+        for process in self.processes:
+            if process.is_alive():
+                process.terminate()
+        deadline = time.monotonic() + 2.0
+        for process in self.processes:
+            process.join(max(0.0, deadline - time.monotonic()))
+            if process.is_alive():
+                process.kill()
+        with self.lock:
+            lost, self.futures = self.futures, {}
+        for future in lost.values():
+            future.cancel()
+        for queue in (self.jobs, self.results):
+            queue.cancel_join_thread()
+            queue.close()
+
+
+def _worker(settings: dict, jobs, results, parent: int) -> None:
+    from PIL import Image
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    Image.MAX_IMAGE_PIXELS = None  # the fetcher's own guard applies, from the header
+    config = WorkerSettings(**settings)
+    http = HttpClient(rate_per_host=config.rate_per_host, timeout=config.timeout,
+                      retries=config.retries, backoff=config.backoff,
+                      user_agent=config.user_agent, pool_size=config.threads,
+                      max_retry_after=config.max_retry_after,
+                      check_peer=not config.allow_private)
+    fetcher = Fetcher(http, Path(config.temp_dir), max_bytes=config.max_bytes,
+                      max_pixels=config.max_pixels, verify=config.verify,
+                      allow_private=config.allow_private,
+                      respect_opt_outs=config.respect_opt_outs, deadline=config.deadline,
+                      allow_file_urls=config.allow_file_urls,
+                      decode_memory=config.decode_memory)
+    outbox: list = []
+    outbox_lock = threading.Lock()
+
+    def send(item) -> None:
+        with outbox_lock:
+            outbox.append(item)
+
+    def flusher() -> None:
+        # Results go back in small batches: one pickle and one pipe write for several.
+        while True:
+            time.sleep(RESULT_BATCH_SECONDS)
+            if os.getppid() != parent:
+                os._exit(0)  # the engine's process is gone (kill -9): nobody to report to
+            with outbox_lock:
+                batch = outbox[:]
+                outbox.clear()
+            if batch:
+                results.put(batch)
+
+    def work() -> None:
+        while True:
+            job = jobs.get()
+            if job is None:
+                return
+            job_id, url, local_files = job
+            try:
+                fetched = fetcher.fetch(url, local_files=local_files)
+            except DiskFull as exc:
+                send((job_id, "disk_full", str(exc.where)))
+            except RecordError as exc:
+                send((job_id, "rejected", (exc.reason, exc.permanent)))
+            except Exception as exc:  # a bug must fail its record, not the worker
+                send((job_id, "bug", one_line(exc)))
+            else:
+                send((job_id, "ok", (str(fetched.temp_path), fetched.bytes, fetched.sha256,
+                                     fetched.width, fetched.height, fetched.format)))
+
+    threading.Thread(target=flusher, daemon=True).start()
+    threads = [threading.Thread(target=work, daemon=True) for _ in range(config.threads)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
