@@ -78,6 +78,7 @@ class Engine:
         self.summary = Summary(recipe.name, self.resolver.redact)
         self.hints: dict = {}
         self.made_dirs: set[Path] = set()  # one per term folder: bounded
+        self.checked_folders: set[str] = set()  # likewise
         self.show_progress = progress
         # A caller that handles signals itself passes its stop event; otherwise the engine
         # turns SIGINT/SIGTERM into one while it runs.
@@ -557,10 +558,17 @@ class Engine:
         return claim.get("path", relpath), claim.get("owner")
 
     def _target(self, relpath: str) -> Path:
+        """Where ``relpath`` goes, checked against links once per folder: files are put
+        in place with a rename, which replaces a link rather than following it."""
+        folder = relpath.rpartition("/")[0]
+        if folder in self.checked_folders:
+            return self.output_root / relpath
         try:
-            return inside(self.output_root, relpath)
+            target = inside(self.output_root, relpath)
         except ValueError as exc:  # a link planted in the output folder during the run
             raise RecordError(str(exc), permanent=False) from None
+        self.checked_folders.add(folder)
+        return target
 
     def _reuse(self, record: Record, known) -> bool:
         """A record downloaded by an earlier, interrupted run: use its file, skip the network."""

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import itertools
 import os
 import socket
 import sys
-import tempfile
 import threading
+import uuid
 import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -166,6 +167,8 @@ class Fetcher:
         self.respect_opt_outs = respect_opt_outs
         self.http = http
         self.temp_dir = temp_dir
+        self.temp_prefix = f"{os.getpid()}-{uuid.uuid4().hex[:8]}-"
+        self.temp_names = itertools.count()  # next() on it is atomic under the GIL
         self.max_bytes = max_bytes
         self.max_pixels = max_pixels
         self.verify = verify
@@ -179,10 +182,14 @@ class Fetcher:
                 raise RecordError("refused: file: URL (run.allow_file_urls allows it)")
         elif scheme not in ("http", "https"):
             raise RecordError(f"refused: {scheme or 'no'} scheme (only http and https)")
-        handle, name = tempfile.mkstemp(dir=self.temp_dir, suffix=".part")
+        # A name from a counter, not mkstemp's random tries (a tenth of a download's CPU);
+        # O_EXCL still refuses to reuse anything already there.
+        name = os.path.join(self.temp_dir, f"{self.temp_prefix}{next(self.temp_names)}.part")
+        handle = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL
+                         | getattr(os, "O_NOFOLLOW", 0), 0o644)
         temp_path = Path(name)
         try:
-            with os.fdopen(handle, "wb") as out:
+            with os.fdopen(handle, "wb", buffering=0) as out:  # 64 KB writes: no buffer
                 if scheme == "file":
                     size, digest = self._copy_local(url, out)
                 else:

@@ -104,11 +104,18 @@ class Deadlines:
         self._local.entry = entry
         with self._lock:
             self._entries[key] = entry
+            if len(self._heap) > 2 * len(self._entries) + 1024:
+                # Finished downloads leave their entries behind until their deadline;
+                # at a thousand downloads a second that would be a lot of them.
+                self._heap = [item for item in self._heap if item[1] in self._entries]
+                heapq.heapify(self._heap)
             heapq.heappush(self._heap, (entry["deadline"], key, entry))
+            earliest = self._heap[0][1] == key
             if self._thread is None:
                 self._thread = threading.Thread(target=self._watch, name="deadlines", daemon=True)
                 self._thread.start()
-        self._wake.set()
+        if earliest:
+            self._wake.set()
 
     def finish(self) -> None:
         entry = getattr(self._local, "entry", None)
