@@ -48,6 +48,7 @@ MAX_PENDING_RECORDS = 10_000
 CLAIM_CHUNK = 64
 REPORT_SECONDS = 1.0
 PLAN_THREADS = 4
+LOOKUP_CHUNK = 256
 WAIT_SLICE = 0.2  # how often a waiting engine thread looks for a stop request
 
 log = logging.getLogger("harvest.engine")
@@ -260,11 +261,11 @@ class Engine:
         self.last_sink_error: dict[str, str] = {}
         pool, submit = self._download_pool()
         try:
-            for record in self._produced(sources):
+            for record, prefetched in self._with_known(self._produced(sources)):
                 if record.id in in_flight_ids or record.id in self.held_ids:
                     self.summary.count(record.source, record.term, "skipped")
                     continue
-                known = self.state.record(record.id)
+                known = self._known(record.id, prefetched)
                 if known is not None and known.status in FINAL:
                     self.summary.count(record.source, record.term, "skipped")
                     continue
@@ -338,9 +339,10 @@ class Engine:
         if self.coordinator.report(self.summary.rows()):
             raise Interrupted()
 
-    def _produced(self, sources) -> Iterator[Record]:
+    def _produced(self, sources) -> Iterator[list[Record]]:
         """The sources' records, read ahead in a thread of their own (a bounded queue), so
-        the engine thread never waits on a source's network calls."""
+        the engine thread never waits on a source's network calls; handed over as lists
+        of what is waiting (one record from a slow source, up to a chunk from a fast one)."""
         handoff: queue.Queue = queue.Queue(maxsize=SOURCE_READ_AHEAD)
         stop = threading.Event()
         done = object()
@@ -369,13 +371,43 @@ class Engine:
                 except queue.Empty:
                     self._check_stop()
                     continue
-                if item is done:
-                    return
-                if isinstance(item, BaseException):
+                chunk = []
+                while item is not done and not isinstance(item, BaseException):
+                    chunk.append(item)
+                    if len(chunk) >= LOOKUP_CHUNK:
+                        break
+                    try:
+                        item = handoff.get_nowait()
+                    except queue.Empty:
+                        break
+                else:
+                    if chunk:
+                        yield chunk
+                    if item is done:
+                        return
                     raise item
-                yield item
+                yield chunk
         finally:
             stop.set()
+
+    def _known(self, record_id: str, prefetched):
+        """The run state's record for ``record_id``. A final status read with the chunk
+        stays true; anything else may have changed since (the same id earlier in the
+        list, downloaded meanwhile), so it is read again, unless the record is still
+        certainly unknown (the Bloom filter learns every id the moment it gets a status)."""
+        if prefetched is not None and prefetched.status in FINAL:
+            return prefetched
+        if prefetched is None and record_id not in self.state.known_ids:
+            return None
+        return self.state.record(record_id)
+
+    def _with_known(self, chunks: Iterator[list[Record]]):
+        """(record, what the run state knew of it), looked up a chunk at a time: a
+        re-run of a finished harvest asks SQLite once per chunk, not once per record."""
+        for chunk in chunks:
+            known = self.state.records([record.id for record in chunk])
+            for record in chunk:
+                yield record, known.get(record.id)
 
     def _claimed(self, records: Iterator[Record]) -> Iterator[Record]:
         """On a cluster, records another shard holds already are skipped before download."""

@@ -68,10 +68,14 @@ class ProcessFetchPool:
         self.closed = False
         self.context = context
         self.worker_args = (asdict(settings), self.jobs, self.results, os.getpid())
-        self.processes = [self._start_worker() for _ in range(workers)]
-        self.collector = threading.Thread(target=self._collect, name="fetch-results",
-                                          daemon=True)
-        self.collector.start()
+        self.workers = workers
+        self.processes: list = []
+
+    def _start(self) -> None:
+        """At the first download, not before: a re-run that skips everything starts no
+        process (a worker's start-up costs about a quarter of a second)."""
+        self.processes = [self._start_worker() for _ in range(self.workers)]
+        threading.Thread(target=self._collect, name="fetch-results", daemon=True).start()
 
     def _start_worker(self):
         process = self.context.Process(target=_worker, name="harvest-fetch",
@@ -80,6 +84,8 @@ class ProcessFetchPool:
         return process
 
     def submit(self, url: str, local_files: bool) -> Future:
+        if not self.processes:
+            self._start()
         future: Future = Future()
         future.set_running_or_notify_cancel()
         job = next(self.ids)

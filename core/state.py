@@ -169,6 +169,23 @@ class RunState:
             self.db.execute("COMMIT")
             self._in_transaction = False
 
+    def recent(self, record_id: str) -> KnownRecord | None:
+        """What this run set for the record and has not committed yet, if anything."""
+        return self._recent.get(record_id)
+
+    def records(self, record_ids: list[str]) -> dict[str, KnownRecord]:
+        """The committed state of each of these records that has one, in one query."""
+        maybe = [record_id for record_id in record_ids if record_id in self.known_ids]
+        found: dict[str, KnownRecord] = {}
+        for start in range(0, len(maybe), 500):
+            chunk = maybe[start:start + 500]
+            marks = ",".join("?" * len(chunk))
+            for record_id, status, sha256, duplicate_of in self.db.execute(
+                    f"SELECT id, status, sha256, duplicate_of FROM records WHERE id IN ({marks})",
+                    chunk):
+                found[record_id] = KnownRecord(status, sha256, duplicate_of)
+        return found
+
     def record(self, record_id: str) -> KnownRecord | None:
         if record_id in self._recent:
             return self._recent[record_id]

@@ -38,3 +38,26 @@ sinks: [jsonl]
     assert records["5_l.jpg"]["title"] == "قرد"
     assert "term" not in records["1_l.jpg"]
     assert len({r["id"] for r in records.values()}) == 6
+
+
+def test_a_url_listed_many_times_is_stored_once(flickr, recipe_file, harvest, tmp_path):
+    """The run state is read a chunk of records at a time; a URL seen again after its
+    first copy was stored (in the same chunk or a later one) is still skipped."""
+    flickr.photos = [FakePhoto(id=str(i), title="x") for i in range(1, 41)]
+    flickr.image_latency = 0.002
+    base = flickr.url + "/img/"
+    lines = [f"{base}{i}_l.jpg" for i in range(1, 41)]
+    listing = lines + lines[::-1] + lines[::3] * 3 + lines
+    (tmp_path / "list.txt").write_text("\n".join(listing) + "\n")
+    output = tmp_path / "out"
+    recipe = recipe_file(f"""
+terms: [x]
+output: {output}
+run: {{allow_private_addresses: true, batch_size: 1, concurrency: 2, rate_per_host: 1000}}
+sources: [{{use: urls, options: {{path: list.txt}}}}]
+""")
+    for _ in range(2):
+        status, out, err = harvest("run", recipe, "--no-progress")
+        assert status == 0, err
+        ids = [r["id"] for r in read_jsonl(output / "records.jsonl")]
+        assert len(ids) == len(set(ids)) == 40
