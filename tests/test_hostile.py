@@ -325,10 +325,14 @@ sources: [{{use: {plugin}, options: {{{option}: "${{{variable}}}"}}}}]
         assert shown in err, err
 
 
-def test_decodes_share_a_memory_budget(raw_server, recipe_file, tmp_path, isolated_home):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_decodes_share_a_memory_budget(workers, raw_server, recipe_file, tmp_path,
+                                       isolated_home):
     """Sixteen PNGs of 6000 x 6000 RGBA (144 MB each once decoded, a few hundred KB on the
     wire) fetched at once: without a budget the decodes need 2.3 GB together; with
-    decode_memory 300MB the process peaks far below that."""
+    decode_memory 300MB the run peaks far below that: sixteen threads in one process, or
+    two worker processes that each get half the budget (counted as the main process's
+    peak plus twice the larger worker's)."""
     import io
 
     from PIL import Image
@@ -349,16 +353,18 @@ def test_decodes_share_a_memory_budget(raw_server, recipe_file, tmp_path, isolat
 terms: [x]
 output: {output}
 run: {{allow_private_addresses: true, rate_per_host: 1000, concurrency: 16,
-       decode_memory: 300MB}}
+       decode_memory: 300MB, workers: {workers}}}
 sources: [{{use: urls, options: {{path: list.txt}}}}]
 """)
     measure = ("import resource, sys\nfrom harvest.core.cli import main\n"
                f"status = main(['run', {str(recipe)!r}, '--no-progress'])\n"
                "print('MAXRSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "
-               "file=sys.stderr)\nsys.exit(status)\n")
+               "resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr)\n"
+               "sys.exit(status)\n")
     done = subprocess.run([sys.executable, "-c", measure], capture_output=True, text=True,
                           env=dict(os.environ, HOME=str(isolated_home)), timeout=300)
     assert done.returncode == 0, done.stderr
-    peak_mb = int(done.stderr.split("MAXRSS")[1].split()[0]) / 1024
+    own, children = (int(x) / 1024 for x in done.stderr.split("MAXRSS")[1].split()[:2])
+    peak_mb = own + (workers * children if workers > 1 else 0)
     assert len(read_jsonl(output / "records.jsonl")) == 16
     assert peak_mb < 700, peak_mb
