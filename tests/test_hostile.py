@@ -367,4 +367,6 @@ sources: [{{use: urls, options: {{path: list.txt}}}}]
     own, children = (int(x) / 1024 for x in done.stderr.split("MAXRSS")[1].split()[:2])
     peak_mb = own + (workers * children if workers > 1 else 0)
     assert len(read_jsonl(output / "records.jsonl")) == 16
-    assert peak_mb < 700, peak_mb
+    # Each process carries its own interpreter (~60 MB) beside its share; unbounded, the
+    # decodes alone take over 2 GB in either case.
+    assert peak_mb < (700 if workers == 1 else 1000), peak_mb
