@@ -11,7 +11,6 @@ the bottleneck at high rates, which is why it avoids calls that release the GIL.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import queue
@@ -31,13 +30,14 @@ from .fetch import Fetched, Fetcher
 from .fetchpool import ProcessFetchPool, WorkerSettings
 from .http import HttpClient
 from .lock import OutputLock
+from .placing import ImagePlacer
 from .plugin import Context, Plugin
 from .recipe import PluginSpec, Recipe
-from .record import FileInfo, Query, Record
+from .record import Query, Record
 from .shards import Coordinator, Shard
 from .state import FINAL, RunState
 from .stopping import DaemonPool, Interrupted, StopSignals
-from .storage import image_relpath, inside
+from .storage import image_relpath
 from .summary import Progress, Summary
 
 STATE_DIR = ".harvest"
@@ -70,7 +70,6 @@ class Engine:
         self.coordinator = coordinator or Coordinator()
         self.images_root = recipe.output
         self.output = part_dir or recipe.output  # where the run state lives
-        self.output_root = recipe.output.resolve()
         self.last_report = 0.0
         self.early_claims: dict[str, tuple[str, dict]] = {}  # record id -> (path, claim)
         self.state_dir = self.output / STATE_DIR
@@ -78,8 +77,6 @@ class Engine:
         self.resolver = recipe.resolver
         self.summary = Summary(recipe.name, self.resolver.redact)
         self.hints: dict = {}
-        self.made_dirs: set[Path] = set()  # one per term folder: bounded
-        self.checked_folders: set[str] = set()  # likewise
         self.show_progress = progress
         # A caller that handles signals itself passes its stop event; otherwise the engine
         # turns SIGINT/SIGTERM into one while it runs.
@@ -131,6 +128,7 @@ class Engine:
         shutil.rmtree(self.temp_dir, ignore_errors=True)  # parts of downloads a crash cut off
         self.temp_dir.mkdir(parents=True)
         self.state = RunState(self.state_dir / "state.sqlite", self.resolver.redact)
+        self.placer = ImagePlacer(self.images_root, self.state, self.coordinator, self.summary)
         run_id = self.state.start_run()
         progress = Progress(self.summary, enabled=self.show_progress)
         try:
@@ -269,7 +267,8 @@ class Engine:
                 if known is not None and known.status in FINAL:
                     self.summary.count(record.source, record.term, "skipped")
                     continue
-                if known is not None and known.status == "downloaded" and self._reuse(record, known):
+                if known is not None and known.status == "downloaded" \
+                        and self.placer.reuse(record, known):
                     self._add_to_batch(record)
                     continue
                 while len(in_flight) >= max_in_flight:
@@ -522,98 +521,12 @@ class Engine:
                                 permanent=False)
             return
         try:
-            self._place(record, fetched)
+            self.placer.place(record, fetched, self.early_claims.pop(record.id, None))
         except RecordError as exc:
             fetched.temp_path.unlink(missing_ok=True)
             self._record_failed(record, "store", exc.reason, exc.permanent)
             return
         self._add_to_batch(record)
-
-    # -- files --------------------------------------------------------------------------------
-
-    def _place(self, record: Record, fetched: Fetched) -> None:
-        """Stores the file once per content; a second record with the same bytes points at it."""
-        early = self.early_claims.pop(record.id, None)
-        known = self.state.file(fetched.sha256)
-        if known is not None and (self.images_root / known[0].path).is_file():
-            fetched.temp_path.unlink(missing_ok=True)
-            record.file, first_id = known
-            if first_id != record.id:
-                record.duplicate_of = first_id
-                self.summary.count(record.source, record.term, "duplicate")
-        else:
-            relpath, owner = self._free_path(record, fetched, early)
-            if owner not in (None, record.id):
-                # Another shard of the cluster stored these bytes first, at relpath.
-                fetched.temp_path.unlink(missing_ok=True)
-                record.duplicate_of = owner
-                self.summary.count(record.source, record.term, "duplicate")
-            else:
-                target = self._target(relpath)
-                if target.parent not in self.made_dirs:
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    self.made_dirs.add(target.parent)
-                os.replace(fetched.temp_path, target)
-            record.file = FileInfo(relpath, fetched.bytes, fetched.sha256, fetched.width,
-                                   fetched.height, fetched.format)
-            self.state.add_file(record.file, owner or record.id)
-        self.summary.count(record.source, record.term, "downloaded")
-        self.state.set_status(record.id, record.source, record.term, "downloaded",
-                              sha256=fetched.sha256, duplicate_of=record.duplicate_of)
-
-    def _free_path(self, record: Record, fetched: Fetched, early) -> tuple[str, str | None]:
-        """Where the file goes, and the record that holds these bytes when another one
-        does (then the path is that record's). ``early``: the claim ``_fetch`` made."""
-        folder = record.term or record.source
-        relpath = image_relpath(folder, record.source, record.source_id, fetched.format)
-
-        def suffixed() -> str:
-            return image_relpath(folder, record.source, record.source_id, fetched.format,
-                                 suffix="-" + fetched.sha256[:8])
-
-        owner = self.state.path_owner(relpath)
-        # A file at a path the committed state does not know was left by a batch that
-        # never committed; no stored record points at it, so it may be replaced.
-        target = self._target(relpath)
-        if owner not in (None, fetched.sha256) or (
-                owner is not None and target.exists() and _sha256(target) != fetched.sha256):
-            relpath = suffixed()
-        claim = early[1] if early is not None and early[0] == relpath else \
-            self.coordinator.claim_file(fetched.sha256, record.id, relpath)
-        if claim.get("path_taken"):
-            relpath = suffixed()
-            claim = self.coordinator.claim_file(fetched.sha256, record.id, relpath)
-            if claim.get("path_taken"):
-                raise RecordError(f"no free path for {relpath}", permanent=False)
-        # With an owner, the path is where the owner's file is (a retried shard's own
-        # record included: where its first try put it).
-        return claim.get("path", relpath), claim.get("owner")
-
-    def _target(self, relpath: str) -> Path:
-        """Where ``relpath`` goes, checked against links once per folder: files are put
-        in place with a rename, which replaces a link rather than following it."""
-        folder = relpath.rpartition("/")[0]
-        if folder in self.checked_folders:
-            return self.output_root / relpath
-        try:
-            target = inside(self.output_root, relpath)
-        except ValueError as exc:  # a link planted in the output folder during the run
-            raise RecordError(str(exc), permanent=False) from None
-        self.checked_folders.add(folder)
-        return target
-
-    def _reuse(self, record: Record, known) -> bool:
-        """A record downloaded by an earlier, interrupted run: use its file, skip the network."""
-        if known.sha256 is None:
-            return False
-        stored = self.state.file(known.sha256)
-        if stored is None or not (self.images_root / stored[0].path).is_file():
-            return False
-        record.file, first_id = stored
-        if first_id != record.id:
-            record.duplicate_of = first_id
-        self.summary.count(record.source, record.term, "downloaded")
-        return True
 
     # -- enrich and store ---------------------------------------------------------------------
 
@@ -762,12 +675,4 @@ class Engine:
         retry = counts.get("failed", 0) + counts.get("downloaded", 0)
         if retry:
             self.summary.pending_note = (f"{retry} record(s) not finished; run again to retry them")
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
