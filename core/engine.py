@@ -1,12 +1,13 @@
 """The pipeline: sources -> download -> enrichers -> sinks, streaming and resumable.
 
-Downloads run in a bounded thread pool: the work is network-bound, urllib3 and Pillow
-release the GIL while waiting or decoding, and threads keep the plugin API synchronous
-(a plugin author writes a plain generator, not a coroutine). Sources are read ahead in
-a thread of their own, so the engine never waits on a search page. Everything that
-touches the run state, the image folder and the sinks happens on the engine's own
-thread, so there is one writer and no lock around any of it; the engine thread is also
-the bottleneck at high rates, which is why it avoids calls that release the GIL.
+The stages, as Scrapy splits its engine: sources are read ahead in a thread of their
+own (the engine never waits on a search page); downloads and image checks run in worker
+processes, one per core (``fetchpool``), or in threads here (``stopping.DaemonPool``);
+each checked download is placed as its content's file (``placing``); records are then
+enriched and stored in batches (``storing``). Everything that touches the run state, the
+image folder and the sinks happens on this engine's own thread, so there is one writer
+and no lock around any of it. This file is the loop that ties the stages together,
+start and stop included.
 """
 
 from __future__ import annotations
@@ -38,13 +39,11 @@ from .shards import Coordinator, Shard
 from .state import FINAL, RunState
 from .stopping import DaemonPool, Interrupted, StopSignals
 from .storage import image_relpath
+from .storing import BatchStore
 from .summary import Progress, Summary
 
 STATE_DIR = ".harvest"
-FLUSH_SECONDS = 5.0
-SINK_RETRY_INTERVAL = 2.0
 SOURCE_READ_AHEAD = 1000
-MAX_PENDING_RECORDS = 10_000
 CLAIM_CHUNK = 64
 REPORT_SECONDS = 1.0
 PLAN_THREADS = 4
@@ -144,8 +143,14 @@ class Engine:
                 sources = [(spec, self._open(stack, spec)) for spec in self.recipe.sources]
                 for spec, sink in self.sinks:
                     sink.resume(self.state.checkpoint(spec.label))
+                self.store = BatchStore(
+                    enrichers=self.enrichers, sinks=self.sinks, state=self.state,
+                    summary=self.summary, resolver=self.resolver, output=self.output,
+                    batch_size=self.settings.batch_size,
+                    sink_retry_seconds=self.settings.sink_retry_seconds,
+                    record_failed=self._record_failed, check_stop=self._check_stop)
                 if self.verify_sinks:
-                    self._verify_sinks()
+                    self.store.verify_sinks()
                 try:
                     self._pump(sources, progress)
                     # Complete means every record found reached its end: stored, or
@@ -216,51 +221,18 @@ class Engine:
         stack.callback(plugin.close)
         return plugin
 
-    def _verify_sinks(self) -> None:
-        """Asks each sink which records the run state calls stored it does not have (a
-        database that lost acknowledged writes, a file restored from an old backup);
-        those are reopened, and this run writes them again to the sinks that lack them."""
-        reopened = 0
-        for ids in self.state.done_ids():
-            lacking: dict[str, set[str]] = {}
-            for spec, sink in self.sinks:
-                missing = sink.missing(ids)
-                if missing:
-                    lacking[spec.label] = missing
-            if not lacking:
-                continue
-            reopen = sorted(set().union(*lacking.values()))
-            for spec, _ in self.sinks:
-                has = [i for i in reopen if i not in lacking.get(spec.label, ())]
-                if has:
-                    self.state.mark_delivered(spec.label, has)
-            self.state.reopen(reopen)
-            self.state.commit()
-            reopened += len(reopen)
-            for label, missing in lacking.items():
-                log.warning("verify: sink %s lacks %d stored record(s)", label, len(missing))
-        self.summary.notes.append(f"verify: {reopened} stored record(s) missing from a sink; "
-                                  f"written again when their sources yield them"
-                                  if reopened else "verify: every sink has every stored record")
-
     # -- the loop -----------------------------------------------------------------------------
 
     def _pump(self, sources, progress: Progress) -> None:
         max_in_flight = self.settings.concurrency * 2
         in_flight: dict[Future, Record] = {}
         in_flight_ids: set[str] = set()
-        self.batch: list[Record] = []
         self.finished: queue.SimpleQueue[Future] = queue.SimpleQueue()
-        self.last_flush = time.monotonic()
-        self.held_ids: set[str] = set()  # in the batch or pending: found again, not redone
-        self.pending: list[tuple[list[Record], list]] = []
-        self.pending_records = 0
-        self.next_pending_retry = 0.0
-        self.last_sink_error: dict[str, str] = {}
+        store = self.store
         pool, submit = self._download_pool()
         try:
             for record, prefetched in self._with_known(self._produced(sources)):
-                if record.id in in_flight_ids or record.id in self.held_ids:
+                if record.id in in_flight_ids or record.id in store.held_ids:
                     self.summary.count(record.source, record.term, "skipped")
                     continue
                 known = self._known(record.id, prefetched)
@@ -269,7 +241,7 @@ class Engine:
                     continue
                 if known is not None and known.status == "downloaded" \
                         and self.placer.reuse(record, known):
-                    self._add_to_batch(record)
+                    store.add(record)
                     continue
                 while len(in_flight) >= max_in_flight:
                     self._collect(in_flight, in_flight_ids, block=True)
@@ -283,8 +255,8 @@ class Engine:
             while in_flight:
                 self._collect(in_flight, in_flight_ids, block=True)
                 self._tick(progress)
-            self._flush()
-            self._drain_pending()
+            store.flush()
+            store.drain()
         except BaseException as exc:
             pool.shutdown()
             self.fetcher.abandon()  # downloads stuck on a silent server end now
@@ -294,9 +266,8 @@ class Engine:
             for future, record in done.items():
                 in_flight.pop(future)
                 self._absorb(future, record, in_flight_ids)
-            self._flush()
-            for batch, _ in self.pending:
-                self._give_up(batch)
+            store.flush()
+            store.give_up_pending()
             raise
         finally:
             pool.shutdown()
@@ -526,142 +497,7 @@ class Engine:
             fetched.temp_path.unlink(missing_ok=True)
             self._record_failed(record, "store", exc.reason, exc.permanent)
             return
-        self._add_to_batch(record)
-
-    # -- enrich and store ---------------------------------------------------------------------
-
-    def _add_to_batch(self, record: Record) -> None:
-        if self.resolver.revealed:
-            # A secret in an endpoint or a folder path must not reach the records (a URL
-            # that quotes it) any more than the logs.
-            record.url = self.resolver.redact(record.url) if record.url else record.url
-            record.fields = self.resolver.redact_value(record.fields)
-        self.batch.append(record)
-        self.held_ids.add(record.id)
-        if (len(self.batch) >= self.settings.batch_size
-                or time.monotonic() - self.last_flush >= FLUSH_SECONDS):
-            self._flush()
-
-    def _flush(self) -> None:
-        batch, self.batch = self.batch, []
-        self.last_flush = time.monotonic()
-        for spec, enricher in self.enrichers:
-            if not batch:
-                break
-            kept = self._enrich(spec, enricher, batch)
-            if len(kept) != len(batch):
-                kept_ids = {record.id for record in kept}
-                self.held_ids.difference_update(r.id for r in batch if r.id not in kept_ids)
-            batch = kept
-        if batch:
-            self._store(batch, list(self.sinks))
-        if self.pending and time.monotonic() >= self.next_pending_retry:
-            self._retry_pending()
-        self.state.commit()
-
-    def _store(self, batch: list[Record], sinks: list) -> bool:
-        """Writes a batch to each sink that does not have it yet; True when all have it."""
-        ids = [record.id for record in batch]
-        waiting = []
-        for spec, sink in sinks:
-            already = self.state.delivered(spec.label, ids)
-            todo = [record for record in batch if record.id not in already]
-            try:
-                checkpoint = sink.write(todo) if todo else None
-            except PluginConfigError:
-                raise
-            except Exception as exc:
-                if disk_full(exc):
-                    raise DiskFull(self.output) from None
-                reason = one_line(exc)
-                log.warning("sink %s failed a batch of %d; keeping it to retry: %s",
-                            spec.label, len(todo), reason[:300])
-                self.last_sink_error[spec.label] = reason[:200]
-                waiting.append((spec, sink))
-                continue
-            if todo:
-                self.state.set_checkpoint(spec.label, checkpoint)
-        if waiting:
-            waiting_labels = {spec.label for spec, _ in waiting}
-            for spec, _ in sinks:
-                if spec.label not in waiting_labels:
-                    self.state.mark_delivered(spec.label, ids)
-            self._hold(batch, waiting)
-            return False
-        for record in batch:
-            self.summary.count(record.source, record.term, "stored")
-            self.state.set_status(record.id, record.source, record.term, "done",
-                                  sha256=record.file.sha256 if record.file else None)
-        self.state.forget_delivered(ids)
-        self.held_ids.difference_update(ids)
-        return True
-
-    def _hold(self, batch: list[Record], sinks: list) -> None:
-        self.pending.append((batch, sinks))
-        self.pending_records += len(batch)
-        self.next_pending_retry = time.monotonic() + SINK_RETRY_INTERVAL
-        while self.pending_records > MAX_PENDING_RECORDS:
-            # Past this, memory would grow with the outage; the run state keeps these
-            # records as downloaded, and the next run writes them.
-            dropped, _ = self.pending.pop(0)
-            self.pending_records -= len(dropped)
-            self._give_up(dropped)
-
-    def _retry_pending(self) -> None:
-        held, self.pending, self.pending_records = self.pending, [], 0
-        for index, (batch, sinks) in enumerate(held):
-            if not self._store(batch, sinks):
-                for rest_batch, rest_sinks in held[index + 1:]:
-                    self._hold(rest_batch, rest_sinks)
-                return
-
-    def _drain_pending(self) -> None:
-        deadline = time.monotonic() + self.settings.sink_retry_seconds
-        while self.pending and time.monotonic() < deadline:
-            while time.monotonic() < min(self.next_pending_retry, deadline):
-                self._check_stop()
-                time.sleep(WAIT_SLICE)
-            self._retry_pending()
-            self.state.commit()
-        for batch, _ in self.pending:
-            self._give_up(batch)
-        self.pending, self.pending_records = [], 0
-
-    def _give_up(self, batch: list[Record]) -> None:
-        reason = "; ".join(f"{label}: {error}" for label, error in self.last_sink_error.items())
-        self.held_ids.difference_update(record.id for record in batch)
-        for record in batch:
-            self.summary.fail(record.source, record.term, "sink", f"not stored yet ({reason})",
-                              "failed")
-
-    def _enrich(self, spec: PluginSpec, enricher, batch: list[Record]) -> list[Record]:
-        stage = f"enrich {spec.label}"
-        try:
-            enricher.enrich(batch)
-        except PluginConfigError:
-            raise
-        except Exception:
-            log.debug("%s failed a batch; retrying record by record", stage, exc_info=True)
-            survivors = []
-            for record in batch:
-                try:
-                    enricher.enrich([record])
-                    survivors.append(record)
-                except PluginConfigError:
-                    raise
-                except Exception as exc:
-                    self._record_failed(record, stage, f"{exc.__class__.__name__}: {exc}",
-                                        permanent=False)
-            batch = survivors
-        kept = []
-        for record in batch:
-            if record.dropped:
-                self.summary.fail(record.source, record.term, stage, record.dropped, "dropped")
-                self.state.set_status(record.id, record.source, record.term, "dropped",
-                                      reason=f"{stage}: {record.dropped}")
-            else:
-                kept.append(record)
-        return kept
+        self.store.add(record)
 
     def _record_failed(self, record: Record, stage: str, reason: str, permanent: bool) -> None:
         outcome = "rejected" if permanent else "failed"
