@@ -276,7 +276,8 @@ class Engine:
     def _download_pool(self):
         """Worker processes on one machine (every core checks images), threads here on a
         cluster shard (the Dask worker is the process) or with ``run.workers: 1``."""
-        workers = self.settings.workers or os.cpu_count() or 1
+        # One per core by default, but never more than there are downloads to share out.
+        workers = self.settings.workers or min(os.cpu_count() or 1, self.settings.concurrency)
         if self.shards is not None or workers <= 1:
             pool = DaemonPool(self.settings.concurrency, "download")
             return pool, lambda record: pool.submit(self._fetch, record)

@@ -35,8 +35,8 @@ TOP_LEVEL = ("name", "terms", "language", "output", "credentials", "run", "sourc
 RUN_OPTIONS: tuple[Option, ...] = (
     Option("concurrency", Int(1, 256), 16, help="downloads in flight at once"),
     Option("workers", Int(0, 256), 0,
-           help="processes that download and check images (0: one per core; 1: none, "
-                "threads in the run's own process)"),
+           help="processes that download and check images (0: one per core, at most "
+                "concurrency; 1: none, threads in the run's own process)"),
     Option("rate_per_host", Float(0.01, 1_000_000), 8.0, help="requests per second to any one host"),
     Option("limit_per_term", Int(1), 100,
            help="records each source yields for each term in each language"),
