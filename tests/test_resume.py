@@ -75,7 +75,8 @@ def test_interrupted_run_resumes_without_duplicates(how, flickr, recipe_file, tm
     flickr.image_latency = 0.03
     output = tmp_path / "out"
     recipe = recipe_file(flickr_recipe(flickr.endpoint, output,
-                                       run="concurrency: 2\nbatch_size: 4\nlimit_per_term: 60"))
+                                       run="concurrency: 2\nbatch_size: 4\nlimit_per_term: 60\n"
+                                           "workers: 2"))
     process = start_run(recipe, isolated_home)
     wait_for_lines(output / "records.jsonl", 8, process)
     workers = [int(pid) for pid in subprocess.run(
