@@ -158,6 +158,7 @@ def baseline(endpoint: str, n: int, folder: Path) -> None:
 # -- harvest ------------------------------------------------------------------------------------
 
 WORKERS = 0  # run.workers for harvest's recipes (--workers)
+ENRICHERS = "[exif, geocode]"  # the pipeline's enrichers (--no-enrichers: [])
 
 
 def harvest_recipe(endpoint: str, n: int, output: Path, concurrency: int,
@@ -184,7 +185,7 @@ def harvest_recipe(endpoint: str, n: int, output: Path, concurrency: int,
               per_page: 500
               sizes: [l]
               refresh_licenses: false{extra}
-        enrichers: [exif, geocode]
+        enrichers: {ENRICHERS}
         sinks: [jsonl]
     """)
 
@@ -374,6 +375,8 @@ def main(argv=None) -> int:
     parser.add_argument("--latency", type=float, default=0.05)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--skip-baseline", action="store_true")
+    parser.add_argument("--no-enrichers", action="store_true",
+                        help="the pipeline without exif and geocode (to see what they cost)")
     parser.add_argument("--workers", type=int, default=0,
                         help="harvest's run.workers (0: one per core, 1: threads only)")
     parser.add_argument("--flat", help="comma-separated N for the urls RSS check, e.g. 10000,100000")
@@ -388,8 +391,10 @@ def main(argv=None) -> int:
         baseline(args.endpoint, args.n, args.out)
         return 0
 
-    global WORKERS
+    global WORKERS, ENRICHERS
     WORKERS = args.workers
+    if args.no_enrichers:
+        ENRICHERS = "[]"
     figures: dict = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
                      "workers": args.workers}
     with tempfile.TemporaryDirectory(prefix="harvest-bench-") as scratch:
