@@ -7,7 +7,7 @@ img2dataset 1.47 is installed into a virtual environment of its own (``--venv``,
 on first use with pip), so neither tool's dependencies touch the other's. Both fetch
 the same N distinct small JPEGs (160x120) from a server on 127.0.0.1:
 
-- ``plain``: Python's ThreadingHTTPServer with keep-alive, nothing else;
+- ``plain``: the test suite's LocalServer (Python's ThreadingHTTPServer, keep-alive);
 - ``bench``: the test suite's Flickr stand-in image host (bench/run.py's server).
 
 img2dataset runs with its documented fast settings for a files output (``--resize_mode
@@ -30,8 +30,6 @@ import subprocess
 import sys
 import tempfile
 import textwrap
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -60,29 +58,20 @@ def pictures(n: int) -> list[bytes]:
 
 
 class PlainServer:
+    """The test suite's plain loopback server (keep-alive, no latency) serving the images."""
+
     def __init__(self, images: list[bytes]):
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-            disable_nagle_algorithm = True
+        from fakes import LocalServer
 
-            def log_message(self, *args):
-                pass
+        def handle(method, path, headers, body):
+            data = images[int(path.rsplit("/", 1)[1].split(".")[0]) % len(images)]
+            return 200, {"Content-Type": "image/jpeg"}, data
 
-            def do_GET(self):
-                data = images[int(self.path.rsplit("/", 1)[1].split(".")[0]) % len(images)]
-                self.send_response(200)
-                self.send_header("Content-Type", "image/jpeg")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-        self.base = f"http://127.0.0.1:{self.httpd.server_address[1]}/i/"
+        self.server = LocalServer(handle).start()
+        self.base = f"{self.server.url}/i/"
 
     def stop(self):
-        self.httpd.shutdown()
+        self.server.stop()
 
 
 class BenchServer:
