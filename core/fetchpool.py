@@ -33,6 +33,7 @@ from .fetch import Fetched, Fetcher
 from .http import HttpClient
 
 RESULT_BATCH_SECONDS = 0.005
+WORKER_CHECK_SECONDS = 0.5
 
 
 @dataclass
@@ -95,13 +96,17 @@ class ProcessFetchPool:
         return future
 
     def _collect(self) -> None:
+        last_check = time.monotonic()
         while True:
+            if time.monotonic() - last_check >= WORKER_CHECK_SECONDS:
+                # Also while results flow: the others' answers must not hide a dead one.
+                last_check = time.monotonic()
+                self._check_workers()
             try:
-                batch = self.results.get(timeout=0.5)
+                batch = self.results.get(timeout=WORKER_CHECK_SECONDS)
             except Exception:  # queue.Empty, or the queue closed under us at shutdown
                 if self.closed:
                     return
-                self._check_workers()
                 continue
             if batch is None:
                 return

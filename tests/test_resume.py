@@ -256,11 +256,11 @@ def test_a_full_disk_stops_the_run_in_one_line_and_the_next_run_recovers(
 def test_a_download_worker_killed_mid_run_costs_only_its_downloads(flickr, recipe_file,
                                                                     tmp_path, isolated_home,
                                                                     harvest):
-    flickr.photos = monkey_photos(60)
+    flickr.photos = monkey_photos(300)
     flickr.image_latency = 0.05
     output = tmp_path / "out"
     recipe = recipe_file(flickr_recipe(flickr.endpoint, output,
-                                       run="concurrency: 4\nbatch_size: 2\nlimit_per_term: 60\n"
+                                       run="concurrency: 4\nbatch_size: 2\nlimit_per_term: 300\n"
                                            "workers: 2"))
     process = start_run(recipe, isolated_home)
     wait_for_lock(output, process)
@@ -269,6 +269,15 @@ def test_a_download_worker_killed_mid_run_costs_only_its_downloads(flickr, recip
                              capture_output=True, text=True).stdout.split()
     assert len(workers) == 2
     os.kill(int(workers[0]), signal.SIGKILL)
+    # Replaced while the run goes on, though the other worker's answers keep flowing.
+    deadline = time.monotonic() + 3
+    while True:
+        now = subprocess.run(["pgrep", "-f", "-P", str(process.pid), "spawn_main"],
+                             capture_output=True, text=True).stdout.split()
+        if len(now) == 2 and workers[0] not in now:
+            break
+        assert time.monotonic() < deadline and process.poll() is None, now
+        time.sleep(0.05)
     out, err = process.communicate(timeout=60)
     assert process.returncode in (0, 3), err  # 3: the lost downloads wait for a rerun
     status, out, err = harvest("run", recipe, "--no-progress")
