@@ -240,6 +240,10 @@ class Fetcher:
     def _download(self, url: str, out) -> tuple[int, str]:
         for _ in range(MAX_REDIRECTS + 1):
             # Redirects are followed here, not by the library, so that every hop is checked.
+            scheme = urlsplit(url).scheme.lower()
+            if scheme not in ("http", "https"):
+                raise RecordError(f"refused: redirect to a {scheme or 'relative'} URL "
+                                  f"(only http and https)")
             if not self.allow_private:
                 refuse_private(url)
             host = urlsplit(url).netloc

@@ -89,6 +89,16 @@ def drip_headers(conn):
         time.sleep(0.2)
 
 
+def to_local_file(conn):
+    conn.sendall(b"HTTP/1.1 302 Found\r\nLocation: file:///etc/passwd\r\n"
+                 b"Content-Length: 0\r\n\r\n")
+
+
+def to_gopher(conn):
+    conn.sendall(b"HTTP/1.1 301 Moved\r\nLocation: gopher://127.0.0.1:70/x\r\n"
+                 b"Content-Length: 0\r\n\r\n")
+
+
 def retry_tomorrow(conn):
     conn.sendall(b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: 99999\r\n"
                  b"Content-Length: 0\r\n\r\n")
@@ -98,7 +108,8 @@ def retry_tomorrow(conn):
 @pytest.fixture
 def raw_server():
     server = RawServer({"/ok.jpg": ok, "/drip-body.jpg": drip_body,
-                        "/drip-headers.jpg": drip_headers, "/retry.jpg": retry_tomorrow})
+                        "/drip-headers.jpg": drip_headers, "/retry.jpg": retry_tomorrow,
+                        "/to-file.jpg": to_local_file, "/to-gopher.jpg": to_gopher})
     yield server
     server.close()
 
@@ -370,3 +381,15 @@ sources: [{{use: urls, options: {{path: list.txt}}}}]
     # Each process carries its own interpreter (~60 MB) beside its share; unbounded, the
     # decodes alone take over 2 GB in either case.
     assert peak_mb < (700 if workers == 1 else 1000), peak_mb
+
+
+def test_a_redirect_to_another_scheme_is_refused(raw_server, harvest, recipe_file, tmp_path):
+    """Even where private addresses are allowed: a redirect hop is http or https, never a
+    local file (whatever run.allow_file_urls says) or another protocol."""
+    urls = [f"{raw_server.base}/to-file.jpg", f"{raw_server.base}/to-gopher.jpg"]
+    status, _, summary, reasons, _ = run_list(
+        harvest, recipe_file, tmp_path, urls,
+        run={"allow_private_addresses": True, "allow_file_urls": True})
+    assert reasons == {"refused: redirect to a file URL (only http and https)": 1,
+                       "refused: redirect to a gopher URL (only http and https)": 1}
+    assert summary["totals"]["rejected"] == 2
