@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import threading
 from pathlib import Path
@@ -32,6 +33,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="harvest", description="Harvest image datasets "
                                      "from the web with YAML recipes.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log every record")
+    parser.add_argument("--version", action="version", version=f"harvest {_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = commands.add_parser("run", help="run a recipe (resumes an interrupted run)")
@@ -55,7 +57,8 @@ def _parser() -> argparse.ArgumentParser:
     credits.add_argument("--records", type=Path, help="records file (default OUTPUT/records.jsonl)")
 
     keygen = commands.add_parser("keygen", help="make a Fernet key file (mode 0600)")
-    keygen.add_argument("--key-file", type=Path, default=Path("~/.config/harvest/harvest.key"))
+    keygen.add_argument("--key-file", type=Path, default=Path("~/.config/harvest/harvest.key"),
+                        help="where to write the key (default ~/.config/harvest/harvest.key)")
     keygen.add_argument("--force", action="store_true", help="allow a path inside a git work tree")
 
     decrypt = commands.add_parser("decrypt", help="decrypt records (JSONL file or MongoDB) to a "
@@ -207,7 +210,30 @@ def _plain(value):
     return value if isinstance(value, (str, int, float, bool, type(None), list)) else str(value)
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("harvest")
+    except PackageNotFoundError:
+        return "(not installed)"
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        # The reader went away (`harvest plugins | head`): stop quietly, as cat does.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a program killed by it
+
+
+def _main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     recipe = None
     try:
@@ -263,8 +289,10 @@ def main(argv: list[str] | None = None) -> int:
         registry = load_registry()
         recipe = load_recipe(args.recipe, registry, output=getattr(args, "output", None))
         if args.command == "validate":
-            print(f"{args.recipe}: ok ({len(recipe.terms)} terms, {len(recipe.sources)} sources, "
-                  f"{len(recipe.enrichers)} enrichers, {len(recipe.sinks)} sinks)")
+            counts = ", ".join(_count(len(items), noun) for items, noun in (
+                (recipe.terms, "term"), (recipe.sources, "source"),
+                (recipe.enrichers, "enricher"), (recipe.sinks, "sink")))
+            print(f"{args.recipe}: ok ({counts})")
             return 0
         if args.limit is not None and args.limit < 1:
             raise UsageError(f"--limit {args.limit}: expected a positive number")

@@ -121,3 +121,18 @@ def test_non_editable_install_works(tmp_path, isolated_home):
     path, names = done.stdout.splitlines()
     assert path.startswith(str(target))
     assert "flickr" in names and "folder" in names
+
+
+def test_version_and_a_closed_pipe(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    harvest = Path(sys.executable).with_name("harvest")
+    done = subprocess.run([str(harvest), "--version"], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.startswith("harvest 0.")
+    # `harvest plugins | head -1`: the reader leaves early; no traceback.
+    piped = subprocess.run(f"'{harvest}' plugins | head -1", shell=True, capture_output=True,
+                           text=True)
+    assert piped.stdout == "sources:\n"
+    assert piped.stderr == "", piped.stderr

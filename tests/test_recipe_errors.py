@@ -132,7 +132,7 @@ def test_good_recipe_validates(keys, recipe_file, harvest):
                        "output: out\n" + GOOD_SOURCE)
     status, out, err = harvest("validate", path)
     assert status == 0, err
-    assert "ok (2 terms, 1 sources, 0 enrichers, 1 sinks)" in out
+    assert "ok (2 terms, 1 source, 0 enrichers, 1 sink)" in out
 
 
 def test_validate_makes_no_network_call_and_writes_nothing(keys, recipe_file, harvest, tmp_path):
