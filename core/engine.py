@@ -24,12 +24,9 @@ from contextlib import ExitStack
 from itertools import islice
 from pathlib import Path
 
-from PIL import Image
-
 from .errors import DiskFull, PluginConfigError, RecordError, disk_full, one_line
 from .fetch import Fetched, Fetcher
-from .fetchpool import ProcessFetchPool, WorkerSettings
-from .http import HttpClient
+from .fetchpool import ProcessFetchPool
 from .lock import OutputLock
 from .placing import ImagePlacer
 from .plugin import Context, Plugin
@@ -82,24 +79,9 @@ class Engine:
         self.own_signals = stop_requested is None
         self.stop_requested = stop_requested or threading.Event()
         self.search_failures = 0
-        self.http = HttpClient(rate_per_host=self.settings.rate_per_host,
-                               timeout=self.settings.timeout, retries=self.settings.retries,
-                               backoff=self.settings.backoff, user_agent=self.settings.user_agent,
-                               pool_size=self.settings.concurrency,
-                               reserve=self.coordinator.reserve,
-                               max_retry_after=self.settings.max_retry_after,
-                               check_peer=not self.settings.allow_private_addresses)
-        # The fetcher checks width x height against max_pixels from the header, before any
-        # decode; Pillow's global guard would fire first, at its own limit, with its own words.
-        Image.MAX_IMAGE_PIXELS = None
-        self.fetcher = Fetcher(self.http, self.temp_dir, max_bytes=self.settings.max_bytes,
-                               max_pixels=self.settings.max_pixels,
-                               verify=self.settings.verify_images,
-                               allow_private=self.settings.allow_private_addresses,
-                               respect_opt_outs=self.settings.respect_opt_outs,
-                               deadline=self.settings.download_deadline,
-                               allow_file_urls=self.settings.allow_file_urls,
-                               decode_memory=self.settings.decode_memory)
+        self.fetcher = Fetcher.for_run(self.settings, self.temp_dir,
+                                       reserve=self.coordinator.reserve)
+        self.http = self.fetcher.http  # plugins' sessions share its per-host pacing
 
     def _context(self, spec: PluginSpec) -> Context:
         return Context(recipe_name=self.recipe.name, recipe_dir=self.recipe.directory,
@@ -281,18 +263,7 @@ class Engine:
         if self.shards is not None or workers <= 1:
             pool = DaemonPool(self.settings.concurrency, "download")
             return pool, lambda record: pool.submit(self._fetch, record)
-        settings = self.settings
-        threads = -(-settings.concurrency // workers)
-        pool = ProcessFetchPool(WorkerSettings(
-            temp_dir=str(self.temp_dir), threads=threads,
-            rate_per_host=settings.rate_per_host / workers, timeout=settings.timeout,
-            retries=settings.retries, backoff=settings.backoff, user_agent=settings.user_agent,
-            max_retry_after=settings.max_retry_after,
-            allow_private=settings.allow_private_addresses, max_bytes=settings.max_bytes,
-            max_pixels=settings.max_pixels, verify=settings.verify_images,
-            respect_opt_outs=settings.respect_opt_outs, deadline=settings.download_deadline,
-            allow_file_urls=settings.allow_file_urls,
-            decode_memory=max(1, settings.decode_memory // workers)), workers)
+        pool = ProcessFetchPool(self.settings, self.temp_dir, workers)
         return pool, lambda record: pool.submit(record.url, record.local_file_ok)
 
     def _check_stop(self) -> None:
@@ -342,8 +313,11 @@ class Engine:
                 except queue.Empty:
                     self._check_stop()
                     continue
-                chunk = []
-                while item is not done and not isinstance(item, BaseException):
+                chunk, end = [], None
+                while True:  # what is waiting now, up to a chunk, and how the stream ended
+                    if item is done or isinstance(item, BaseException):
+                        end = item
+                        break
                     chunk.append(item)
                     if len(chunk) >= LOOKUP_CHUNK:
                         break
@@ -351,13 +325,12 @@ class Engine:
                         item = handoff.get_nowait()
                     except queue.Empty:
                         break
-                else:
-                    if chunk:
-                        yield chunk
-                    if item is done:
-                        return
-                    raise item
-                yield chunk
+                if chunk:
+                    yield chunk
+                if end is done:
+                    return
+                if end is not None:
+                    raise end
         finally:
             stop.set()
 

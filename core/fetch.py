@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import itertools
 import os
@@ -121,6 +122,16 @@ class DecodeBudget:
                 self.condition.notify_all()
 
 
+@functools.cache
+def _prepare_process() -> None:
+    """Once per process that checks images. The fetcher checks width x height against
+    max_pixels from the header, before any decode; Pillow's global guard would fire
+    first, at its own limit, with its own words."""
+    Image.MAX_IMAGE_PIXELS = None
+    if sys.platform.startswith("linux"):
+        map_large_blocks()
+
+
 def map_large_blocks() -> None:
     """Makes glibc give decoded images' memory back when they are freed.
 
@@ -160,8 +171,7 @@ class Fetcher:
                  decode_memory: int | None = None):
         self.deadline = deadline
         self.budget = DecodeBudget(decode_memory) if decode_memory else None
-        if sys.platform.startswith("linux"):
-            map_large_blocks()
+        _prepare_process()
         self.allow_file_urls = allow_file_urls
         self.allow_private = allow_private
         self.respect_opt_outs = respect_opt_outs
@@ -172,6 +182,26 @@ class Fetcher:
         self.max_bytes = max_bytes
         self.max_pixels = max_pixels
         self.verify = verify
+
+    @classmethod
+    def for_run(cls, settings, temp_dir: Path, *, http: HttpClient | None = None,
+                share: int = 1, threads: int | None = None, reserve=None) -> Fetcher:
+        """The downloader a run's settings (``recipe.RunSettings``) describe. ``share``:
+        the number of processes downloading for the run; this one gets that fraction of
+        the per-host rate and of the decode memory. ``http``: a client already made."""
+        http = http or HttpClient(
+            rate_per_host=settings.rate_per_host / share, timeout=settings.timeout,
+            retries=settings.retries, backoff=settings.backoff,
+            user_agent=settings.user_agent, pool_size=threads or settings.concurrency,
+            reserve=reserve, max_retry_after=settings.max_retry_after,
+            check_peer=not settings.allow_private_addresses)
+        return cls(http, temp_dir, max_bytes=settings.max_bytes,
+                   max_pixels=settings.max_pixels, verify=settings.verify_images,
+                   allow_private=settings.allow_private_addresses,
+                   respect_opt_outs=settings.respect_opt_outs,
+                   deadline=settings.download_deadline,
+                   allow_file_urls=settings.allow_file_urls,
+                   decode_memory=max(1, settings.decode_memory // share))
 
     def fetch(self, url: str, *, local_files: bool = False) -> Fetched:
         """``local_files``: the record comes from a source that reads the local disk by

@@ -25,41 +25,21 @@ import signal
 import threading
 import time
 from concurrent.futures import Future
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .errors import DiskFull, RecordError, one_line
 from .fetch import Fetched, Fetcher
-from .http import HttpClient
 
 RESULT_BATCH_SECONDS = 0.005
 WORKER_CHECK_SECONDS = 0.5
 
 
-@dataclass
-class WorkerSettings:
-    temp_dir: str
-    threads: int
-    rate_per_host: float
-    timeout: float
-    retries: int
-    backoff: float
-    user_agent: str
-    max_retry_after: float
-    allow_private: bool
-    max_bytes: int
-    max_pixels: int
-    verify: bool
-    respect_opt_outs: bool
-    deadline: float
-    allow_file_urls: bool
-    decode_memory: int
-
-
 class ProcessFetchPool:
     """``submit(url, local_files) -> Future[Fetched]``, served by worker processes."""
 
-    def __init__(self, settings: WorkerSettings, workers: int):
+    def __init__(self, settings, temp_dir: Path, workers: int):
+        """``settings``: the run's ``RunSettings``; each worker builds its downloader from
+        them with its share of the rate and of the decode memory."""
         context = multiprocessing.get_context("spawn")
         self.jobs = context.Queue()
         self.results = context.Queue()
@@ -68,7 +48,9 @@ class ProcessFetchPool:
         self.ids = itertools.count()
         self.closed = False
         self.context = context
-        self.worker_args = (asdict(settings), self.jobs, self.results, os.getpid())
+        threads = -(-settings.concurrency // workers)  # concurrency shared out, rounded up
+        self.worker_args = (settings, str(temp_dir), workers, threads, self.jobs,
+                            self.results, os.getpid())
         self.workers = workers
         self.processes: list = []
 
@@ -164,24 +146,11 @@ class ProcessFetchPool:
             queue.close()
 
 
-def _worker(settings: dict, jobs, results, parent: int) -> None:
-    from PIL import Image
-
+def _worker(settings, temp_dir: str, share: int, threads: int, jobs, results,
+            parent: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
-    Image.MAX_IMAGE_PIXELS = None  # the fetcher's own guard applies, from the header
-    config = WorkerSettings(**settings)
-    http = HttpClient(rate_per_host=config.rate_per_host, timeout=config.timeout,
-                      retries=config.retries, backoff=config.backoff,
-                      user_agent=config.user_agent, pool_size=config.threads,
-                      max_retry_after=config.max_retry_after,
-                      check_peer=not config.allow_private)
-    fetcher = Fetcher(http, Path(config.temp_dir), max_bytes=config.max_bytes,
-                      max_pixels=config.max_pixels, verify=config.verify,
-                      allow_private=config.allow_private,
-                      respect_opt_outs=config.respect_opt_outs, deadline=config.deadline,
-                      allow_file_urls=config.allow_file_urls,
-                      decode_memory=config.decode_memory)
+    fetcher = Fetcher.for_run(settings, Path(temp_dir), share=share, threads=threads)
     outbox: list = []
     outbox_lock = threading.Lock()
 
@@ -220,8 +189,8 @@ def _worker(settings: dict, jobs, results, parent: int) -> None:
                                      fetched.width, fetched.height, fetched.format)))
 
     threading.Thread(target=flusher, daemon=True).start()
-    threads = [threading.Thread(target=work, daemon=True) for _ in range(config.threads)]
-    for thread in threads:
+    pool = [threading.Thread(target=work, daemon=True) for _ in range(threads)]
+    for thread in pool:
         thread.start()
-    for thread in threads:
+    for thread in pool:
         thread.join()

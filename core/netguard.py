@@ -93,7 +93,6 @@ class Deadlines:
         self._order = itertools.count()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
-        self._active: set[int] = set()
         self._entries: dict[int, dict] = {}
 
     def start(self, seconds: float, group: object = None) -> None:

@@ -40,6 +40,7 @@ class SecretResolver:
         self.credentials_file = credentials_file
         self._credentials: dict[str, str] | None = None
         self.revealed: set[str] = set()
+        self._redactable: list[str] | None = None
 
     def _load_credentials(self) -> dict[str, str]:
         if self._credentials is not None:
@@ -70,6 +71,7 @@ class SecretResolver:
         if not value:
             value = self._load_credentials().get(name)
         if value:
+            self._redactable = None
             self.revealed.add(value)
             # Errors quote a URL's parts (a host that does not resolve), not the whole.
             parts = urlsplit(value) if "://" in value else None
@@ -80,7 +82,10 @@ class SecretResolver:
     def secrets(self) -> list[str]:
         """Every value resolved so far that is long enough to redact, longest first (so
         that a secret containing another is replaced whole)."""
-        return sorted((s for s in self.revealed if len(s) >= 4), key=len, reverse=True)
+        if self._redactable is None:  # redact runs on every record: sort once
+            self._redactable = sorted((s for s in self.revealed if len(s) >= 4), key=len,
+                                      reverse=True)
+        return self._redactable
 
     def redact(self, text: str) -> str:
         for secret in self.secrets():

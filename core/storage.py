@@ -64,7 +64,7 @@ OWN_PATHS = ("images", ".harvest", ".harvest/tmp", ".harvest/state.sqlite",
              ".harvest/last-run.json", ".harvest/lock", ".harvest/shards")
 
 
-def prepare_output(output: Path) -> Path:
+def prepare_output(output: Path) -> None:
     """Makes the output folder ready to write, or raises UsageError in one line: a path
     that is a file, a folder that cannot be written, or a symbolic link planted where
     harvest writes (which would send its files outside the folder).
@@ -98,7 +98,6 @@ def prepare_output(output: Path) -> Path:
     except OSError as exc:
         raise UsageError(f"{output}: cannot write to the output folder: "
                          f"{exc.strerror or exc}") from None
-    return root
 
 
 def inside_check(relpath: str) -> None:

@@ -128,13 +128,13 @@ def printable(text: str, limit: int = 200) -> str:
         else:
             out.append(ch)
     safe = "".join(out)
-    if _width(safe) > limit:
-        cut = ""
-        for ch in safe:
-            if _width(cut + ch) > limit - 1:
-                break
-            cut += ch
-        safe = cut + "…"
+    if _width(safe) <= limit:
+        return safe
+    width = 0
+    for index, ch in enumerate(safe):
+        width += _width(ch)
+        if width > limit - 1:
+            return safe[:index] + "…"
     return safe
 
 
