@@ -176,15 +176,13 @@ class Engine:
 
             def split(stream) -> list:
                 spec, source, query, limit = stream
-                if query is None:
-                    return [(None, None)]
                 try:
                     return source.partitions(query, limit)
                 except PluginConfigError:
                     raise
                 except Exception as exc:
                     log.warning("%s: cannot split %r (%s); it runs as one shard", spec.label,
-                                query.text, exc.__class__.__name__)
+                                query.text if query else "its input", exc.__class__.__name__)
                     return [(None, limit)]
 
             # Queries are planned side by side: each may wait on its API for probes.
@@ -381,8 +379,10 @@ class Engine:
             by_label = {spec.label: (spec, source) for spec, source in sources}
             for shard in self.shards:
                 spec, source = by_label[shard.source]
-                query = None if shard.term is None else Query(shard.term, shard.lang, shard.text,
-                                                             shard.part)
+                if shard.term is not None:
+                    query = Query(shard.term, shard.lang, shard.text, shard.part)
+                else:  # a source without terms: only its part, if it split its input
+                    query = None if shard.part is None else Query("", "", "", shard.part)
                 yield spec, source, query, shard.limit
             return
         for spec, source in sources:
@@ -399,7 +399,7 @@ class Engine:
         for spec, source, query, limit in self._streams(sources):
             try:
                 for record in islice(source.records(query), limit):
-                    if record.query is None and query is not None:
+                    if record.query is None and query is not None and source.uses_terms:
                         record.query = query
                     record.local_file_ok = source.reads_local_files
                     if not record.url:

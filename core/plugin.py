@@ -108,7 +108,10 @@ class Source(Plugin):
         """Splits a query into disjoint parts that workers can search apart, each with its
         share of ``limit``: ``[(part, limit), ...]``, parts JSON-safe. The parts' records
         together must be the records one ``records(query)`` call would give. The default
-        is one part: the whole query. Called for several queries at once, from threads."""
+        is one part: the whole query. Called for several queries at once, from threads.
+
+        A source that does not use terms is asked with ``query`` None (its whole input);
+        ``records`` then gets ``Query("", "", "", part)`` for each part it made."""
         return [(None, limit)]
 
 

@@ -145,6 +145,42 @@ def test_cluster_run_equals_single_machine_run(flickr, recipe_file, harvest, tmp
     assert status == 0 and len(stored(clustered)) == 80
 
 
+def test_url_lists_and_folders_are_shared_out_on_a_cluster(flickr, recipe_file, harvest,
+                                                           tmp_path, dask_cluster):
+    """A URL list and a folder are cut into shards (byte ranges, runs of files) that the
+    cluster's workers read side by side; together they store what one machine stores."""
+    flickr.photos = [FakePhoto(id=str(i), title="x") for i in range(1, 61)]
+    base = flickr.url + "/img/"
+    (tmp_path / "list.txt").write_text("".join(f"{base}{i}_l.jpg\n" for i in range(1, 61)))
+    photos = tmp_path / "photos"
+    for folder in ("a", "b"):
+        (photos / folder).mkdir(parents=True)
+        for i in range(15):
+            (photos / folder / f"{i}.jpg").write_bytes(make_image(hash((folder, i)) % 10_000))
+
+    def recipe(output, name):
+        return recipe_file(f"""
+terms: [x]
+output: {output}
+run: {{allow_private_addresses: true, concurrency: 4, rate_per_host: 1000}}
+sources:
+  - {{use: urls, options: {{path: list.txt, shard_size: 500}}}}
+  - {{use: folder, options: {{path: photos, shard_size: 7}}}}
+sinks: [jsonl]
+""", name)
+
+    assert harvest("run", recipe(tmp_path / "alone", "alone.yml"), "--no-progress")[0] == 0
+    status, _, err = harvest("run", recipe(tmp_path / "spread", "spread.yml"), "--cluster",
+                             dask_cluster.scheduler_address, "--no-progress")
+    assert status == 0, err
+    single, spread = stored(tmp_path / "alone"), stored(tmp_path / "spread")
+    assert len(single) == 90
+    assert sorted(r["id"] for r in spread) == sorted(r["id"] for r in single)
+    check_output(spread, tmp_path / "spread")
+    shards = list((tmp_path / "spread" / ".harvest" / "shards").iterdir())
+    assert len(shards) >= 4 + 5  # the list in 500-byte ranges, the folder in runs of 7
+
+
 def test_rate_limit_holds_across_workers(flickr, recipe_file, harvest, tmp_path, dask_cluster):
     flickr.photos = cluster_photos(40)
     recipe = recipe_file(cluster_recipe(flickr, tmp_path / "out", shard_size=5,

@@ -61,3 +61,84 @@ sources: [{{use: urls, options: {{path: list.txt}}}}]
         assert status == 0, err
         ids = [r["id"] for r in read_jsonl(output / "records.jsonl")]
         assert len(ids) == len(set(ids)) == 40
+
+
+def _source(cls, tmp_path, **options):
+    import logging
+
+    from harvest.core.http import HttpClient
+    from harvest.core.plugin import Context
+
+    declared = {o.name: o.default for o in cls.options}
+    declared.update(options)
+    cls.check_options(declared)
+    http = HttpClient(rate_per_host=1000, timeout=10, retries=1, backoff=0.01, user_agent="t")
+    return cls(declared, Context("t", tmp_path, tmp_path, [], http,
+                              logging.getLogger("harvest.tests.sources")))
+
+
+def _by_parts(source) -> tuple[list, list]:
+    from harvest.core.record import Query
+
+    whole = [(r.id, r.url, r.term, r.fields) for r in source.records(None)]
+    parts = source.partitions(None, None)
+    split = [(r.id, r.url, r.term, r.fields)
+             for part, _ in parts
+             for r in source.records(None if part is None else Query("", "", "", part))]
+    return whole, split, parts
+
+
+def test_a_url_list_splits_into_byte_ranges_that_give_the_whole_list(tmp_path):
+    """What a cluster's workers read side by side, shard by shard, is the list itself: the
+    same rows in the same order with the same row numbers, a caption with line breaks in
+    it never cut, a leading BOM dropped."""
+    from harvest.plugins.sources.urls import UrlListSource
+
+    rows = ['url,caption,term']
+    for i in range(400):
+        caption = f'"line one {i}\nline ""two"", {i}"' if i % 7 == 0 else f"plain {i}"
+        rows.append(f"http://example.org/{i}.jpg,{caption},{'t' + str(i % 3) if i % 2 else ''}")
+        if i % 50 == 0:
+            rows.append("")  # blank lines are skipped, in every shard
+    (tmp_path / "list.csv").write_text("\ufeff" + "\n".join(rows) + "\n", encoding="utf-8")
+    (tmp_path / "list.txt").write_text("\ufeff" + "".join(f"http://example.org/{i}.jpg\n"
+                                                          for i in range(500)))
+    (tmp_path / "list.jsonl").write_text("".join(
+        json.dumps({"url": f"http://example.org/{i}.jpg", "caption": f"c\n{i}"}) + "\n"
+        + ("not json\n" if i % 90 == 0 else "") for i in range(300)))
+    for name in ("list.csv", "list.txt", "list.jsonl"):
+        source = _source(UrlListSource, tmp_path, path=str(tmp_path / name), shard_size=700)
+        whole, split, parts = _by_parts(source)
+        assert len(parts) > 10, name
+        assert split == whole, name
+        assert len(whole) in (400, 500, 300)
+    csv_rows = [r for r in _source(UrlListSource, tmp_path, path=str(tmp_path / "list.csv"))
+                .records(None)]
+    assert csv_rows[7].fields["title"] == 'line one 7\nline "two", 7'
+    assert csv_rows[0].fields["list_row"] == 2 and csv_rows[1].fields["list_row"] == 5
+    # Small lists (and a count that binds) stay one shard.
+    assert _source(UrlListSource, tmp_path, path=str(tmp_path / "list.txt")) \
+        .partitions(None, None) == [(None, None)]
+    assert _source(UrlListSource, tmp_path, path=str(tmp_path / "list.txt"), shard_size=700) \
+        .partitions(None, 10) == [(None, 10)]
+
+
+def test_a_folder_splits_into_runs_of_files_that_give_the_whole_folder(tmp_path):
+    from harvest.plugins.sources.folder import FolderSource
+
+    root = tmp_path / "photos"
+    for folder, count in (("", 3), ("a", 25), ("a/deep", 4), ("b", 1), ("c", 0), ("d", 12)):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            (root / folder / f"{i:03d}.jpg").write_bytes(b"\xff\xd8\xff" + bytes(8))
+    (root / "a" / "notes.txt").write_text("not an image")
+    (root / "d" / "noext").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(8))
+    source = _source(FolderSource, tmp_path, path=str(root), shard_size=7)
+    whole, split, parts = _by_parts(source)
+    assert len(whole) == 3 + 25 + 4 + 1 + 12 + 1
+    assert split == whole
+    assert len(parts) >= 6
+    # A big folder is cut into several ranges; a part is a list of (folder, first, last).
+    assert sum(1 for part, _ in parts for folder, _, _ in part if folder == "a") >= 3
+    json.dumps([part for part, _ in parts])  # parts travel to cluster workers as JSON
+    assert _source(FolderSource, tmp_path, path=str(root)).partitions(None, None) == [(None, None)]
