@@ -17,6 +17,7 @@ _HOME = {
     "plugin": ["Context", "Enricher", "Sink", "Source", "hookimpl"],
     "record": ["FileInfo", "Query", "Record", "Term", "json_default", "license_family"],
     "scoring": ["LabelScorer", "ScoringError"],
+    "sharded": ["ShardedSink", "shard_options", "strip_exif"],
     "storage": ["inside", "inside_check"],
 }
 _MODULE_OF = {name: module for module, names in _HOME.items() for name in names}

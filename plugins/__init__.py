@@ -13,4 +13,6 @@ BUILTIN_MODULES = (
     "harvest.plugins.enrichers.vision",
     "harvest.plugins.sinks.jsonl",
     "harvest.plugins.sinks.mongodb",
+    "harvest.plugins.sinks.parquet",
+    "harvest.plugins.sinks.webdataset",
 )

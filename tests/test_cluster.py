@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from pathlib import Path
 
 from conftest import REPO, FakePhoto, flickr_recipe, read_jsonl
 from distributed import Client  # noqa: E402
@@ -166,7 +167,7 @@ run: {{allow_private_addresses: true, concurrency: 4, rate_per_host: 1000}}
 sources:
   - {{use: urls, options: {{path: list.txt, shard_size: 500}}}}
   - {{use: folder, options: {{path: photos, shard_size: 7}}}}
-sinks: [jsonl]
+sinks: [jsonl, {{use: webdataset, options: {{shard_size: 40}}}}]
 """, name)
 
     assert harvest("run", recipe(tmp_path / "alone", "alone.yml"), "--no-progress")[0] == 0
@@ -179,6 +180,13 @@ sinks: [jsonl]
     check_output(spread, tmp_path / "spread")
     shards = list((tmp_path / "spread" / ".harvest" / "shards").iterdir())
     assert len(shards) >= 4 + 5  # the list in 500-byte ranges, the folder in runs of 7
+    # The client builds the tar shards from the shards' parts: dense, each sample once.
+    import webdataset as wds
+
+    tars = sorted(str(p) for p in (tmp_path / "spread" / "webdataset").glob("*.tar"))
+    assert [Path(t).name for t in tars] == ["00000.tar", "00001.tar", "00002.tar"]
+    keys = [json.loads(s["json"])["id"] for s in wds.WebDataset(tars, shardshuffle=False)]
+    assert sorted(keys) == sorted(r["id"] for r in single)
 
 
 def test_rate_limit_holds_across_workers(flickr, recipe_file, harvest, tmp_path, dask_cluster):

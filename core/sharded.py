@@ -1,0 +1,353 @@
+"""Sinks that write the dataset as numbered shard files (WebDataset tars, Parquet files).
+
+The common ground is making such files exactly-once under crashes. A shard file cannot be
+appended to safely (a tar or Parquet file cut short by kill -9 may still look whole to a
+reader, or not open at all), so a sink first appends each committed batch's documents to
+a small staging file, ``.harvest/staging/<sink>/NNNNN.jsonl``, exactly as the JSONL sink
+appends (synced, cut back to the last checkpoint on resume). A shard file is built from
+its staging file when it is full, and at the end of the run for the last one, under a
+temporary name that is renamed into place once complete; so a reader never sees a
+truncated shard. The checkpoint is (shard number, bytes of its staging file committed):
+everything before that shard is final; that shard is rebuilt from its staging file.
+
+A staging file is deleted once a later checkpoint has been committed; the last shard's
+staging file stays, so that the next run adds to the last shard instead of leaving a
+small one behind (the shard is rebuilt at the end of that run).
+
+On a cluster shard, documents go to a JSONL part in the shard's folder, and the client
+builds the shard files when it merges the parts (one writer, dense numbering).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, ClassVar
+
+from .crypto import PROTECTION_OPTIONS, Protection, check_protection
+from .errors import PluginConfigError
+from .options import Bool, Int, Option, Str
+from .plugin import Sink
+from .record import Record, json_default
+from .storage import inside, inside_check
+
+PART_BATCH = 1000
+# Extensions by Pillow format name, for the image member of a sample.
+IMAGE_EXTENSIONS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif",
+                    "TIFF": "tif", "BMP": "bmp"}
+
+
+def shard_options(default_path: str, *, images_default: bool) -> tuple[Option, ...]:
+    return (
+        Option("path", Str(), default_path, check=inside_check,
+               help="folder for the shard files, inside the output folder"),
+        Option("shard_size", Int(1, None), 10_000, help="samples per shard file"),
+        Option("images", Bool(), images_default, help="put the image bytes in the shards"),
+        Option("strip_exif", Bool(), True,
+               help="remove EXIF (camera serials, GPS position, owner names) from the image "
+                    "bytes written to the shards"),
+        *PROTECTION_OPTIONS,
+        Option("fsync", Bool(), True, help="sync each batch to disk before it counts as stored"),
+    )
+
+
+class ShardedSink(Sink):
+    """Base of sinks that write numbered shard files: subclasses give ``suffix`` and
+    ``build(documents, path) -> stats`` and ``ids_in(path)``; documents are the protected
+    records, as the JSONL sink stores them."""
+
+    suffix: ClassVar[str] = ""
+    # Each shard's stats beside it (None: none, when the format's readers would trip on
+    # a file that is not a shard).
+    stats_name: ClassVar[str | None] = "{:05d}_stats.json"
+
+    @classmethod
+    def check_options(cls, options) -> None:
+        check_protection(options)
+
+    # -- what a format provides ---------------------------------------------------------------
+
+    def build(self, documents: Iterator[dict], path: Path, shard: int) -> dict:
+        """Writes one shard file at ``path`` from its documents; returns its stats."""
+        raise NotImplementedError
+
+    def ids_in(self, path: Path) -> set[str]:
+        """Record ids in a finished shard file."""
+        raise NotImplementedError
+
+    # -- the engine's side --------------------------------------------------------------------
+
+    def open(self) -> None:
+        self.protection = Protection(self.config)
+        self.known_ids: set[str] = set()
+        self.skipped_images = 0
+        label = self.context.name or type(self).__name__.lower()
+        try:
+            if self.context.part_dir is not None:
+                self.part = _Appender(self.context.part_dir / f"{_safe(label)}.jsonl",
+                                      self.config["fsync"])
+                return
+            self.part = None
+            self.folder = inside(self.context.output_dir.resolve(), self.config["path"])
+            self.folder.mkdir(parents=True, exist_ok=True)
+            self.staging_dir = self.context.output_dir / ".harvest" / "staging" / _safe(label)
+            self.staging_dir.mkdir(parents=True, exist_ok=True)
+        except (ValueError, OSError) as exc:
+            raise PluginConfigError(f"{self.context.name}: cannot write {self.config['path']}: "
+                                    f"{getattr(exc, 'strerror', None) or exc}") from None
+        self.staging: _Appender | None = None
+
+    def resume(self, checkpoint: Any) -> None:
+        if self.part is not None:
+            self.known_ids = self.part.resume(checkpoint and checkpoint.get("offset"))
+            return
+        for name in os.listdir(self.folder):
+            if name.startswith(".") and name.endswith(".tmp"):  # a build cut off by a crash
+                (self.folder / name).unlink(missing_ok=True)
+        staged = self._numbers(self.staging_dir, ".jsonl")
+        if checkpoint is not None and "shard" in checkpoint:
+            current = checkpoint["shard"]
+            for number in staged:
+                if number != current:
+                    (self.staging_dir / f"{number:05d}.jsonl").unlink()
+            for number in self._numbers(self.folder, self.suffix):
+                if number >= current:  # built after the last commit, or rebuilt at the end
+                    self._remove_shard(number)
+            self.staging = _Appender(self._staging_path(current), self.config["fsync"])
+            self.staging.resume(checkpoint["offset"])
+        else:
+            # No checkpoint: a first run, or a run state that was lost. Keep whatever is
+            # there and never write those records again.
+            finished = self._numbers(self.folder, self.suffix)
+            for number in staged[:-1]:
+                self._finish(number)  # staging left without its shard: build it now
+            current = staged[-1] if staged else (finished[-1] + 1 if finished else 0)
+            for number in self._numbers(self.folder, self.suffix):
+                if number != current:
+                    self.known_ids |= self.ids_in(self._shard_path(number))
+                else:
+                    self._remove_shard(number)
+            self.staging = _Appender(self._staging_path(current), self.config["fsync"])
+            self.known_ids |= self.staging.resume(None)
+        self.current = current
+        self.count = self.staging.lines
+
+    def write(self, records: list[Record]) -> dict:
+        documents = [self.protection.document(record) for record in records
+                     if record.id not in self.known_ids]
+        return self.write_documents(documents)
+
+    def write_documents(self, documents: list[dict]) -> dict:
+        if self.part is not None:
+            return {"offset": self.part.append(documents)}
+        if self.staging is None:
+            self.resume(None)
+        # The last call's checkpoint is committed by now: earlier staging files are done.
+        for number in self._numbers(self.staging_dir, ".jsonl"):
+            if number < self.current:
+                (self.staging_dir / f"{number:05d}.jsonl").unlink()
+        size = self.config["shard_size"]
+        while documents:
+            taken, documents = documents[:size - self.count], documents[size - self.count:]
+            self.staging.append(taken)
+            self.count += len(taken)
+            if self.count >= size:
+                self._finish(self.current)
+                self.staging.close()
+                self.current += 1
+                self.staging = _Appender(self._staging_path(self.current), self.config["fsync"])
+                self.count = 0
+        return {"shard": self.current, "offset": self.staging.size}
+
+    def close(self) -> None:
+        if self.part is not None:
+            self.part.close()
+            return
+        if getattr(self, "staging", None) is None:
+            return
+        self.staging.close()
+        if self.count:
+            self._finish(self.current)
+        else:
+            self._staging_path(self.current).unlink(missing_ok=True)
+        if self.skipped_images:
+            self.log.warning("%d samples left out of the shards: their image file is gone "
+                             "or unreadable", self.skipped_images)
+
+    def missing(self, record_ids: list[str]) -> set[str]:
+        present: set[str] = set()
+        for number in self._numbers(self.folder, self.suffix):
+            present |= self.ids_in(self._shard_path(number))
+        for number in self._numbers(self.staging_dir, ".jsonl"):
+            present |= {d["id"] for d in _documents(self.staging_dir / f"{number:05d}.jsonl")}
+        return set(record_ids) - present
+
+    def part_documents(self, part_dir: Path) -> Iterator[list[dict]]:
+        label = self.context.name or type(self).__name__.lower()
+        part = part_dir / f"{_safe(label)}.jsonl"
+        batch: list[dict] = []
+        for document in _documents(part):
+            batch.append(document)
+            if len(batch) >= PART_BATCH:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
+
+    def discard_part(self, part_dir: Path) -> None:
+        label = self.context.name or type(self).__name__.lower()
+        (part_dir / f"{_safe(label)}.jsonl").unlink(missing_ok=True)
+
+    # -- helpers for formats ------------------------------------------------------------------
+
+    def image_bytes(self, document: dict) -> tuple[bytes, str] | None:
+        """The stored image of a document and its extension, EXIF removed when the sink
+        says so; None when the file is gone."""
+        info = document.get("file") or {}
+        try:
+            path = inside(self.context.output_dir.resolve(), info.get("path") or "")
+            data = path.read_bytes()
+        except (ValueError, OSError):
+            self.skipped_images += 1
+            return None
+        extension = IMAGE_EXTENSIONS.get(info.get("format") or "", "bin")
+        if self.config["strip_exif"] and extension in ("jpg", "webp"):
+            try:
+                data = strip_exif(data)
+            except Exception:  # neither piexif nor Pillow can read it: never write it
+                self.skipped_images += 1
+                return None
+        return data, extension
+
+    # -- files --------------------------------------------------------------------------------
+
+    def _finish(self, number: int) -> None:
+        staging = self._staging_path(number)
+        final = self._shard_path(number)
+        temp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
+        try:
+            stats = self.build(_documents(staging), temp, number)
+            with temp.open("rb+") as handle:
+                os.fsync(handle.fileno())
+            os.replace(temp, final)
+        finally:
+            temp.unlink(missing_ok=True)
+        if self.stats_name:
+            stats_path = self.folder / self.stats_name.format(number)
+            stats_temp = stats_path.with_name(f".{stats_path.name}.tmp")
+            stats_temp.write_text(json.dumps(stats, indent=1, sort_keys=True) + "\n")
+            os.replace(stats_temp, stats_path)
+
+    def _remove_shard(self, number: int) -> None:
+        self._shard_path(number).unlink(missing_ok=True)
+        if self.stats_name:
+            (self.folder / self.stats_name.format(number)).unlink(missing_ok=True)
+
+    def _shard_path(self, number: int) -> Path:
+        return self.folder / f"{number:05d}{self.suffix}"
+
+    def _staging_path(self, number: int) -> Path:
+        return self.staging_dir / f"{number:05d}.jsonl"
+
+    @staticmethod
+    def _numbers(folder: Path, suffix: str) -> list[int]:
+        pattern = re.compile(r"(\d{5,})" + re.escape(suffix))
+        return sorted(int(m.group(1)) for name in os.listdir(folder)
+                      if (m := pattern.fullmatch(name)))
+
+
+def strip_exif(data: bytes) -> bytes:
+    """JPEG or WebP bytes without their EXIF block (the pixels untouched)."""
+    import piexif
+
+    out = io.BytesIO()
+    try:
+        piexif.remove(data, out)
+    except Exception:  # a malformed file piexif cannot walk: re-encode without metadata
+        from PIL import Image
+
+        out = io.BytesIO()
+        with Image.open(io.BytesIO(data)) as image:
+            image.save(out, image.format, quality=95)
+    return out.getvalue()
+
+
+def _safe(label: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", label) or "sink"
+
+
+def _documents(path: Path) -> Iterator[dict]:
+    """The complete lines of a JSONL file (a line cut off by a crash ends it)."""
+    try:
+        reader = path.open("rb")
+    except FileNotFoundError:
+        return
+    with reader:
+        for line in reader:
+            if not line.endswith(b"\n"):
+                return
+            try:
+                yield json.loads(line)
+            except ValueError:
+                continue
+
+
+class _Appender:
+    """An append-only JSONL file whose committed length is the checkpoint."""
+
+    def __init__(self, path: Path, fsync: bool):
+        self.path = path
+        self.fsync = fsync
+        flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
+        self.handle = os.fdopen(os.open(path, flags, 0o644), "ab")
+        self.size = self.handle.seek(0, os.SEEK_END)
+        self.lines = 0
+
+    def resume(self, offset: int | None) -> set[str]:
+        """Cuts back to ``offset`` (the last commit); without one, to the last complete
+        line, returning the ids already there."""
+        ids: set[str] = set()
+        if offset is not None and offset <= self.size:
+            self.handle.truncate(offset)
+            self.size = offset
+            self.lines = sum(1 for _ in _documents(self.path))
+            return ids
+        good = 0
+        with self.path.open("rb") as reader:
+            for line in reader:
+                if not line.endswith(b"\n"):
+                    break
+                good += len(line)
+                self.lines += 1
+                try:
+                    ids.add(json.loads(line)["id"])
+                except (ValueError, KeyError, TypeError):
+                    pass
+        self.handle.truncate(good)
+        self.size = good
+        return ids
+
+    def append(self, documents: list[dict]) -> int:
+        if documents:
+            data = "".join(json.dumps(d, ensure_ascii=False, default=json_default) + "\n"
+                           for d in documents).encode("utf-8")
+            try:
+                self.handle.write(data)
+                self.handle.flush()
+                if self.fsync:
+                    os.fsync(self.handle.fileno())
+            except OSError:
+                self.handle.close()  # its buffer holds what failed: drop it with the handle
+                os.truncate(self.path, self.size)
+                self.__init__(self.path, self.fsync)
+                raise
+            self.size += len(data)
+            self.lines += len(documents)
+        return self.size
+
+    def close(self) -> None:
+        self.handle.close()
