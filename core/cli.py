@@ -79,7 +79,10 @@ def _parser() -> argparse.ArgumentParser:
                                  "or manifest, with credits)")
     export.add_argument("output", type=Path, help="the harvest's output folder")
     export.add_argument("destination", type=Path)
-    export.add_argument("--format", choices=("imagefolder", "manifest"), default="imagefolder")
+    export.add_argument("--format", choices=("imagefolder", "manifest", "hf"),
+                        default="imagefolder",
+                        help="imagefolder: class folders; manifest: no copies; hf: class "
+                             "folders and metadata.jsonl for Hugging Face datasets")
     export.add_argument("--records", type=Path, help="records file (default OUTPUT/records.jsonl)")
     export.add_argument("--by", default="term", help="field naming the class folders (term, "
                         "country, license...)")
@@ -220,7 +223,8 @@ def _version() -> str:
 
 
 def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}" + ("" if n == 1 else "s")
+    plural = "es" if noun.endswith(("s", "sh", "ch", "x")) else "s"
+    return f"{n} {noun}" + ("" if n == 1 else plural)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -273,8 +277,8 @@ def _main(argv: list[str] | None = None) -> int:
                                     records_path=args.records, by=args.by,
                                     keyring=_keyring(args, required=False),
                                     only_kept=not args.all, copy=args.copy)
-            print(f"{sum(counts.values())} images in {len(counts)} classes exported to "
-                  f"{args.destination}")
+            print(f"{_count(sum(counts.values()), 'image')} in "
+                  f"{_count(len(counts), 'class')} exported to {args.destination}")
             return 0
         if args.command == "review":
             from .review import serve

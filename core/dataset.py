@@ -8,9 +8,12 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+from .card import Tally, write_card
 from .crypto import ENCRYPTED, FieldCipher, Keyring
+from .curation import load_saved_review, verdict
 from .errors import UsageError
 from .storage import safe_component
 
@@ -114,8 +117,11 @@ def export_dataset(output: Path, destination: Path, *, fmt: str = "imagefolder",
     - ``imagefolder``: ``destination/<class>/<image>`` (one folder per term by default, the
       layout ImageFolder loaders read), hard links or copies;
     - ``manifest``: no image copies, paths point into the harvest's ``images/``;
+    - ``hf``: the ImageFolder layout plus ``metadata.jsonl``, the file Hugging Face's
+      ``imagefolder`` loader reads the columns (and the ``label``) from;
 
-    both with ``manifest.csv``, ``manifest.jsonl`` and the credits files. Each distinct
+    all with ``manifest.csv``, ``manifest.jsonl``, the credits files and the dataset card
+    (``README.md`` with Hugging Face front matter, ``croissant.json``). Each distinct
     image appears once; records a scorer marked ``keep: false`` are left out unless
     ``only_kept`` is off (records the license filter dropped were never stored)."""
     from .credits import write_credits
@@ -125,15 +131,15 @@ def export_dataset(output: Path, destination: Path, *, fmt: str = "imagefolder",
     if destination.exists() and any(destination.iterdir()):
         raise UsageError(f"{destination}: exists and is not empty")
     destination.mkdir(parents=True, exist_ok=True)
-    from .review import load_saved_review, verdict
-
     saved = load_saved_review(output)  # what the user chose in `harvest review`
     counts: dict[str, int] = {}
     seen: set[str] = set()
     kept_path = destination / ".records.jsonl"
+    tally = Tally()
     with (destination / "manifest.jsonl").open("w", encoding="utf-8") as manifest_jsonl, \
             (destination / "manifest.csv").open("w", encoding="utf-8", newline="") as table, \
-            kept_path.open("w", encoding="utf-8") as kept:
+            kept_path.open("w", encoding="utf-8") as kept, \
+            _optional(destination / "metadata.jsonl", fmt == "hf") as metadata:
         writer = csv.DictWriter(table, MANIFEST_COLUMNS, lineterminator="\n")
         writer.writeheader()
         for record in read_records(records_path):
@@ -157,7 +163,7 @@ def export_dataset(output: Path, destination: Path, *, fmt: str = "imagefolder",
             if isinstance(label, (list, dict)) or label in (None, ""):
                 label = "unknown"
             folder = safe_component(str(label))
-            if fmt == "imagefolder":
+            if fmt in ("imagefolder", "hf"):
                 target = destination / folder / Path(file_info["path"]).name
                 target.parent.mkdir(parents=True, exist_ok=True)
                 if copy:
@@ -180,7 +186,33 @@ def export_dataset(output: Path, destination: Path, *, fmt: str = "imagefolder",
             writer.writerow({**row, "scores": json.dumps(row["scores"], sort_keys=True)
                              if row["scores"] is not None else ""})
             kept.write(json.dumps(record, ensure_ascii=False) + "\n")
+            if metadata is not None:
+                columns = {name: record.get(name) for name in HF_COLUMNS}
+                metadata.write(json.dumps({
+                    "file_name": path, "label": folder,
+                    **{k: v if v is None or isinstance(v, (str, int, float)) else None
+                       for k, v in columns.items()},
+                    "width": file_info.get("width"), "height": file_info.get("height"),
+                    "sha256": sha}, ensure_ascii=False) + "\n")
             counts[folder] = counts.get(folder, 0) + 1
+            tally.add(record, folder)
     write_credits(destination, kept_path)
     kept_path.unlink()
+    write_card(destination, output.resolve().name, tally, fmt=fmt,
+               metadata_file="metadata.jsonl" if fmt == "hf" else "manifest.csv")
     return counts
+
+
+# Columns of the hf format's metadata.jsonl besides file_name, label and the file's size:
+# text or numbers only (an encrypted field, exported without its key, is left empty).
+HF_COLUMNS = ("id", "source", "term", "lang", "title", "license", "license_url", "attribution",
+              "page_url", "country", "country_code", "city")
+
+
+@contextmanager
+def _optional(path: Path, wanted: bool):
+    if not wanted:
+        yield None
+        return
+    with path.open("w", encoding="utf-8") as handle:
+        yield handle

@@ -458,7 +458,10 @@ class Engine:
         except DiskFull:
             raise
         except RecordError as exc:
-            self._record_failed(record, "download", exc.reason, exc.permanent)
+            if exc.dropped:
+                self._record_failed(record, "images", exc.reason, True, outcome="dropped")
+            else:
+                self._record_failed(record, "download", exc.reason, exc.permanent)
             return
         except Exception as exc:  # a bug must not sink the whole run
             log.debug("unexpected download error for %s", record.id, exc_info=True)
@@ -473,8 +476,9 @@ class Engine:
             return
         self.store.add(record)
 
-    def _record_failed(self, record: Record, stage: str, reason: str, permanent: bool) -> None:
-        outcome = "rejected" if permanent else "failed"
+    def _record_failed(self, record: Record, stage: str, reason: str, permanent: bool,
+                       outcome: str | None = None) -> None:
+        outcome = outcome or ("rejected" if permanent else "failed")
         log.info("%s: %s %s: %s", record.id, stage, outcome, reason)
         self.summary.fail(record.source, record.term, stage, reason, outcome)
         self.state.set_status(record.id, record.source, record.term, outcome,

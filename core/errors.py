@@ -69,7 +69,10 @@ class RecordError(Exception):
     transient ones (timeouts, 5xx after retries) are.
     """
 
-    def __init__(self, reason: str, *, permanent: bool = True):
+    def __init__(self, reason: str, *, permanent: bool = True, dropped: bool = False):
         super().__init__(reason)
         self.reason = reason
         self.permanent = permanent
+        # Not a failure: the recipe does not want this image (too small, say); counted
+        # with the drops, and never fetched again.
+        self.dropped = dropped

@@ -30,6 +30,8 @@ from .netguard import (
     RetryAfterTooLong,
     address_problem,
 )
+from .shaping import ImageSettings, check_size, reencodes
+from .shaping import shape as shape_image
 
 CHUNK = 64 * 1024
 PERMANENT_STATUSES = {400, 401, 403, 404, 410, 451}
@@ -160,6 +162,7 @@ class Fetched:
     width: int
     height: int
     format: str
+    original: dict | None = None  # what was downloaded, when ``images:`` resized it
 
 
 class Fetcher:
@@ -168,8 +171,9 @@ class Fetcher:
     def __init__(self, http: HttpClient, temp_dir: Path, *, max_bytes: int, max_pixels: int,
                  verify: bool = True, allow_private: bool = False, respect_opt_outs: bool = True,
                  deadline: float = 120.0, allow_file_urls: bool = False,
-                 decode_memory: int | None = None):
+                 decode_memory: int | None = None, images: ImageSettings | None = None):
         self.deadline = deadline
+        self.images = images if images is not None and images.active else None
         self.budget = DecodeBudget(decode_memory) if decode_memory else None
         _prepare_process()
         self.allow_file_urls = allow_file_urls
@@ -201,7 +205,8 @@ class Fetcher:
                    respect_opt_outs=settings.respect_opt_outs,
                    deadline=settings.download_deadline,
                    allow_file_urls=settings.allow_file_urls,
-                   decode_memory=max(1, settings.decode_memory // share))
+                   decode_memory=max(1, settings.decode_memory // share),
+                   images=settings.images)
 
     def fetch(self, url: str, *, local_files: bool = False) -> Fetched:
         """``local_files``: the record comes from a source that reads the local disk by
@@ -224,12 +229,30 @@ class Fetcher:
                     size, digest = self._copy_local(url, out)
                 else:
                     size, digest = self._guarded_download(url, out)
-            width, height, image_format = inspect_image(temp_path, self.max_pixels, self.verify,
-                                                        self.budget)
+            shaped = None
+            if self.images is None:
+                width, height, image_format = inspect_image(temp_path, self.max_pixels,
+                                                            self.verify, self.budget)
+            else:
+                # The header first: when the image is to be re-encoded, that decode is the
+                # check (a truncated file fails it), and a second one would be waste.
+                width, height, image_format = inspect_image(temp_path, self.max_pixels, False)
+                check_size(self.images, width, height)
+                if reencodes(self.images, width, height, image_format):
+                    shaped = shape_image(temp_path, self.images, width, height, image_format,
+                                         size, digest, self._room)
+                elif self.verify:
+                    inspect_image(temp_path, self.max_pixels, True, self.budget)
         except BaseException:
             temp_path.unlink(missing_ok=True)
             raise
+        if shaped is not None:
+            return Fetched(temp_path, shaped.bytes, shaped.sha256, shaped.width, shaped.height,
+                           shaped.format, shaped.original)
         return Fetched(temp_path, size, digest, width, height, image_format)
+
+    def _room(self, amount: int):
+        return self.budget.reserve(amount) if self.budget is not None else nullcontext()
 
     def _copy_local(self, url: str, out) -> tuple[int, str]:
         path = Path(unquote(urlsplit(url).path))

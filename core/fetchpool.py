@@ -101,11 +101,13 @@ class ProcessFetchPool:
                 if future is None:
                     continue
                 if outcome == "ok":
-                    path, size, sha256, width, height, image_format = payload
+                    path, size, sha256, width, height, image_format, original = payload
                     future.set_result(Fetched(Path(path), size, sha256, width, height,
-                                              image_format))
+                                              image_format, original))
                 elif outcome == "rejected":
-                    future.set_exception(RecordError(payload[0], permanent=payload[1]))
+                    reason, permanent, dropped = payload
+                    future.set_exception(RecordError(reason, permanent=permanent,
+                                                     dropped=dropped))
                 elif outcome == "disk_full":
                     future.set_exception(DiskFull(payload))
                 else:
@@ -203,12 +205,13 @@ def _worker(settings, temp_dir: str, share: int, threads: int, jobs, results,
             except DiskFull as exc:
                 send((job_id, "disk_full", str(exc.where)))
             except RecordError as exc:
-                send((job_id, "rejected", (exc.reason, exc.permanent)))
+                send((job_id, "rejected", (exc.reason, exc.permanent, exc.dropped)))
             except Exception as exc:  # a bug must fail its record, not the worker
                 send((job_id, "bug", one_line(exc)))
             else:
                 send((job_id, "ok", (str(fetched.temp_path), fetched.bytes, fetched.sha256,
-                                     fetched.width, fetched.height, fetched.format)))
+                                     fetched.width, fetched.height, fetched.format,
+                                     fetched.original)))
 
     threading.Thread(target=flusher, daemon=True).start()
     pool = [threading.Thread(target=work, daemon=True) for _ in range(threads)]

@@ -59,6 +59,8 @@ class ImagePlacer:
             record.file = FileInfo(relpath, fetched.bytes, fetched.sha256, fetched.width,
                                    fetched.height, fetched.format)
             self.state.add_file(record.file, owner or record.id)
+        if fetched.original is not None:
+            record.fields["original"] = fetched.original
         self.summary.count(record.source, record.term, "downloaded")
         self.state.set_status(record.id, record.source, record.term, "downloaded",
                               sha256=fetched.sha256, duplicate_of=record.duplicate_of)

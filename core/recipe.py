@@ -27,9 +27,10 @@ from .options import Path as PathType
 from .record import Term
 from .registry import Registry
 from .secrets import REFERENCE, SecretResolver
+from .shaping import IMAGE_OPTIONS, ImageSettings
 
 LANGUAGE = re.compile(r"[a-z]{2,3}(-[A-Za-z0-9]{2,8})*")
-TOP_LEVEL = ("name", "terms", "language", "output", "credentials", "run", "sources",
+TOP_LEVEL = ("name", "terms", "language", "output", "credentials", "run", "images", "sources",
              "enrichers", "sinks")
 
 RUN_OPTIONS: tuple[Option, ...] = (
@@ -87,6 +88,7 @@ class RunSettings:
     max_retry_after: float = 300.0
     allow_file_urls: bool = False
     decode_memory: int = 1_000_000_000
+    images: ImageSettings = ImageSettings()  # the recipe's ``images:`` section
 
 
 @dataclass
@@ -396,7 +398,10 @@ def load_recipe(path: str | Path, registry: Registry, *, environ: Mapping[str, s
         output_dir = Path(checker.value(PathType(), data["output"], ("output",), base_dir))
     else:
         raise checker.fail(("output",), "required: the folder images and run state go to")
-    run = RunSettings(**checker.options(RUN_OPTIONS, data.get("run"), ("run",), base_dir))
+    images = ImageSettings(**checker.options(IMAGE_OPTIONS, data.get("images"), ("images",),
+                                             base_dir))
+    run = RunSettings(**checker.options(RUN_OPTIONS, data.get("run"), ("run",), base_dir),
+                      images=images)
     sources = _parse_plugins(checker, "sources", data.get("sources"), registry, base_dir)
     if not sources:
         raise checker.fail(("sources",), "expected at least one source, e.g. [{use: flickr}]")

@@ -22,6 +22,7 @@ import yaml
 from PIL import Image
 
 from .crypto import ENCRYPTED, FieldCipher, Keyring
+from .curation import verdict
 from .dataset import read_records
 from .errors import UsageError
 
@@ -30,35 +31,6 @@ THUMB_SIDE = 256
 BINS = 20
 FACETS = ("source", "term", "lang", "license", "country", "city")
 STATIC = Path(__file__).parent / "static"
-
-
-def passes(score: float, rule: dict) -> bool:
-    """A threshold rule from the page: keep when the score is above (>=) or below (<) it."""
-    value = float(rule.get("value", 0))
-    return score >= value if rule.get("direction", "above") == "above" else score < value
-
-
-def verdict(record: dict, thresholds: dict[str, dict], decisions: dict[str, str]) -> tuple[bool, bool]:
-    """(kept, manual): a manual decision wins over the thresholds."""
-    decision = decisions.get(record["id"])
-    if decision in ("keep", "reject"):
-        return decision == "keep", True
-    scores = record.get("scores") or {}
-    for term, rule in thresholds.items():
-        if not rule.get("enabled", True):
-            continue
-        if not passes(float(scores.get(term, 0.0)), rule):
-            return False, False
-    return True, False
-
-
-def load_saved_review(output: Path) -> tuple[dict, dict] | None:
-    """The thresholds and decisions last saved from the page, for ``harvest export``."""
-    path = output / ".harvest" / "review.json"
-    if not path.is_file():
-        return None
-    saved = json.loads(path.read_text(encoding="utf-8"))
-    return saved.get("thresholds", {}), saved.get("decisions", {})
 
 
 class Review:

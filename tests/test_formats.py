@@ -139,3 +139,58 @@ def test_a_killed_run_leaves_no_torn_shard_and_resumes_exactly_once(flickr, reci
     # Shards are numbered densely: a resumed run completes the shard it found open.
     numbers = sorted(int(p.stem) for p in (output / "webdataset").glob("*.tar"))
     assert numbers == list(range(len(numbers))) and len(numbers) == -(-120 // 7)
+
+
+def test_hf_export_loads_with_datasets_and_has_a_card(flickr, recipe_file, harvest, tmp_path):
+    """`export --format hf`: the imagefolder loader gives the images, the label from the
+    term and the metadata columns; README.md carries Hugging Face front matter, and
+    croissant.json passes mlcroissant's checks and reads back the same records."""
+    import datasets
+    import yaml
+
+    flickr.photos = monkey_photos(6) + [p for p in monkey_photos(4, start=50)]
+    for photo in flickr.photos[6:]:
+        photo.title = photo.title.replace("monkey", "cage")
+    output = tmp_path / "out"
+    text = flickr_recipe(flickr.endpoint, output, terms="[monkey, cage]") + \
+        "enrichers: [license]\n"
+    assert harvest("run", recipe_file(text), "--no-progress")[0] == 0
+    destination = tmp_path / "hf"
+    status, out, err = harvest("export", output, destination, "--format", "hf")
+    assert status == 0, err
+    loaded = datasets.load_dataset("imagefolder", data_dir=str(destination), split="train",
+                                   cache_dir=str(tmp_path / "hf-cache"))
+    records = read_jsonl(output / "records.jsonl")
+    assert loaded.num_rows == len({r["file"]["sha256"] for r in records})
+    row = loaded[0]
+    assert row["label"] in ("monkey", "cage") and row["label"] == row["term"]
+    assert row["license"] == "CC-BY-2.0" and row["image"].size == (row["width"], row["height"])
+    # Personal fields (the attribution names the author) stay out without the key.
+    assert "owner_name" not in loaded.column_names and row["attribution"] is None
+    assert flickr.photos[0].ownername not in (destination / "metadata.jsonl").read_text()
+
+    card = (destination / "README.md").read_text()
+    front = yaml.safe_load(card.split("---")[1])
+    assert front["license"] == "other" or front["license"].startswith("cc")
+    assert front["size_categories"] == ["n<1K"] and front["language"] == ["en"]
+    assert "| CC-BY-2.0 |" in card
+
+    import mlcroissant as mlc
+
+    croissant = mlc.Dataset(jsonld=str(destination / "croissant.json"))
+    rows = list(croissant.records(record_set="records"))
+    assert len(rows) == loaded.num_rows
+    assert {r["records/id"].decode() for r in rows} == set(loaded["id"])
+
+
+def test_every_export_format_has_the_card(flickr, recipe_file, harvest, tmp_path):
+    flickr.photos = monkey_photos(3)
+    output = tmp_path / "out"
+    assert harvest("run", recipe_file(flickr_recipe(flickr.endpoint, output)),
+                   "--no-progress")[0] == 0
+    for fmt in ("imagefolder", "manifest"):
+        status, out, _ = harvest("export", output, tmp_path / fmt, "--format", fmt)
+        assert status == 0 and "3 images in 1 class exported" in out
+        assert (tmp_path / fmt / "README.md").read_text().startswith("---\n")
+        croissant = json.loads((tmp_path / fmt / "croissant.json").read_text())
+        assert croissant["distribution"][0]["contentUrl"] == "manifest.csv"
