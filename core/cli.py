@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+import tempfile
 import threading
 from pathlib import Path
 
@@ -78,7 +79,11 @@ def _parser() -> argparse.ArgumentParser:
     export = commands.add_parser("export", help="export a harvest as a dataset (ImageFolder tree "
                                  "or manifest, with credits)")
     export.add_argument("output", type=Path, help="the harvest's output folder")
-    export.add_argument("destination", type=Path)
+    export.add_argument("destination",
+                        help="a folder, or an fsspec URL such as s3://bucket/prefix")
+    export.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="fsspec option for a URL destination (e.g. endpoint_url=...); "
+                             "credentials come from the environment")
     export.add_argument("--format", choices=("imagefolder", "manifest", "hf"),
                         default="imagefolder",
                         help="imagefolder: class folders; manifest: no copies; hf: class "
@@ -222,6 +227,40 @@ def _version() -> str:
         return "(not installed)"
 
 
+def _cmd_export(args) -> int:
+    from .dataset import export_dataset
+    from .remote import Remote, check_storage_options, is_url
+
+    options = {}
+    for item in args.storage_option:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--storage-option {item}: expected KEY=VALUE")
+        options[key] = value
+    if check_storage_options(options):
+        raise UsageError(f"--storage-option {check_storage_options(options)}: credentials "
+                         "never go on a command line; set them in the environment")
+    remote = None
+    if is_url(args.destination):
+        remote = Remote(args.destination, options, "export")
+        if remote.names():
+            raise UsageError(f"{args.destination}: exists and is not empty")
+        remote.check()
+    with tempfile.TemporaryDirectory(prefix="harvest-export-") as scratch:
+        # A remote export is written here first (copies, since links cannot leave the
+        # machine), then put there file by file.
+        local = Path(scratch) / "dataset" if remote else Path(args.destination)
+        counts = export_dataset(args.output, local, fmt=args.format,
+                                records_path=args.records, by=args.by,
+                                keyring=_keyring(args, required=False),
+                                only_kept=not args.all, copy=args.copy)
+        if remote is not None:
+            remote.put_tree(local)
+    print(f"{_count(sum(counts.values()), 'image')} in "
+          f"{_count(len(counts), 'class')} exported to {args.destination}")
+    return 0
+
+
 def _count(n: int, noun: str) -> str:
     plural = "es" if noun.endswith(("s", "sh", "ch", "x")) else "s"
     return f"{n} {noun}" + ("" if n == 1 else plural)
@@ -271,15 +310,7 @@ def _main(argv: list[str] | None = None) -> int:
             print(f"{count} records decrypted to {args.out} (mode 0600)")
             return 0
         if args.command == "export":
-            from .dataset import export_dataset
-
-            counts = export_dataset(args.output, args.destination, fmt=args.format,
-                                    records_path=args.records, by=args.by,
-                                    keyring=_keyring(args, required=False),
-                                    only_kept=not args.all, copy=args.copy)
-            print(f"{_count(sum(counts.values()), 'image')} in "
-                  f"{_count(len(counts), 'class')} exported to {args.destination}")
-            return 0
+            return _cmd_export(args)
         if args.command == "review":
             from .review import serve
 

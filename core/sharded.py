@@ -30,9 +30,10 @@ from typing import Any, ClassVar
 
 from .crypto import PROTECTION_OPTIONS, Protection, check_protection
 from .errors import PluginConfigError
-from .options import Bool, Int, Option, Str
+from .options import Bool, Int, MapOf, Option, OptionError, Str
 from .plugin import Sink
 from .record import Record, json_default
+from .remote import Remote, check_storage_options
 from .storage import inside, inside_check
 
 PART_BATCH = 1000
@@ -52,6 +53,13 @@ def shard_options(default_path: str, *, images_default: bool) -> tuple[Option, .
                     "bytes written to the shards"),
         *PROTECTION_OPTIONS,
         Option("fsync", Bool(), True, help="sync each batch to disk before it counts as stored"),
+        Option("upload_to", Str(), None,
+               help="also put each finished shard there: an fsspec URL such as "
+                    "s3://bucket/prefix (credentials from the environment)"),
+        Option("storage_options", MapOf(Str()), None,
+               help="fsspec options for upload_to, e.g. {endpoint_url: ..., region_name: ...}"),
+        Option("keep_local", Bool(), True,
+               help="with upload_to, keep the shards in the output folder too"),
     )
 
 
@@ -68,6 +76,12 @@ class ShardedSink(Sink):
     @classmethod
     def check_options(cls, options) -> None:
         check_protection(options)
+        secret = check_storage_options(options.get("storage_options"))
+        if secret:
+            raise OptionError("storage_options", f"{secret}: credentials never go in a recipe; "
+                              "set them in the environment (AWS_ACCESS_KEY_ID, AWS_PROFILE...)")
+        if not options.get("keep_local", True) and not options.get("upload_to"):
+            raise OptionError("keep_local", "false needs upload_to: the shards must go somewhere")
 
     # -- what a format provides ---------------------------------------------------------------
 
@@ -75,8 +89,8 @@ class ShardedSink(Sink):
         """Writes one shard file at ``path`` from its documents; returns its stats."""
         raise NotImplementedError
 
-    def ids_in(self, path: Path) -> set[str]:
-        """Record ids in a finished shard file."""
+    def ids_in(self, handle) -> set[str]:
+        """Record ids in a finished shard file, open for reading (binary, seekable)."""
         raise NotImplementedError
 
     # -- the engine's side --------------------------------------------------------------------
@@ -100,6 +114,11 @@ class ShardedSink(Sink):
             raise PluginConfigError(f"{self.context.name}: cannot write {self.config['path']}: "
                                     f"{getattr(exc, 'strerror', None) or exc}") from None
         self.staging: _Appender | None = None
+        self.remote = None
+        if self.config["upload_to"]:
+            self.remote = Remote(self.config["upload_to"], self.config["storage_options"],
+                                 f"{self.context.name}: upload_to")
+            self.remote.check()
 
     def resume(self, checkpoint: Any) -> None:
         if self.part is not None:
@@ -114,7 +133,7 @@ class ShardedSink(Sink):
             for number in staged:
                 if number != current:
                     (self.staging_dir / f"{number:05d}.jsonl").unlink()
-            for number in self._numbers(self.folder, self.suffix):
+            for number in self._finished():
                 if number >= current:  # built after the last commit, or rebuilt at the end
                     self._remove_shard(number)
             self.staging = _Appender(self._staging_path(current), self.config["fsync"])
@@ -122,13 +141,14 @@ class ShardedSink(Sink):
         else:
             # No checkpoint: a first run, or a run state that was lost. Keep whatever is
             # there and never write those records again.
-            finished = self._numbers(self.folder, self.suffix)
+            finished = self._finished()
             for number in staged[:-1]:
                 self._finish(number)  # staging left without its shard: build it now
             current = staged[-1] if staged else (finished[-1] + 1 if finished else 0)
-            for number in self._numbers(self.folder, self.suffix):
+            for number in self._finished():
                 if number != current:
-                    self.known_ids |= self.ids_in(self._shard_path(number))
+                    with self._open_shard(number) as handle:
+                        self.known_ids |= self.ids_in(handle)
                 else:
                     self._remove_shard(number)
             self.staging = _Appender(self._staging_path(current), self.config["fsync"])
@@ -180,8 +200,9 @@ class ShardedSink(Sink):
 
     def missing(self, record_ids: list[str]) -> set[str]:
         present: set[str] = set()
-        for number in self._numbers(self.folder, self.suffix):
-            present |= self.ids_in(self._shard_path(number))
+        for number in self._finished():
+            with self._open_shard(number) as handle:
+                present |= self.ids_in(handle)
         for number in self._numbers(self.staging_dir, ".jsonl"):
             present |= {d["id"] for d in _documents(self.staging_dir / f"{number:05d}.jsonl")}
         return set(record_ids) - present
@@ -236,16 +257,43 @@ class ShardedSink(Sink):
             os.replace(temp, final)
         finally:
             temp.unlink(missing_ok=True)
+        stats_path = None
         if self.stats_name:
             stats_path = self.folder / self.stats_name.format(number)
             stats_temp = stats_path.with_name(f".{stats_path.name}.tmp")
             stats_temp.write_text(json.dumps(stats, indent=1, sort_keys=True) + "\n")
             os.replace(stats_temp, stats_path)
+        if self.remote is not None:
+            # An object appears only once its upload is complete: no torn shard there either.
+            self.remote.put(final, final.name)
+            if stats_path is not None:
+                self.remote.put(stats_path, stats_path.name)
+            if not self.config["keep_local"]:
+                final.unlink()
+                if stats_path is not None:
+                    stats_path.unlink()
 
     def _remove_shard(self, number: int) -> None:
-        self._shard_path(number).unlink(missing_ok=True)
+        names = [self._shard_path(number).name]
         if self.stats_name:
-            (self.folder / self.stats_name.format(number)).unlink(missing_ok=True)
+            names.append(self.stats_name.format(number))
+        for name in names:
+            (self.folder / name).unlink(missing_ok=True)
+            if self.remote is not None:
+                self.remote.remove(name)
+
+    def _finished(self) -> list[int]:
+        """Numbers of the finished shards, here and (when uploading) there."""
+        numbers = set(self._numbers(self.folder, self.suffix))
+        if self.remote is not None:
+            numbers |= set(self._numbers_in(self.remote.names(), self.suffix))
+        return sorted(numbers)
+
+    def _open_shard(self, number: int):
+        local = self._shard_path(number)
+        if local.exists() or self.remote is None:
+            return local.open("rb")
+        return self.remote.open(local.name)
 
     def _shard_path(self, number: int) -> Path:
         return self.folder / f"{number:05d}{self.suffix}"
@@ -253,11 +301,14 @@ class ShardedSink(Sink):
     def _staging_path(self, number: int) -> Path:
         return self.staging_dir / f"{number:05d}.jsonl"
 
+    @classmethod
+    def _numbers(cls, folder: Path, suffix: str) -> list[int]:
+        return cls._numbers_in(os.listdir(folder), suffix)
+
     @staticmethod
-    def _numbers(folder: Path, suffix: str) -> list[int]:
+    def _numbers_in(names, suffix: str) -> list[int]:
         pattern = re.compile(r"(\d{5,})" + re.escape(suffix))
-        return sorted(int(m.group(1)) for name in os.listdir(folder)
-                      if (m := pattern.fullmatch(name)))
+        return sorted(int(m.group(1)) for name in names if (m := pattern.fullmatch(name)))
 
 
 def strip_exif(data: bytes) -> bytes:

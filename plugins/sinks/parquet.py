@@ -89,10 +89,10 @@ class ParquetSink(ShardedSink):
             row["image"] = image[0]
         return row
 
-    def ids_in(self, path: Path) -> set[str]:
+    def ids_in(self, handle) -> set[str]:
         import pyarrow.parquet as pq
 
-        return set(pq.read_table(path, columns=["id"]).column("id").to_pylist())
+        return set(pq.read_table(handle, columns=["id"]).column("id").to_pylist())
 
 
 def _text(value) -> str | None:

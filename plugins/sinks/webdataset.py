@@ -48,9 +48,9 @@ class WebDatasetSink(ShardedSink):
         return {"shard": f"{shard:05d}{self.suffix}", "count": count, "image_bytes": image_bytes,
                 "licenses": dict(licenses), "terms": dict(terms)}
 
-    def ids_in(self, path: Path) -> set[str]:
+    def ids_in(self, handle) -> set[str]:
         ids = set()
-        with tarfile.open(path) as tar:
+        with tarfile.open(fileobj=handle) as tar:
             for member in tar:
                 if member.name.endswith(".json"):
                     ids.add(json.load(tar.extractfile(member))["id"])
