@@ -30,3 +30,27 @@ def test_every_shipped_recipe_validates(harvest, monkeypatch):
     for recipe in sorted((REPO / "configs").glob("*.yml")):
         status, _, err = harvest("validate", recipe)
         assert status == 0, (recipe.name, err)
+
+
+def test_the_demo_as_a_training_set_in_every_format(tmp_path, harvest):
+    import datasets
+    import pyarrow.parquet as pq
+    import webdataset as wds
+
+    output = tmp_path / "demo"
+    status, _, err = harvest("run", REPO / "configs" / "demo-training.yml", "--output", output,
+                             "--no-progress")
+    assert status == 0, err
+    records = read_jsonl(output / "records.jsonl")
+    assert {(r["file"]["width"], r["file"]["height"]) for r in records} == {(224, 224)}
+    samples = list(wds.WebDataset([str(output / "webdataset" / "00000.tar")],
+                                  shardshuffle=False))
+    assert len(samples) == len(records)
+    assert pq.read_table(output / "parquet").num_rows == len(records)
+    for fmt in ("imagefolder", "manifest", "hf"):
+        status, out, err = harvest("export", output, tmp_path / fmt, "--format", fmt)
+        assert status == 0, err
+    loaded = datasets.load_dataset("imagefolder", data_dir=str(tmp_path / "hf"), split="train",
+                                   cache_dir=str(tmp_path / "cache"))
+    assert loaded.num_rows == len({r["file"]["sha256"] for r in records})
+    assert loaded[0]["image"].size == (224, 224)
