@@ -9,7 +9,9 @@ from importlib import import_module
 
 _HOME = {
     "crypto": ["PROTECTION_OPTIONS", "FieldCipher", "Keyring", "Protection", "check_protection"],
+    "curation": ["set_aside"],
     "dataset": ["rewrite_jsonl"],
+    "hamming": ["HammingIndex"],
     "errors": ["HarvestError", "PluginConfigError", "RecordError", "UsageError"],
     "options": ["BBox", "Bool", "Choice", "Date", "Float", "Int", "ListOf", "MapOf", "Option",
                 "OptionError", "OptionType", "Path", "Secret", "SecretValue", "Size", "Str",

@@ -35,3 +35,35 @@ def load_saved_review(output: Path) -> tuple[dict, dict] | None:
         return None
     saved = json.loads(path.read_text(encoding="utf-8"))
     return saved.get("thresholds", {}), saved.get("decisions", {})
+
+
+# -- records set aside after they were stored --------------------------------------------
+# A plugin that learns later that a stored record should not be in the dataset (a better
+# copy of the same picture arrived) cannot take it back from append-only sinks; it lists
+# it here, and `harvest export` and the review page leave it out.
+
+SET_ASIDE = Path(".harvest") / "set-aside.jsonl"
+
+
+def set_aside(output: Path, record_id: str, reason: str, by: str) -> None:
+    path = output / SET_ASIDE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", encoding="utf-8") as handle:
+        handle.write(json.dumps({"id": record_id, "reason": reason, "by": by},
+                                ensure_ascii=False) + "\n")
+
+
+def set_aside_ids(output: Path) -> dict[str, str]:
+    """Record id -> why it was set aside."""
+    path = output / SET_ASIDE
+    if not path.is_file():
+        return {}
+    found = {}
+    with path.open(encoding="utf-8") as handle:
+        for line in handle:
+            try:
+                entry = json.loads(line)
+                found[entry["id"]] = entry.get("reason", "")
+            except (ValueError, KeyError, TypeError):
+                continue  # a line cut off by a crash
+    return found

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .card import Tally, write_card
 from .crypto import ENCRYPTED, FieldCipher, Keyring
-from .curation import load_saved_review, verdict
+from .curation import load_saved_review, set_aside_ids, verdict
 from .errors import UsageError
 from .storage import safe_component
 
@@ -132,6 +132,7 @@ def export_dataset(output: Path, destination: Path, *, fmt: str = "imagefolder",
         raise UsageError(f"{destination}: exists and is not empty")
     destination.mkdir(parents=True, exist_ok=True)
     saved = load_saved_review(output)  # what the user chose in `harvest review`
+    aside = set_aside_ids(output) if only_kept else {}
     counts: dict[str, int] = {}
     seen: set[str] = set()
     kept_path = destination / ".records.jsonl"
@@ -147,6 +148,8 @@ def export_dataset(output: Path, destination: Path, *, fmt: str = "imagefolder",
             sha = file_info.get("sha256")
             if not sha or sha in seen or record.get("duplicate_of"):
                 continue
+            if only_kept and (record.get("near_duplicate_of") or record.get("id") in aside):
+                continue  # the same picture, kept once: the best copy
             if only_kept:
                 if saved is not None:
                     if not verdict(record, *saved)[0]:

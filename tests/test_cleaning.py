@@ -1,0 +1,123 @@
+"""Offline cleaning: near-duplicates by perceptual hashes (real files, real runs)."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+from conftest import read_jsonl
+from imagegen import make_image
+from PIL import Image, ImageEnhance
+
+from harvest.core.hamming import HammingIndex
+
+
+def variant(data: bytes, kind: str) -> bytes:
+    image = Image.open(io.BytesIO(data)).convert("RGB")
+    w, h = image.size
+    if kind == "half":
+        image = image.resize((w // 2, h // 2))
+    elif kind == "crop":
+        image = image.crop((int(w * .025), int(h * .025), int(w * .975), int(h * .975)))
+    elif kind == "bright":
+        image = ImageEnhance.Brightness(image).enhance(1.2)
+    out = io.BytesIO()
+    image.save(out, "JPEG", quality=40 if kind == "q40" else 90)
+    return out.getvalue()
+
+
+def recipe(folder, output, action="mark") -> str:
+    return f"""
+name: clean
+terms: [x]
+output: {output}
+sources: [{{use: folder, options: {{path: {folder}}}}}]
+enrichers: [{{use: near_duplicates, options: {{action: {action}}}}}]
+sinks: [jsonl]
+"""
+
+
+def test_near_duplicates_across_runs_and_the_best_copy_is_kept(recipe_file, harvest, tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    originals = {i: make_image(100 + i, size=(320, 240)) for i in range(6)}
+    for i, data in originals.items():
+        (photos / f"{i}-a.jpg").write_bytes(data)
+    for kind, i in (("q40", 0), ("crop", 1), ("bright", 2)):
+        (photos / f"{i}-b-{kind}.jpg").write_bytes(variant(originals[i], kind))
+    # A smaller copy first, the larger one after it: the larger is kept.
+    (photos / "3-a.jpg").write_bytes(variant(originals[3], "half"))
+    (photos / "3-b-big.jpg").write_bytes(originals[3])
+    output = tmp_path / "out"
+    status, _, err = harvest("run", recipe_file(recipe(photos, output)), "--no-progress")
+    assert status == 0, err
+    records = {r["source_id"]: r for r in read_jsonl(output / "records.jsonl")}
+    marked = {name: r.get("near_duplicate_of") for name, r in records.items()}
+    # Copies of the same size: whichever was stored first is kept (downloads finish in
+    # any order); a smaller copy never is.
+    for first, second in (("0-a.jpg", "0-b-q40.jpg"), ("2-a.jpg", "2-b-bright.jpg")):
+        assert {marked[first], marked[second]} == {None, f"folder:{first}"} \
+            or {marked[first], marked[second]} == {None, f"folder:{second}"}, marked
+        copy = records[first if marked[first] else second]
+        assert copy["near_duplicate_distance"] <= 10
+    # A smaller copy stored first is set aside when the larger one arrives.
+    aside = [json.loads(line)["id"] for line in
+             (output / ".harvest" / "set-aside.jsonl").read_text().splitlines()]
+    assert marked["1-a.jpg"] is None and marked["3-b-big.jpg"] is None
+    assert marked["1-b-crop.jpg"] == "folder:1-a.jpg" or "folder:1-b-crop.jpg" in aside
+    assert marked["3-a.jpg"] == "folder:3-b-big.jpg" or "folder:3-a.jpg" in aside
+    assert all(marked[f"{i}-a.jpg"] is None for i in (1, 4, 5))  # distinct pictures
+    assert len(records["4-a.jpg"]["phash"]) == 16
+
+    # Later runs compare against earlier ones (the index lives in the output folder).
+    (photos / "5-c-later.jpg").write_bytes(variant(originals[5], "q40"))
+    status, _, err = harvest("run", tmp_path / "recipe.yml", "--no-progress")
+    assert status == 0, err
+    later = {r["source_id"]: r for r in read_jsonl(output / "records.jsonl")}["5-c-later.jpg"]
+    assert later["near_duplicate_of"] == "folder:5-a.jpg"
+
+    # The export has each picture once: the copies and the smaller 3-a are left out.
+    status, out, _ = harvest("export", output, tmp_path / "dataset")
+    assert status == 0 and "6 images" in out
+    exported = {json.loads(line)["id"] for line in (tmp_path / "dataset" / "manifest.jsonl")
+                .read_text().splitlines()}
+    assert "folder:3-b-big.jpg" in exported and "folder:3-a.jpg" not in exported
+    assert "folder:1-b-crop.jpg" not in exported
+
+
+def test_drop_action_counts_drops(recipe_file, harvest, tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    data = make_image(7, size=(320, 240))
+    (photos / "a.jpg").write_bytes(data)
+    (photos / "b.jpg").write_bytes(variant(data, "q40"))
+    output = tmp_path / "out"
+    status, out, _ = harvest("run", recipe_file(recipe(photos, output, "drop")), "--no-progress")
+    assert status == 0
+    kept = [r["source_id"] for r in read_jsonl(output / "records.jsonl")]
+    assert len(kept) == 1
+    other = "b.jpg" if kept == ["a.jpg"] else "a.jpg"
+    assert f"near duplicate of folder:{kept[0]}" in out and other not in kept
+    summary = json.loads((output / ".harvest" / "last-run.json").read_text())
+    assert summary["totals"]["dropped"] == 1
+
+
+def test_hamming_index_finds_exactly_what_brute_force_finds():
+    rng = np.random.default_rng(3)
+    stored = rng.integers(0, 2**64 - 1, 50_000, dtype=np.uint64)
+    index = HammingIndex()
+    index.add(stored[:40_000], np.arange(40_000))
+    index.merge()
+    index.add(stored[40_000:], np.arange(40_000, 50_000))  # some still in the buffer
+    queries = stored[rng.integers(0, 50_000, 200)].copy()
+    for i in range(200):
+        for bit in rng.choice(64, size=int(rng.integers(0, 13)), replace=False):
+            queries[i] ^= np.uint64(1) << np.uint64(int(bit))
+    for radius in (0, 4, 10, 11):
+        found = index.search(queries, radius)
+        for query, matches in zip(queries, found, strict=True):
+            distances = np.bitwise_count(stored ^ query)
+            expected = sorted((int(j), int(distances[j]))
+                              for j in np.flatnonzero(distances <= radius))
+            assert sorted(matches) == expected
