@@ -121,3 +121,59 @@ def test_hamming_index_finds_exactly_what_brute_force_finds():
             expected = sorted((int(j), int(distances[j]))
                               for j in np.flatnonzero(distances <= radius))
             assert sorted(matches) == expected
+
+
+def quality_images(folder) -> None:
+    from PIL import ImageFilter
+
+    folder.mkdir()
+    rng = np.random.default_rng(5)
+    sharp = Image.fromarray(rng.integers(0, 256, (300, 400, 3), dtype=np.uint8))
+    sharp.save(folder / "sharp.png")
+    sharp.filter(ImageFilter.GaussianBlur(6)).save(folder / "blurred.png")
+    Image.new("RGB", (400, 300), (5, 5, 8)).save(folder / "dark.png")
+    Image.new("RGB", (400, 300), (250, 250, 250)).save(folder / "white.png")
+    Image.new("RGB", (400, 300), (128, 128, 128)).save(folder / "flat-grey.png")
+    Image.fromarray(rng.integers(0, 256, (300, 400), dtype=np.uint8)).convert("RGB") \
+        .save(folder / "grey-noise.png")
+    Image.fromarray(rng.integers(0, 256, (40, 900, 3), dtype=np.uint8)).save(folder / "strip.png")
+
+
+def test_quality_scores_match_what_the_pictures_are(recipe_file, harvest, tmp_path):
+    quality_images(tmp_path / "photos")
+    rules = ('{keep_if: {blur: ">=100", dark: "<0.5", entropy: ">=1", aspect_ratio: "<=4"}, '
+             'action: ACTION}')
+    for action in ("mark", "drop"):
+        output = tmp_path / action
+        text = recipe(tmp_path / "photos", output).replace(
+            "{use: near_duplicates, options: {action: mark}}",
+            "{use: quality, options: " + rules.replace("ACTION", action) + "}")
+        status, out, err = harvest("run", recipe_file(text, f"{action}.yml"), "--no-progress")
+        assert status == 0, err
+        records = {r["source_id"]: r for r in read_jsonl(output / "records.jsonl")}
+        if action == "drop":
+            assert set(records) == {"sharp.png", "grey-noise.png"}
+            assert "quality: blur" in out and "dark 1 not <0.5" in out
+            summary = json.loads((output / ".harvest" / "last-run.json").read_text())
+            assert summary["totals"]["dropped"] == 5
+            continue
+        scores = {name: r["quality"] for name, r in records.items()}
+        assert scores["sharp.png"]["blur"] > 100 > scores["blurred.png"]["blur"]
+        assert scores["dark.png"]["dark"] == 1 and scores["dark.png"]["brightness"] < 0.05
+        assert scores["white.png"]["overexposed"] == 1 and scores["white.png"]["brightness"] > 0.95
+        assert scores["flat-grey.png"]["entropy"] == 0 and scores["sharp.png"]["entropy"] > 7
+        assert scores["grey-noise.png"]["grayscale"] == 1 and scores["sharp.png"]["grayscale"] == 0
+        assert scores["sharp.png"]["saturation"] > 0.3
+        assert scores["strip.png"]["aspect_ratio"] == 22.5
+        assert records["sharp.png"]["quality_ok"] is True
+        assert records["strip.png"]["quality_failed"] == ["aspect_ratio 22.5 not <=4"]
+        assert records["white.png"]["quality_ok"] is False  # flat: no edges at all
+
+
+def test_unknown_quality_score_is_a_one_line_error(recipe_file, harvest, tmp_path):
+    (tmp_path / "photos").mkdir()
+    text = recipe(tmp_path / "photos", tmp_path / "out").replace(
+        "{use: near_duplicates, options: {action: mark}}",
+        '{use: quality, options: {keep_if: {sharpness: ">=1"}}}')
+    status, _, err = harvest("validate", recipe_file(text))
+    assert status == 2 and "sharpness: not a quality score" in err
