@@ -29,6 +29,11 @@ class ScoringError(Exception):
 class LabelScorer(Enricher):
     score_source: ClassVar[str] = "model"
     batch_limit: ClassVar[int] = 16
+    # A scorer whose scores are not the recipe's terms (a safety model's "nsfw", "faces")
+    # names them here; ``labels`` then returns them by name, with anything else it wants
+    # kept in the record, and the scores go to the record's ``scores_field``.
+    fixed_scores: ClassVar[tuple[str, ...]] = ()
+    scores_field: ClassVar[str] = "scores"
 
     options = (
         Option("keep_if", Thresholds(), None,
@@ -51,11 +56,13 @@ class LabelScorer(Enricher):
             words = {text.casefold() for _, text in term.queries}
             words |= {s.casefold() for s in (self.config["synonyms"] or {}).get(term.key, [])}
             self.wordings[term.key] = words
-        unknown = set(self.config["keep_if"] or {}) - set(self.wordings)
+        names = self.fixed_scores or tuple(self.wordings)
+        unknown = set(self.config["keep_if"] or {}) - set(names)
         unknown |= set(self.config["synonyms"] or {}) - set(self.wordings)
         if unknown:
-            raise PluginConfigError(f"{self.context.name}: {sorted(unknown)[0]!r} is not one of the "
-                                    f"recipe's terms ({', '.join(self.wordings)})")
+            what = "scores" if self.fixed_scores else "recipe's terms"
+            raise PluginConfigError(f"{self.context.name}: {sorted(unknown)[0]!r} is not one of "
+                                    f"the {what} ({', '.join(names)})")
         self.context.state_dir.mkdir(parents=True, exist_ok=True)
         self.cache = sqlite3.connect(self.context.state_dir / f"scores-{self.context.name}.sqlite")
         self.cache.execute("CREATE TABLE IF NOT EXISTS labels (sha256 TEXT PRIMARY KEY, "
@@ -79,6 +86,8 @@ class LabelScorer(Enricher):
     def score(self, labels: dict[str, float]) -> dict[str, float]:
         """Best confidence among labels that name the term (a label's words may contain it:
         "rhesus macaque" counts for "macaque"). No label is a score of 0."""
+        if self.fixed_scores:
+            return {name: round(float(labels.get(name, 0.0)), 4) for name in self.fixed_scores}
         scores = {}
         for term, words in self.wordings.items():
             best = 0.0
@@ -124,9 +133,12 @@ class LabelScorer(Enricher):
 
     def _apply(self, record: Record, labels: dict[str, float]) -> None:
         scores = self.score(labels)
-        record.fields["scores"] = scores
-        record.fields["score_source"] = self.score_source
-        record.fields["labels"] = dict(sorted(labels.items(), key=lambda kv: -kv[1])[:10])
+        if self.fixed_scores:
+            record.fields[self.scores_field] = {**labels, **scores}
+        else:
+            record.fields["scores"] = scores
+            record.fields["score_source"] = self.score_source
+            record.fields["labels"] = dict(sorted(labels.items(), key=lambda kv: -kv[1])[:10])
         thresholds = self.config["keep_if"]
         if not thresholds:
             return

@@ -12,6 +12,7 @@ BUILTIN_MODULES = (
     "harvest.plugins.enrichers.license",
     "harvest.plugins.enrichers.near_duplicates",
     "harvest.plugins.enrichers.quality",
+    "harvest.plugins.enrichers.safety",
     "harvest.plugins.enrichers.vision",
     "harvest.plugins.sinks.jsonl",
     "harvest.plugins.sinks.mongodb",

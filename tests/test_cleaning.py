@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
+import pytest
 from conftest import read_jsonl
 from imagegen import make_image
 from PIL import Image, ImageEnhance
@@ -177,3 +180,39 @@ def test_unknown_quality_score_is_a_one_line_error(recipe_file, harvest, tmp_pat
         '{use: quality, options: {keep_if: {sharpness: ">=1"}}}')
     status, _, err = harvest("validate", recipe_file(text))
     assert status == 2 and "sharpness: not a quality score" in err
+
+
+SAMPLES = Path(__file__).resolve().parents[1].parent / "shared" / "testdata" / "exif-samples" / "jpg"
+
+
+def test_safety_scores_faces_on_real_photos(recipe_file, harvest, tmp_path):
+    """NudeNet's model, run for real: a camera sample with a person's face and two
+    landscapes (from ../shared/testdata)."""
+    pytest.importorskip("nudenet")
+    if not SAMPLES.is_dir():
+        pytest.skip("../shared/testdata is not beside the checkout")
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("exif-org/fujifilm-finepix40i.jpg", "gps/DSCN0010.jpg", "gps/DSCN0012.jpg"):
+        shutil.copy(SAMPLES / name, photos / Path(name).name)
+    for action, kept in (("mark", 3), ("drop", 2)):
+        output = tmp_path / action
+        text = recipe(photos, output).replace(
+            "{use: near_duplicates, options: {action: mark}}",
+            f'{{use: safety, options: {{keep_if: {{faces: "<1", nsfw: "<0.5"}}, '
+            f'action: {action}}}}}')
+        status, out, err = harvest("run", recipe_file(text, f"{action}.yml"), "--no-progress")
+        assert status == 0, err
+        records = {r["source_id"]: r for r in read_jsonl(output / "records.jsonl")}
+        assert len(records) == kept
+        if action == "drop":
+            assert "fujifilm-finepix40i.jpg" not in records and "faces 1.00 fails <1" in out
+            continue
+        person = records["fujifilm-finepix40i.jpg"]["safety"]
+        assert person["faces"] >= 1 and person["face_confidence"] > 0.5
+        face = next(b for b in person["boxes"] if b["class"].startswith("FACE"))
+        assert all(0 <= v <= 1 for v in face["box"]) and face["box"][2] > 0
+        assert records["fujifilm-finepix40i.jpg"]["keep"] is False
+        for landscape in ("DSCN0010.jpg", "DSCN0012.jpg"):
+            assert records[landscape]["safety"]["faces"] == 0
+            assert records[landscape]["safety"]["nsfw"] < 0.2 and records[landscape]["keep"]
