@@ -111,6 +111,9 @@ class Engine:
         self.state = RunState(self.state_dir / "state.sqlite", self.resolver.redact)
         self.placer = ImagePlacer(self.images_root, self.state, self.coordinator, self.summary)
         run_id = self.state.start_run()
+        if not self.settings.respect_robots:
+            log.warning("run.respect_robots is false: the image hosts' robots.txt is not "
+                        "read; make sure you may collect from them")
         progress = Progress(self.summary, enabled=self.show_progress)
         try:
             # A cluster worker runs the engine in a thread of its own, where signals cannot

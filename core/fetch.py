@@ -30,6 +30,7 @@ from .netguard import (
     RetryAfterTooLong,
     address_problem,
 )
+from .optouts import MAX_FILE_BYTES, OptOuts, noindex, tdm_reserved
 from .shaping import ImageSettings, check_size, reencodes
 from .shaping import shape as shape_image
 
@@ -171,9 +172,21 @@ class Fetcher:
     def __init__(self, http: HttpClient, temp_dir: Path, *, max_bytes: int, max_pixels: int,
                  verify: bool = True, allow_private: bool = False, respect_opt_outs: bool = True,
                  deadline: float = 120.0, allow_file_urls: bool = False,
-                 decode_memory: int | None = None, images: ImageSettings | None = None):
+                 decode_memory: int | None = None, images: ImageSettings | None = None,
+                 respect_robots: bool = False, respect_tdmrep: bool = False,
+                 respect_noindex: bool = False, share: int = 1):
         self.deadline = deadline
         self.images = images if images is not None and images.active else None
+        self.respect_noindex = respect_noindex
+        self.respect_tdmrep = respect_tdmrep
+        self.agent = (http.user_agent or "harvest").split("/")[0].strip().lower() or "harvest"
+        self.opt_outs = None
+        if respect_robots or respect_tdmrep:
+            self.opt_outs = OptOuts(
+                self._small_file, Path(temp_dir).parent / "opt-outs.sqlite", self.agent,
+                robots=respect_robots, tdmrep=respect_tdmrep,
+                on_crawl_delay=lambda host, delay: http.limiter.slow_down(host,
+                                                                          1 / delay / share))
         self.budget = DecodeBudget(decode_memory) if decode_memory else None
         _prepare_process()
         self.allow_file_urls = allow_file_urls
@@ -192,9 +205,11 @@ class Fetcher:
                 share: int = 1, threads: int | None = None, reserve=None) -> Fetcher:
         """The downloader a run's settings (``recipe.RunSettings``) describe. ``share``:
         the number of processes downloading for the run; this one gets that fraction of
-        the per-host rate and of the decode memory. ``http``: a client already made."""
+        the decode memory, and of the per-host rate unless ``reserve`` paces every
+        process together. ``http``: a client already made."""
+        rate_share = 1 if reserve is not None else share
         http = http or HttpClient(
-            rate_per_host=settings.rate_per_host / share, timeout=settings.timeout,
+            rate_per_host=settings.rate_per_host / rate_share, timeout=settings.timeout,
             retries=settings.retries, backoff=settings.backoff,
             user_agent=settings.user_agent, pool_size=threads or settings.concurrency,
             reserve=reserve, max_retry_after=settings.max_retry_after,
@@ -206,7 +221,9 @@ class Fetcher:
                    deadline=settings.download_deadline,
                    allow_file_urls=settings.allow_file_urls,
                    decode_memory=max(1, settings.decode_memory // share),
-                   images=settings.images)
+                   images=settings.images, respect_robots=settings.respect_robots,
+                   respect_tdmrep=settings.respect_tdmrep,
+                   respect_noindex=settings.respect_noindex, share=rate_share)
 
     def fetch(self, url: str, *, local_files: bool = False) -> Fetched:
         """``local_files``: the record comes from a source that reads the local disk by
@@ -282,6 +299,24 @@ class Fetcher:
         finally:
             DEADLINES.finish()
 
+    def _small_file(self, url: str) -> tuple[int, bytes]:
+        """A host's robots.txt or tdmrep.json: (status, first MAX_FILE_BYTES bytes)."""
+        if not self.allow_private:
+            refuse_private(url)
+        self.http.limiter.wait(urlsplit(url).netloc)
+        retries = urllib3.Retry(total=2, connect=1, read=1, redirect=5, status=0,
+                                raise_on_redirect=False, raise_on_status=False)
+        response = self.http.pool(url).request("GET", url, preload_content=False,
+                                               retries=retries)
+        body = b""
+        for chunk in response.stream(CHUNK):
+            body += chunk
+            if len(body) >= MAX_FILE_BYTES:
+                response.close()  # the rest is not read: the connection cannot be reused
+                break
+        response.release_conn()
+        return response.status, body[:MAX_FILE_BYTES]
+
     def abandon(self) -> None:
         """Ends every download of this fetcher now (the run is stopping)."""
         DEADLINES.expire_all(group=self)
@@ -299,6 +334,8 @@ class Fetcher:
                                   f"(only http and https)")
             if not self.allow_private:
                 refuse_private(url)
+            if self.opt_outs is not None:
+                self.opt_outs.check(url)
             host = urlsplit(url).netloc
             self.http.limiter.wait(host)
             try:
@@ -328,6 +365,12 @@ class Fetcher:
                 opt_out = ai_opt_out(response.headers.get("X-Robots-Tag", ""))
                 if opt_out:
                     raise RecordError(f"opted out of AI use: X-Robots-Tag {opt_out}")
+            if self.respect_tdmrep and tdm_reserved(response.headers):
+                raise RecordError("TDM rights reserved: tdm-reservation header")
+            if self.respect_noindex:
+                directive = noindex(response.headers.get("X-Robots-Tag", ""), self.agent)
+                if directive:
+                    raise RecordError(f"opted out of indexing: X-Robots-Tag {directive}")
             if response.status != 200:
                 permanent = response.status in PERMANENT_STATUSES
                 response.drain_conn()  # error pages are small; the connection stays usable

@@ -10,8 +10,9 @@ say what they found (size, sha256, width, height, format, or why not). A worker 
 dies loses only downloads in flight, which were never recorded; the engine's thread
 treats them as transient failures, retried by the next run.
 
-Each worker has its own download threads and its share of the per-host rate (rate /
-workers, so the hosts see no more than the recipe allows) and of the decode memory.
+Each worker has its own download threads and its share of the decode memory; the
+per-host rate is paced for all of them together, in shared memory (``SharedSpacing``), so
+a host sees requests no closer than the recipe (or its robots.txt Crawl-delay) allows.
 Workers ignore Ctrl-C (the terminal sends it to the whole process group): the engine
 stops them, and each one exits by itself if the engine's process disappears.
 """
@@ -25,6 +26,7 @@ import signal
 import sys
 import threading
 import time
+import zlib
 from concurrent.futures import Future
 from contextlib import contextmanager
 from pathlib import Path
@@ -41,7 +43,7 @@ class ProcessFetchPool:
 
     def __init__(self, settings, temp_dir: Path, workers: int):
         """``settings``: the run's ``RunSettings``; each worker builds its downloader from
-        them with its share of the rate and of the decode memory."""
+        them with its share of the decode memory, and all pace each host together."""
         context = multiprocessing.get_context("spawn")
         self.jobs = context.Queue()
         self.results = context.Queue()
@@ -51,8 +53,9 @@ class ProcessFetchPool:
         self.closed = False
         self.context = context
         threads = -(-settings.concurrency // workers)  # concurrency shared out, rounded up
+        self.spacing = SharedSpacing(context)
         self.worker_args = (settings, str(temp_dir), workers, threads, self.jobs,
-                            self.results, os.getpid())
+                            self.results, os.getpid(), self.spacing)
         self.workers = workers
         self.processes: list = []
 
@@ -170,11 +173,33 @@ def _main_script_hidden():
 _MAIN_LOCK = threading.Lock()
 
 
+class SharedSpacing:
+    """Per-host request spacing shared by every download process of the run: a slot per
+    host (by hash) in shared memory holds when its next request may go. So the per-host
+    rate (and a robots.txt Crawl-delay) holds across processes request by request, not
+    only on average; two hosts that share a slot are paced together (65,536 slots)."""
+
+    SLOTS = 65_536
+
+    def __init__(self, context):
+        self.times = context.RawArray("d", self.SLOTS)
+        self.lock = context.Lock()
+
+    def reserve(self, key: str, rate: float, burst: float = 1.0) -> float:
+        slot = zlib.crc32(key.encode("utf-8", "replace")) % self.SLOTS
+        with self.lock:
+            now = time.monotonic()  # CLOCK_MONOTONIC: one clock for every process
+            start = max(self.times[slot], now)
+            self.times[slot] = start + 1.0 / rate
+        return start - now
+
+
 def _worker(settings, temp_dir: str, share: int, threads: int, jobs, results,
-            parent: int) -> None:
+            parent: int, spacing: SharedSpacing) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
-    fetcher = Fetcher.for_run(settings, Path(temp_dir), share=share, threads=threads)
+    fetcher = Fetcher.for_run(settings, Path(temp_dir), share=share, threads=threads,
+                              reserve=spacing.reserve)
     outbox: list = []
     outbox_lock = threading.Lock()
 

@@ -50,9 +50,14 @@ class HostRateLimiter:
     def __init__(self, rate_per_host: float, reserve=None):
         self.rate = rate_per_host
         self.reserve = reserve or TokenBuckets().reserve
+        self.rates: dict[str, float] = {}  # hosts that asked for less (robots.txt Crawl-delay)
+
+    def slow_down(self, host: str, rate: float) -> None:
+        """Never more than ``rate`` requests per second to ``host`` from here on."""
+        self.rates[host] = min(rate, self.rates.get(host, self.rate), self.rate)
 
     def wait(self, host: str) -> None:
-        delay = self.reserve(f"host:{host}", self.rate, 1.0)
+        delay = self.reserve(f"host:{host}", self.rates.get(host, self.rate), 1.0)
         if delay > 0:
             time.sleep(delay)
 

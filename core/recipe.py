@@ -54,6 +54,14 @@ RUN_OPTIONS: tuple[Option, ...] = (
            help="allow image URLs on loopback, private or link-local addresses"),
     Option("respect_opt_outs", Bool(), True,
            help="skip images served with X-Robots-Tag noai or noimageai"),
+    Option("respect_robots", Bool(), True,
+           help="obey each image host's robots.txt (Disallow, Crawl-delay) for harvest's "
+                "user-agent token; false only with a logged warning"),
+    Option("respect_tdmrep", Bool(), True,
+           help="skip images whose host reserves text-and-data-mining rights (W3C TDMRep: "
+                "the tdm-reservation header, /.well-known/tdmrep.json)"),
+    Option("respect_noindex", Bool(), False,
+           help="also skip images served with X-Robots-Tag noindex or noimageindex"),
     Option("sink_retry_seconds", Float(0, 86400), 60.0,
            help="at the end of a run, how long to keep retrying a sink that is down"),
     Option("download_deadline", Float(1, 86400), 120.0,
@@ -84,6 +92,9 @@ class RunSettings:
     sink_retry_seconds: float = 60.0
     allow_private_addresses: bool = False
     respect_opt_outs: bool = True
+    respect_robots: bool = True
+    respect_tdmrep: bool = True
+    respect_noindex: bool = False
     download_deadline: float = 120.0
     max_retry_after: float = 300.0
     allow_file_urls: bool = False

@@ -57,7 +57,7 @@ class RawServer:
             path = data.split(b" ", 2)[1].decode()
             self.requests.append(path)
             try:
-                self.behaviours[path.split("?")[0]](conn)
+                self.behaviours.get(path.split("?")[0], not_found)(conn)
             except OSError:
                 pass
 
@@ -67,6 +67,11 @@ class RawServer:
 
 
 JPEG = make_image(1)
+
+
+def not_found(conn):
+    """What any web server answers for a file it does not have (robots.txt here)."""
+    conn.sendall(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
 
 
 def ok(conn):
@@ -393,3 +398,28 @@ def test_a_redirect_to_another_scheme_is_refused(raw_server, harvest, recipe_fil
     assert reasons == {"refused: redirect to a file URL (only http and https)": 1,
                        "refused: redirect to a gopher URL (only http and https)": 1}
     assert summary["totals"]["rejected"] == 2
+
+
+def test_a_hostile_robots_txt_is_bounded(harvest, recipe_file, tmp_path):
+    """A robots.txt that drips forever, or is a gigabyte of rules: the image's download
+    deadline covers it, at most 512 KiB of it is read, and the run ends in time."""
+    def endless_rules(conn):
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\n")
+        line = b"Disallow: /nothing-here-" + b"x" * 64 + b"\n"
+        for _ in range(20_000_000 // len(line)):
+            conn.sendall(line)
+
+    for robots, expected in ((drip_headers, "disallowed for now"), (endless_rules, None)):
+        server = RawServer({"/robots.txt": robots, "/ok.jpg": ok})
+        started = time.monotonic()
+        status, out, summary, reasons, _ = run_list(
+            harvest, recipe_file, tmp_path, [f"{server.base}/ok.jpg"],
+            {"allow_private_addresses": True, "download_deadline": 3, "timeout": 2},
+            name=f"out-{robots.__name__}")
+        server.close()
+        assert time.monotonic() - started < 30
+        if expected:
+            assert status == 3 and any(expected in reason or "took longer" in reason
+                                       for reason in reasons), reasons
+        else:
+            assert status == 0 and summary["totals"]["stored"] == 1, reasons

@@ -1,0 +1,211 @@
+"""Machine-readable opt-outs of the hosts images come from, checked before each download:
+robots.txt (RFC 9309, parsed by protego as Scrapy does) and TDMRep (W3C's Text and Data
+Mining Reservation Protocol: ``/.well-known/tdmrep.json``; the ``tdm-reservation`` header is
+read from each image response).
+
+Each host's files are fetched once, before the first download from it, and cached with a
+TTL in ``.harvest/opt-outs.sqlite`` (every download worker shares it). As RFC 9309 says:
+a robots.txt that is missing or refused (4xx) allows everything; a server error (5xx), a
+429 or no answer disallows everything for now, and the download fails transiently, so
+that the next run asks again. ``Crawl-delay`` for harvest's user-agent token becomes that
+host's request rate when it is slower than the recipe's.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import urllib3
+
+from .errors import RecordError
+
+MAX_FILE_BYTES = 512 * 1024  # RFC 9309: parse at least the first 500 KiB
+TTL_SECONDS = 24 * 3600
+UNREACHABLE_TTL_SECONDS = 600
+
+
+@dataclass
+class HostRules:
+    robots: object | None  # a protego.Protego, or None: allow all
+    robots_unreachable: str | None  # why robots.txt could not be read: disallow for now
+    tdm: list[tuple[re.Pattern, int]]  # (location pattern, tdm-reservation)
+
+
+class OptOuts:
+    """``check(url)`` raises RecordError when the URL's host opted out of harvest."""
+
+    def __init__(self, fetch, cache_path, agent: str, *, robots: bool = True,
+                 tdmrep: bool = True, on_crawl_delay=None):
+        """``fetch(url) -> (status, body bytes)`` gets a small file politely (the
+        downloader's own client: rate limits, address checks, timeouts); ``(None, why)``
+        when the host did not answer."""
+        self.fetch = fetch
+        self.agent = agent
+        self.robots_on, self.tdmrep_on = robots, tdmrep
+        self.on_crawl_delay = on_crawl_delay
+        self.cache_path = cache_path
+        self.hosts: dict[str, tuple[float, HostRules]] = {}
+        self.locks: dict[str, threading.Lock] = {}
+        self.lock = threading.Lock()
+        self.local = threading.local()
+
+    def check(self, url: str) -> None:
+        if not (self.robots_on or self.tdmrep_on):
+            return
+        parts = urlsplit(url)
+        origin = f"{parts.scheme.lower()}://{parts.netloc.lower()}"
+        rules = self._rules(origin)
+        host = parts.hostname or parts.netloc
+        if self.robots_on:
+            if rules.robots_unreachable:
+                raise RecordError(f"robots.txt of {host} could not be read "
+                                  f"({rules.robots_unreachable}): disallowed for now",
+                                  permanent=False)
+            if rules.robots is not None and not rules.robots.can_fetch(url, self.agent):
+                raise RecordError(f"robots.txt of {host} disallows it for {self.agent}")
+        if self.tdmrep_on:
+            path = parts.path or "/"
+            for pattern, reservation in rules.tdm:
+                if pattern.match(path):
+                    if reservation == 1:
+                        raise RecordError(f"TDM rights reserved by {host} "
+                                          f"(/.well-known/tdmrep.json)")
+                    break
+
+    # -- per host -----------------------------------------------------------------------------
+
+    def _rules(self, origin: str) -> HostRules:
+        now = time.time()
+        with self.lock:
+            cached = self.hosts.get(origin)
+            if cached is not None and cached[0] > now:
+                return cached[1]
+            host_lock = self.locks.setdefault(origin, threading.Lock())
+        with host_lock:  # one fetch per host, however many threads want it
+            with self.lock:
+                cached = self.hosts.get(origin)
+                if cached is not None and cached[0] > now:
+                    return cached[1]
+            expires, rules = self._load(origin, now)
+            with self.lock:
+                self.hosts[origin] = (expires, rules)
+            return rules
+
+    def _load(self, origin: str, now: float) -> tuple[float, HostRules]:
+        stored = self._cached(origin, now)
+        if stored is None:
+            robots = self._get(f"{origin}/robots.txt") if self.robots_on else (404, b"")
+            tdm = self._get(f"{origin}/.well-known/tdmrep.json") if self.tdmrep_on else (404, b"")
+            unreachable = robots[0] is None or robots[0] == 429 or robots[0] >= 500
+            if unreachable:  # asked again in a while in this run, and by the next run
+                stored = (now + UNREACHABLE_TTL_SECONDS, robots, tdm)
+            else:
+                stored = (now + TTL_SECONDS, robots, tdm)
+                self._store(origin, *stored)
+        expires, (robots_status, robots_body), (tdm_status, tdm_body) = stored
+        rules = HostRules(None, None, [])
+        if robots_status is None or robots_status == 429 or robots_status >= 500:
+            rules.robots_unreachable = (robots_body.decode("utf-8", "replace")[:100]
+                                        if robots_status is None else f"HTTP {robots_status}")
+        elif 200 <= robots_status < 300:
+            from protego import Protego
+
+            rules.robots = Protego.parse(robots_body.decode("utf-8", "replace"))
+            delay = rules.robots.crawl_delay(self.agent)
+            if delay and self.on_crawl_delay is not None:
+                self.on_crawl_delay(urlsplit(origin).netloc, float(delay))
+        if tdm_status is not None and 200 <= tdm_status < 300:
+            rules.tdm = _tdm_rules(tdm_body)
+        return expires, rules
+
+    def _get(self, url: str) -> tuple[int | None, bytes]:
+        try:
+            return self.fetch(url)
+        except RecordError as exc:
+            return None, exc.reason.encode()
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            return None, str(exc).splitlines()[0][:100].encode() if str(exc) else b"no answer"
+
+    # -- the cache shared by the workers ------------------------------------------------------
+
+    def _db(self):
+        db = getattr(self.local, "db", None)
+        if db is None and self.cache_path is not None:
+            try:
+                db = sqlite3.connect(self.cache_path, timeout=30)
+                db.execute("PRAGMA journal_mode=WAL")
+                db.execute("CREATE TABLE IF NOT EXISTS hosts (origin TEXT PRIMARY KEY, "
+                           "expires REAL, robots_status INTEGER, robots BLOB, "
+                           "tdm_status INTEGER, tdm BLOB)")
+            except sqlite3.Error:
+                db = None  # a cache that cannot be written: fetch each run
+            self.local.db = db
+        return db
+
+    def _cached(self, origin: str, now: float):
+        db = self._db()
+        if db is None:
+            return None
+        row = db.execute("SELECT expires, robots_status, robots, tdm_status, tdm FROM hosts "
+                         "WHERE origin = ?", (origin,)).fetchone()
+        if row is None or row[0] <= now:
+            return None
+        return row[0], (row[1], bytes(row[2] or b"")), (row[3], bytes(row[4] or b""))
+
+    def _store(self, origin: str, expires: float, robots, tdm) -> None:
+        db = self._db()
+        if db is None:
+            return
+        try:
+            with db:
+                db.execute("INSERT OR REPLACE INTO hosts VALUES (?, ?, ?, ?, ?, ?)",
+                           (origin, expires, robots[0], robots[1], tdm[0], tdm[1]))
+        except sqlite3.Error:
+            pass
+
+
+def _tdm_rules(body: bytes) -> list[tuple[re.Pattern, int]]:
+    """TDMRep's JSON: ``[{"location": "/images/*", "tdm-reservation": 1, ...}, ...]``;
+    the first matching location wins, as in the specification."""
+    try:
+        entries = json.loads(body.decode("utf-8", "replace"))
+    except ValueError:
+        return []
+    rules = []
+    for entry in entries if isinstance(entries, list) else []:
+        if not isinstance(entry, dict) or not isinstance(entry.get("location"), str):
+            continue
+        location = entry["location"]
+        pattern = re.compile("".join(".*" if c == "*" else re.escape(c)
+                                     for c in location.rstrip("$")) + ("$" if location.endswith("$")
+                                                                        else ""))
+        try:
+            reservation = int(entry.get("tdm-reservation", 0))
+        except (TypeError, ValueError):
+            reservation = 0
+        rules.append((pattern, reservation))
+    return rules
+
+
+def tdm_reserved(headers) -> bool:
+    """The ``tdm-reservation: 1`` response header (TDMRep's HTTP form)."""
+    return str(headers.get("tdm-reservation", "")).strip() == "1"
+
+
+def noindex(header: str, agent: str) -> str | None:
+    """``noindex``/``noimageindex`` in an X-Robots-Tag header, unscoped or scoped to us."""
+    for part in header.split(","):
+        directive = part.strip().lower()
+        if ":" in directive:
+            scope, _, directive = directive.partition(":")
+            if scope.strip() not in (agent, "*"):
+                continue
+        if directive.strip() in ("noindex", "noimageindex", "none"):
+            return directive.strip()
+    return None

@@ -1,0 +1,150 @@
+"""Opt-outs of the image hosts: robots.txt (RFC 9309, with Crawl-delay), TDMRep (the
+well-known file and the header), X-Robots-Tag noindex; hosts on 127.0.0.1 ports."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from conftest import read_jsonl
+from imagegen import make_image
+
+
+class Host:
+    """An image host whose robots.txt, tdmrep.json and headers a test sets."""
+
+    def __init__(self):
+        self.robots: tuple[int, str] = (404, "")
+        self.tdmrep: tuple[int, str] = (404, "")
+        self.headers: dict[str, dict[str, str]] = {}  # image path -> extra headers
+        self.log: list[tuple[float, str]] = []
+        host = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802
+                host.log.append((time.monotonic(), self.path))
+                if self.path == "/robots.txt":
+                    status, body = host.robots
+                    self._reply(status, body.encode(), "text/plain")
+                elif self.path == "/.well-known/tdmrep.json":
+                    status, body = host.tdmrep
+                    self._reply(status, body.encode(), "application/json")
+                elif self.path.endswith(".jpg"):
+                    seed = sum(self.path.encode())
+                    self._reply(200, make_image(seed), "image/jpeg",
+                                host.headers.get(self.path, {}))
+                else:
+                    self._reply(404, b"", "text/plain")
+
+            def _reply(self, status, body, kind, extra=None):
+                self.send_response(status)
+                self.send_header("Content-Type", kind)
+                self.send_header("Content-Length", str(len(body)))
+                for name, value in (extra or {}).items():
+                    self.send_header(name, value)
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.base = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def requests(self, path: str) -> int:
+        return sum(1 for _, p in self.log if p == path)
+
+
+@pytest.fixture
+def host():
+    server = Host()
+    yield server
+    server.server.shutdown()
+
+
+def run(harvest, recipe_file, tmp_path, paths, host, run_options="", name="r.yml"):
+    (tmp_path / "list.txt").write_text("".join(f"{host.base}{p}\n" for p in paths))
+    output = tmp_path / "out"
+    recipe = recipe_file(f"""
+terms: [x]
+output: {output}
+run: {{allow_private_addresses: true, rate_per_host: 1000, retries: 0{run_options}}}
+sources: [{{use: urls, options: {{path: list.txt}}}}]
+""", name)
+    status, out, err = harvest("run", recipe, "--no-progress")
+    stored = {r["url"].split(host.base)[1] for r in read_jsonl(output / "records.jsonl")} \
+        if (output / "records.jsonl").exists() else set()
+    return status, out, err, stored
+
+
+def test_robots_disallow_is_obeyed_and_the_file_is_fetched_once(host, harvest, recipe_file,
+                                                                tmp_path):
+    host.robots = (200, "User-agent: *\nDisallow: /private/\n\n"
+                        "User-agent: harvest\nDisallow: /private/\nDisallow: /no-harvest/\n")
+    paths = ["/a.jpg", "/b.jpg", "/private/c.jpg", "/no-harvest/d.jpg"]
+    status, out, err, stored = run(harvest, recipe_file, tmp_path, paths, host,
+                                   ", workers: 1")
+    assert status == 0, err
+    assert stored == {"/a.jpg", "/b.jpg"}
+    assert "robots.txt of 127.0.0.1 disallows it for harvest" in out
+    assert host.requests("/private/c.jpg") == host.requests("/no-harvest/d.jpg") == 0
+    assert host.requests("/robots.txt") == 1
+    # Cached in the output folder: a second run within the day does not ask again.
+    (tmp_path / "list.txt").write_text(f"{host.base}/e.jpg\n")
+    status, _, _ = harvest("run", tmp_path / "r.yml", "--no-progress")
+    assert status == 0 and host.requests("/robots.txt") == 1 and host.requests("/e.jpg") == 1
+
+
+def test_unreachable_robots_disallows_for_now_and_missing_allows(host, harvest, recipe_file,
+                                                                 tmp_path):
+    host.robots = (503, "busy")
+    status, out, _, stored = run(harvest, recipe_file, tmp_path, ["/a.jpg"], host)
+    assert status == 3 and stored == set()  # incomplete: the next run tries again
+    assert "could not be read (HTTP 503): disallowed for now" in out
+    assert host.requests("/a.jpg") == 0
+    host.robots = (404, "")
+    status, _, _ = harvest("run", tmp_path / "r.yml", "--no-progress")
+    assert status == 0 and host.requests("/a.jpg") == 1
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_crawl_delay_sets_the_hosts_rate(workers, host, harvest, recipe_file, tmp_path):
+    """The requests are spaced by the delay, whether one process or several download."""
+    host.robots = (200, "User-agent: *\nCrawl-delay: 0.25\n")
+    paths = [f"/{i}.jpg" for i in range(6)]
+    status, _, err, stored = run(harvest, recipe_file, tmp_path, paths, host,
+                                 f", concurrency: 4, workers: {workers}")
+    assert status == 0 and len(stored) == 6, err
+    times = sorted(t for t, p in host.log if p.endswith(".jpg"))
+    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    assert min(gaps) >= 0.2, gaps  # 0.25 s apart (a little slack for the clock)
+
+
+def test_tdmrep_file_and_header_and_noindex(host, harvest, recipe_file, tmp_path):
+    host.tdmrep = (200, json.dumps([{"location": "/reserved/*", "tdm-reservation": 1,
+                                     "tdm-policy": "https://example.org/policy.json"},
+                                    {"location": "/*", "tdm-reservation": 0}]))
+    host.headers = {"/header.jpg": {"tdm-reservation": "1"},
+                    "/noindex.jpg": {"X-Robots-Tag": "noimageindex"}}
+    paths = ["/a.jpg", "/reserved/b.jpg", "/header.jpg", "/noindex.jpg"]
+    status, out, _, stored = run(harvest, recipe_file, tmp_path, paths, host)
+    assert status == 0
+    assert stored == {"/a.jpg", "/noindex.jpg"}  # noindex is honoured only when asked
+    assert "TDM rights reserved by 127.0.0.1 (/.well-known/tdmrep.json)" in out
+    assert "TDM rights reserved: tdm-reservation header" in out
+    assert host.requests("/reserved/b.jpg") == 0
+
+
+def test_noindex_when_asked_and_robots_off_with_a_warning(host, harvest, recipe_file,
+                                                          tmp_path):
+    host.robots = (200, "User-agent: *\nDisallow: /\n")
+    host.headers = {"/noindex.jpg": {"X-Robots-Tag": "otherbot: noai, harvest: noindex"}}
+    status, out, err, stored = run(harvest, recipe_file, tmp_path, ["/a.jpg", "/noindex.jpg"],
+                                   host, ", respect_robots: false, respect_noindex: true")
+    assert status == 0
+    assert stored == {"/a.jpg"} and "opted out of indexing: X-Robots-Tag noindex" in out
+    assert "respect_robots is false" in err and host.requests("/robots.txt") == 0
