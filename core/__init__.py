@@ -10,7 +10,7 @@ from importlib import import_module
 _HOME = {
     "crypto": ["PROTECTION_OPTIONS", "FieldCipher", "Keyring", "Protection", "check_protection"],
     "curation": ["set_aside"],
-    "dataset": ["rewrite_jsonl"],
+    "dataset": ["filter_jsonl", "rewrite_jsonl"],
     "hamming": ["HammingIndex"],
     "errors": ["HarvestError", "PluginConfigError", "RecordError", "UsageError"],
     "options": ["BBox", "Bool", "Choice", "Date", "Float", "Int", "ListOf", "MapOf", "Option",

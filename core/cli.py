@@ -9,6 +9,7 @@ import os
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 from .errors import HarvestError, UsageError, disk_full
@@ -104,6 +105,28 @@ def _parser() -> argparse.ArgumentParser:
                         help="address to listen on (default 127.0.0.1: this machine only)")
     _key_arguments(review, required=False)
 
+    takedown = commands.add_parser(
+        "takedown", help="remove a picture an owner asks to remove, everywhere, for good")
+    takedown.add_argument("target", type=Path,
+                          help="the recipe (removes from every sink) or its output folder "
+                               "(the JSONL records and images only)")
+    what = takedown.add_mutually_exclusive_group(required=True)
+    what.add_argument("--url", help="the image URL")
+    what.add_argument("--sha256", help="the image's content hash")
+    what.add_argument("--source-id", help="a record id (flickr:123) or a source's id (123)")
+    what.add_argument("--owner", help="every picture of this owner (name, id or alias)")
+    takedown.add_argument("--reason", help="why, for the audit log (no personal data)")
+    takedown.add_argument("--near-duplicates", action="store_true",
+                          help="also its near-duplicates (near_duplicate_of)")
+    _key_arguments(takedown, required=False)
+
+    purge = commands.add_parser("purge", help="delete stored images past their retention")
+    purge.add_argument("target", type=Path, help="the recipe (its retain_days, every sink) or "
+                       "its output folder")
+    purge.add_argument("--older-than", help="e.g. 90d (default: the recipe's retain_days)")
+    purge.add_argument("--keep-metadata", action="store_true",
+                       help="delete the image files only, keep the records")
+
     plugins = commands.add_parser("plugins", help="list plugins, their options and origin")
     plugins.add_argument("--json", action="store_true", help="machine-readable output")
     return parser
@@ -121,6 +144,141 @@ def _keyring(args, required: bool = True):
     if not required and not (args.key_file or args.key_env):
         return None
     return Keyring.load(args.key_file, args.key_env)
+
+
+def _open_sinks(target: Path):
+    """(output folder, [(label, sink)], recipe or None) for takedown and purge: with a
+    recipe every sink is opened; with an output folder, its JSONL records only."""
+    from .engine import Engine
+    from .registry import load_registry
+
+    if target.is_dir():
+        records = target / "records.jsonl"
+        if not records.is_file():
+            raise UsageError(f"{target}: no records.jsonl (give the recipe, or a harvest's "
+                             f"output folder)")
+        return target, [], None
+    recipe = load_recipe(target, load_registry())
+    engine = Engine(recipe, progress=False)
+    sinks = []
+    for spec in recipe.sinks:
+        sink = engine._build(spec)
+        sink.open()
+        sinks.append((spec.label, sink))
+    return recipe.output, sinks, recipe
+
+
+def _remove_everywhere(output: Path, sinks, ids: set[str], records_path: Path) -> list[str]:
+    from .dataset import filter_jsonl
+    from .state import RunState
+
+    lines = []
+    if not sinks and records_path.is_file():
+        lines.append(f"records.jsonl: {filter_jsonl(records_path, ids)} removed")
+    state = RunState(output / ".harvest" / "state.sqlite")
+    try:
+        for label, sink in sinks:
+            try:
+                lines.append(f"{label}: {sink.remove(ids)} removed")
+                state.set_checkpoint(label, None)  # the file changed under its offset
+            except NotImplementedError as exc:
+                lines.append(f"{label}: not removed ({exc}); remove them by hand")
+        state.commit()
+    finally:
+        state.close()
+    return lines
+
+
+def _cmd_takedown(args) -> int:
+    from .crypto import FieldCipher
+    from .lock import OutputLock
+    from .state import RunState
+    from .takedown import audit, delete_files, select
+
+    output, sinks, _ = _open_sinks(args.target)
+    try:
+        with OutputLock(output):
+            keyring = _keyring(args, required=False)
+            records_path = output / "records.jsonl"
+            chosen = select(records_path, url=args.url, sha256=args.sha256,
+                            source_id=args.source_id, owner=args.owner,
+                            near_duplicates=args.near_duplicates,
+                            cipher=FieldCipher(keyring) if keyring else None)
+            if args.sha256:
+                chosen.sha256s.add(args.sha256.lower())
+            if not chosen.ids and not chosen.sha256s:
+                hint = (" (owner fields are not stored in clear: give --key-file for an "
+                        "encrypted harvest; an omitted field cannot be matched)"
+                        if args.owner else "")
+                raise UsageError(f"takedown: no record matches{hint}")
+            reason = args.reason or "takedown request"
+            lines = _remove_everywhere(output, sinks, chosen.ids, records_path)
+            files = delete_files(output, chosen.paths)
+            state = RunState(output / ".harvest" / "state.sqlite")
+            try:
+                state.take_down(chosen.ids, chosen.sha256s, reason)
+            finally:
+                state.close()
+            audit(output, "takedown", chosen, args.reason,
+                  **{k: v for k, v in (("url", args.url), ("source_id", args.source_id),
+                                       ("owner", args.owner)) if v})
+    finally:
+        for _, sink in sinks:
+            sink.close()
+    print(f"taken down: {_count(len(chosen.ids), 'record')}, {_count(files, 'image file')}; "
+          + "; ".join(lines))
+    print("no later run stores them again; exports and credits made before this are not "
+          "changed: make them again")
+    return 0
+
+
+def _cmd_purge(args) -> int:
+    from .dataset import read_records
+    from .lock import OutputLock
+    from .state import RunState
+    from .takedown import Selection, audit, delete_files, parse_age
+
+    output, sinks, recipe = _open_sinks(args.target)
+    try:
+        if args.older_than:
+            age = parse_age(args.older_than)
+        elif recipe is not None and recipe.retain_days:
+            age = recipe.retain_days * 86400
+        else:
+            raise UsageError("purge: give --older-than (or a recipe with retain_days)")
+        with OutputLock(output):
+            cutoff = time.time() - age
+            chosen = Selection()
+            for record in read_records(output / "records.jsonl"):
+                path = (record.get("file") or {}).get("path")
+                if not path:
+                    continue
+                try:
+                    stored = (output / path).stat().st_mtime
+                except OSError:
+                    continue
+                if stored < cutoff:
+                    chosen.paths.add(path)
+                    chosen.ids.add(record["id"])
+            files = delete_files(output, chosen.paths)
+            lines = []
+            if not args.keep_metadata and chosen.ids:
+                lines = _remove_everywhere(output, sinks, chosen.ids, output / "records.jsonl")
+                state = RunState(output / ".harvest" / "state.sqlite")
+                try:  # final, so that a re-run does not collect them again unasked
+                    state.take_down(chosen.ids, set(), "purged: past retention",
+                                    status="purged")
+                finally:
+                    state.close()
+            audit(output, "purge", chosen, f"older than {args.older_than or recipe.retain_days}"
+                  + (" days" if not args.older_than else ""), keep_metadata=args.keep_metadata)
+    finally:
+        for _, sink in sinks:
+            sink.close()
+    print(f"purged: {_count(files, 'image file')}"
+          + ("" if args.keep_metadata else f", {_count(len(chosen.ids), 'record')}; ")
+          + "; ".join(lines))
+    return 0
 
 
 def _cmd_rekey(args) -> int:
@@ -317,6 +475,12 @@ def _main(argv: list[str] | None = None) -> int:
             _setup_logging(args.verbose)
             serve(args.output, args.host, args.port, _keyring(args, required=False))
             return 0
+        if args.command == "takedown":
+            _setup_logging(args.verbose)
+            return _cmd_takedown(args)
+        if args.command == "purge":
+            _setup_logging(args.verbose)
+            return _cmd_purge(args)
         if args.command == "rekey":
             _setup_logging(args.verbose)
             return _cmd_rekey(args)

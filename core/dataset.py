@@ -83,6 +83,31 @@ def rotation(old: Keyring, new: Keyring):
     return rotate
 
 
+def filter_jsonl(path: Path, drop: set[str]) -> int:
+    """Removes the records with these ids from a JSONL file: a new file is written beside
+    it and renamed over, so a crash leaves the old one or the new one, never half."""
+    removed = 0
+    handle, temp_name = tempfile.mkstemp(dir=path.parent, suffix=".takedown")
+    try:
+        with os.fdopen(handle, "wb") as out, path.open("rb") as source:
+            for line in source:
+                try:
+                    record_id = json.loads(line).get("id")
+                except (ValueError, AttributeError):
+                    record_id = None
+                if record_id in drop:
+                    removed += 1
+                    continue
+                out.write(line)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temp_name, path)
+    except BaseException:
+        Path(temp_name).unlink(missing_ok=True)
+        raise
+    return removed
+
+
 def rewrite_jsonl(path: Path, rotate) -> int:
     """Re-encrypts a JSONL file by writing a new one beside it and renaming it over."""
     changed = 0

@@ -111,6 +111,12 @@ class Engine:
         self.state = RunState(self.state_dir / "state.sqlite", self.resolver.redact)
         self.placer = ImagePlacer(self.images_root, self.state, self.coordinator, self.summary)
         run_id = self.state.start_run()
+        if self.recipe.retain_days and self.part_dir is None:
+            past = self.state.stored_before(time.time() - self.recipe.retain_days * 86400)
+            if past:
+                log.warning("%d stored image(s) are older than retain_days (%d): run "
+                            "`harvest purge %s`", past, self.recipe.retain_days,
+                            self.recipe.path)
         if not self.settings.respect_robots:
             log.warning("run.respect_robots is false: the image hosts' robots.txt is not "
                         "read; make sure you may collect from them")

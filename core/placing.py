@@ -36,6 +36,9 @@ class ImagePlacer:
     def place(self, record: Record, fetched: Fetched, early=None) -> None:
         """Stores the file once per content; a second record with the same bytes points at
         it. ``early``: the content claim the download thread made (cluster shards)."""
+        if fetched.sha256 in self.state.tombstones:
+            fetched.temp_path.unlink(missing_ok=True)
+            raise RecordError("taken down: this picture was removed by `harvest takedown`")
         known = self.state.file(fetched.sha256)
         if known is not None and (self.images_root / known[0].path).is_file():
             fetched.temp_path.unlink(missing_ok=True)

@@ -155,6 +155,11 @@ class Sink(Plugin):
     def write(self, records: list[Record]) -> Any:
         raise NotImplementedError
 
+    def remove(self, record_ids: set[str]) -> int:
+        """Deletes these records from the store (``harvest takedown``, ``purge``); returns
+        how many were there."""
+        raise NotImplementedError(f"{type(self).__name__} cannot remove records")
+
     def part_documents(self, part_dir: Path) -> Iterator[list[dict]]:
         """A finished shard's part, as the documents this sink wrote there, in batches.
         Needed by sinks that are not ``shared``, for cluster runs."""

@@ -30,8 +30,8 @@ from .secrets import REFERENCE, SecretResolver
 from .shaping import IMAGE_OPTIONS, ImageSettings
 
 LANGUAGE = re.compile(r"[a-z]{2,3}(-[A-Za-z0-9]{2,8})*")
-TOP_LEVEL = ("name", "terms", "language", "output", "credentials", "run", "images", "sources",
-             "enrichers", "sinks")
+TOP_LEVEL = ("name", "terms", "language", "output", "credentials", "retain_days", "run",
+             "images", "sources", "enrichers", "sinks")
 
 RUN_OPTIONS: tuple[Option, ...] = (
     Option("concurrency", Int(1, 256), 16, help="downloads in flight at once"),
@@ -123,6 +123,8 @@ class Recipe:
     enrichers: list[PluginSpec]
     sinks: list[PluginSpec]
     resolver: SecretResolver = field(repr=False, default_factory=SecretResolver)
+    # Days stored images may be kept (``harvest purge``; ``run`` warns past it); None: no limit.
+    retain_days: int | None = None
 
     @property
     def directory(self) -> Path:
@@ -426,5 +428,10 @@ def load_recipe(path: str | Path, registry: Registry, *, environ: Mapping[str, s
                                     options))
         if not sinks:
             raise checker.fail(("sinks",), "expected at least one sink")
+    retain_days = None
+    if data.get("retain_days") is not None:
+        retain_days = checker.value(Int(1, 36_500), data["retain_days"], ("retain_days",),
+                                    base_dir)
     return Recipe(path=path, name=name, terms=terms, output=output_dir, run=run,
-                  sources=sources, enrichers=enrichers, sinks=sinks, resolver=resolver)
+                  sources=sources, enrichers=enrichers, sinks=sinks, resolver=resolver,
+                  retain_days=retain_days)

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from .crypto import PROTECTION_OPTIONS, Protection, check_protection
+from .dataset import filter_jsonl
 from .errors import PluginConfigError
 from .options import Bool, Int, MapOf, Option, OptionError, Str
 from .plugin import Sink
@@ -206,6 +207,41 @@ class ShardedSink(Sink):
         for number in self._numbers(self.staging_dir, ".jsonl"):
             present |= {d["id"] for d in _documents(self.staging_dir / f"{number:05d}.jsonl")}
         return set(record_ids) - present
+
+    def remove(self, record_ids: set[str]) -> int:
+        """Rebuilds every shard that holds one of these records without it (under a
+        temporary name, renamed over, uploaded again), and cuts them from the staging."""
+        removed = 0
+        if self.staging is not None:
+            self.staging.close()
+        for number in self._numbers(self.staging_dir, ".jsonl"):
+            removed += filter_jsonl(self._staging_path(number), record_ids)
+        staged = set(self._numbers(self.staging_dir, ".jsonl"))
+        for number in self._finished():
+            with self._open_shard(number) as handle:
+                hit = self.ids_in(handle) & record_ids
+            if not hit:
+                continue
+            if number in staged:  # its staging file (already cut) is the whole shard
+                self._finish(number)
+                continue
+            # A shard whose staging file is gone: its documents come from the shard itself.
+            documents = [d for d in self.documents_in(number) if d["id"] not in record_ids]
+            temp = self._staging_path(number)
+            with temp.open("w", encoding="utf-8") as out:
+                for document in documents:
+                    out.write(json.dumps(document, ensure_ascii=False, default=json_default) + "\n")
+            self._finish(number)
+            temp.unlink()
+            removed += len(hit)
+        if self.staging is not None:
+            self.staging = _Appender(self._staging_path(self.current), self.config["fsync"])
+            self.count = sum(1 for _ in _documents(self._staging_path(self.current)))
+        return removed
+
+    def documents_in(self, number: int) -> Iterator[dict]:
+        """The documents of a finished shard, as written (a format that keeps them)."""
+        raise NotImplementedError
 
     def part_documents(self, part_dir: Path) -> Iterator[list[dict]]:
         label = self.context.name or type(self).__name__.lower()

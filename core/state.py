@@ -18,7 +18,7 @@ from typing import Any
 from .errors import DiskFull, disk_full
 from .record import FileInfo
 
-FINAL = ("done", "dropped", "rejected")
+FINAL = ("done", "dropped", "rejected", "taken_down", "purged")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS records (
@@ -49,6 +49,11 @@ CREATE TABLE IF NOT EXISTS delivered (  -- only for records some sinks have and 
     sink TEXT NOT NULL,
     record_id TEXT NOT NULL,
     PRIMARY KEY (sink, record_id)
+);
+CREATE TABLE IF NOT EXISTS tombstones (  -- taken down: never stored again
+    sha256 TEXT PRIMARY KEY,
+    reason TEXT,
+    at REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS runs (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -145,6 +150,7 @@ class RunState:
         for sha256, path in self.db.execute("SELECT sha256, path FROM files"):
             self.known_files.add(sha256)
             self.known_paths.add(path)
+        self.tombstones = {sha for (sha,) in self.db.execute("SELECT sha256 FROM tombstones")}
 
     def close(self) -> None:
         self.commit()
@@ -288,6 +294,30 @@ class RunState:
             self._recent.pop(record_id, None)
 
     @_writes
+    @_writes
+    def take_down(self, record_ids: set[str], sha256s: set[str], reason: str,
+                  status: str = "taken_down") -> None:
+        """Marks records taken down (final: never fetched again) and their pictures
+        tombstoned (never stored again, whichever record brings them)."""
+        now = time.time()
+        self.commit()
+        with self.db:
+            self.db.executemany(
+                "INSERT INTO records (id, source, term, status, reason, updated) "
+                "VALUES (?, ?, NULL, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET "
+                "status = excluded.status, reason = excluded.reason, updated = excluded.updated",
+                [(record_id, record_id.split(":", 1)[0], status, reason, now)
+                 for record_id in record_ids])
+            self.db.executemany("INSERT OR REPLACE INTO tombstones VALUES (?, ?, ?)",
+                                [(sha, reason, now) for sha in sha256s])
+            self.db.executemany("DELETE FROM files WHERE sha256 = ?", [(sha,) for sha in sha256s])
+        self.tombstones |= sha256s
+
+    def stored_before(self, cutoff: float) -> int:
+        """How many stored records were last written before ``cutoff`` (a Unix time)."""
+        return self.db.execute("SELECT COUNT(*) FROM records WHERE status = 'done' AND "
+                               "updated < ?", (cutoff,)).fetchone()[0]
+
     def start_run(self) -> int:
         cursor = self.db.execute("INSERT INTO runs (started) VALUES (?)", (time.time(),))
         return cursor.lastrowid

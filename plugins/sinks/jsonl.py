@@ -18,6 +18,7 @@ from harvest.core import (
     Sink,
     Str,
     check_protection,
+    filter_jsonl,
     hookimpl,
     inside,
     inside_check,
@@ -159,6 +160,13 @@ class JsonlSink(Sink):
 
     def discard_part(self, part_dir: Path) -> None:
         (part_dir / self.config["path"]).unlink(missing_ok=True)
+
+    def remove(self, record_ids: set[str]) -> int:
+        self.handle.close()
+        try:
+            return filter_jsonl(self.path, record_ids) if self.path.exists() else 0
+        finally:
+            self.handle = _open_append(self.path)
 
     def rekey(self, rotate) -> int:
         self.handle.close()

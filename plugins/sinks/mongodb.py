@@ -129,6 +129,16 @@ class MongoSink(Sink):
             if owner is not None and owner != record.id:
                 document["duplicate_of"] = owner
 
+    def remove(self, record_ids: set[str]) -> int:
+        self._ensure_indexes()
+        ids = sorted(record_ids)
+        removed = 0
+        for start in range(0, len(ids), 1000):
+            chunk = ids[start:start + 1000]
+            removed += self.collection.delete_many({"id": {"$in": chunk}}).deleted_count
+            self.contents.delete_many({"record": {"$in": chunk}})
+        return removed
+
     def missing(self, record_ids: list[str]) -> set[str]:
         self._ensure_indexes()
         found = {document["id"] for document in self.collection.find(

@@ -89,6 +89,14 @@ class ParquetSink(ShardedSink):
             row["image"] = image[0]
         return row
 
+    def documents_in(self, number: int):
+        import pyarrow.parquet as pq
+
+        with self._open_shard(number) as handle:
+            column = pq.read_table(handle, columns=["record"]).column("record").to_pylist()
+        for text in column:
+            yield json.loads(text)
+
     def ids_in(self, handle) -> set[str]:
         import pyarrow.parquet as pq
 

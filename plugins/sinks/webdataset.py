@@ -48,6 +48,14 @@ class WebDatasetSink(ShardedSink):
         return {"shard": f"{shard:05d}{self.suffix}", "count": count, "image_bytes": image_bytes,
                 "licenses": dict(licenses), "terms": dict(terms)}
 
+    def documents_in(self, number: int):
+        with self._open_shard(number) as handle, tarfile.open(fileobj=handle) as tar:
+            for member in tar:
+                if member.name.endswith(".json"):
+                    document = json.load(tar.extractfile(member))
+                    document.pop("key", None)
+                    yield document
+
     def ids_in(self, handle) -> set[str]:
         ids = set()
         with tarfile.open(fileobj=handle) as tar:

@@ -1,0 +1,126 @@
+"""``harvest takedown`` and ``harvest purge``: removing what an owner asks to remove, or what
+is past its retention, from everything a harvest wrote, and remembering it.
+
+A takedown finds the records to remove (by URL, content sha256, source id or owner),
+with every record that shares their picture (exact copies, and near-duplicates when
+asked); deletes the image files; removes the records from each sink (the JSONL file
+rewritten atomically, MongoDB documents deleted, shards rebuilt without them); and adds a
+tombstone to the run state, so that no later run stores the record or those bytes again.
+Each takedown and purge appends a line to ``takedowns.jsonl`` in the output folder: what
+(ids, content hashes), when and why; owners appear only as a hash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .dataset import read_records
+from .errors import UsageError
+from .storage import inside
+
+AUDIT_LOG = "takedowns.jsonl"
+OWNER_FIELDS = ("owner", "owner_name", "path_alias", "author")
+
+
+@dataclass
+class Selection:
+    ids: set[str] = field(default_factory=set)
+    sha256s: set[str] = field(default_factory=set)
+    paths: set[str] = field(default_factory=set)
+
+
+def select(records_path: Path, *, url: str | None = None, sha256: str | None = None,
+           source_id: str | None = None, owner: str | None = None,
+           near_duplicates: bool = False, cipher=None) -> Selection:
+    """The records a takedown removes, and their pictures. ``cipher`` decrypts owner fields
+    of an encrypted harvest; without it, an owner can only be matched in clear text."""
+    if not records_path.is_file():
+        raise UsageError(f"{records_path}: no records file (is this a harvest output folder?)")
+    chosen = Selection()
+    everything = []
+    for record in read_records(records_path):
+        everything.append(record)
+        if cipher is not None and record.get("_encrypted"):
+            try:
+                record = cipher.decrypt(record)
+            except Exception:
+                raise UsageError("takedown: the key does not decrypt these records") from None
+        info = record.get("file") or {}
+        matched = ((url is not None and record.get("url") == url)
+                   or (sha256 is not None and info.get("sha256") == sha256.lower())
+                   or (source_id is not None and source_id in (record.get("id"),
+                                                               record.get("source_id")))
+                   or (owner is not None and any(isinstance(record.get(name), str)
+                                                 and record[name].casefold() == owner.casefold()
+                                                 for name in OWNER_FIELDS)))
+        if matched:
+            chosen.ids.add(record["id"])
+            if info.get("sha256"):
+                chosen.sha256s.add(info["sha256"])
+    # Every record that holds one of those pictures goes with it.
+    grew = True
+    while grew:
+        grew = False
+        for record in everything:
+            info = record.get("file") or {}
+            linked = (info.get("sha256") in chosen.sha256s
+                      or (near_duplicates and (record.get("near_duplicate_of") in chosen.ids)))
+            if linked and record["id"] not in chosen.ids:
+                chosen.ids.add(record["id"])
+                grew = True
+            if record["id"] in chosen.ids and info.get("sha256") \
+                    and info["sha256"] not in chosen.sha256s:
+                chosen.sha256s.add(info["sha256"])
+                grew = True
+            if record["id"] in chosen.ids and info.get("path"):
+                chosen.paths.add(info["path"])
+        if near_duplicates:
+            for record in everything:
+                if record["id"] in chosen.ids and record.get("near_duplicate_of") \
+                        and record["near_duplicate_of"] not in chosen.ids:
+                    chosen.ids.add(record["near_duplicate_of"])
+                    grew = True
+    return chosen
+
+
+def delete_files(output: Path, paths: set[str]) -> int:
+    removed = 0
+    root = output.resolve()
+    for relpath in sorted(paths):
+        try:
+            target = inside(root, relpath)
+        except ValueError:
+            continue  # a record naming a path outside the output: never follow it
+        try:
+            target.unlink()
+            removed += 1
+        except FileNotFoundError:
+            pass
+    return removed
+
+
+def audit(output: Path, action: str, chosen: Selection, reason: str | None, **what) -> None:
+    """One line in the append-only audit log; owners only as a hash."""
+    entry = {"at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "action": action,
+             "reason": reason or "", "ids": sorted(chosen.ids),
+             "sha256": sorted(chosen.sha256s), **what}
+    if entry.get("owner"):
+        entry["owner"] = "sha256:" + hashlib.sha256(entry["owner"].encode()).hexdigest()
+    with (output / AUDIT_LOG).open("a", encoding="utf-8") as log:
+        log.write(json.dumps(entry, ensure_ascii=False, sort_keys=True) + "\n")
+        log.flush()
+        os.fsync(log.fileno())
+
+
+def parse_age(text: str) -> float:
+    """``90d``, ``12h``, ``30m`` -> seconds."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([dhm])\s*", text or "")
+    if not match:
+        raise UsageError(f"--older-than {text}: expected a duration such as 90d, 12h or 30m")
+    return float(match.group(1)) * {"d": 86400, "h": 3600, "m": 60}[match.group(2)]

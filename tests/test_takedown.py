@@ -1,0 +1,141 @@
+"""`harvest takedown` and `harvest purge`: gone from every sink and file, logged, and
+never collected again."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from conftest import FakePhoto, flickr_recipe, monkey_photos, read_jsonl
+from imagegen import make_image
+
+SINKS = """
+sinks:
+  - jsonl
+  - use: webdataset
+    options: {shard_size: 3}
+  - use: parquet
+    options: {shard_size: 4}
+"""
+
+
+def everywhere(output) -> dict[str, set[str]]:
+    import pyarrow.parquet as pq
+    import webdataset as wds
+
+    tars = sorted(str(p) for p in (output / "webdataset").glob("*.tar"))
+    return {
+        "jsonl": {r["id"] for r in read_jsonl(output / "records.jsonl")},
+        "webdataset": {json.loads(s["json"])["id"]
+                       for s in wds.WebDataset(tars, shardshuffle=False)},
+        "parquet": set(pq.read_table(output / "parquet", columns=["id"]).column("id")
+                       .to_pylist()),
+    }
+
+
+def test_takedown_removes_everywhere_and_for_good(flickr, recipe_file, harvest, tmp_path):
+    twin = make_image(4242, size=(120, 90))
+    flickr.photos = monkey_photos(6)
+    flickr.photos[1].image = flickr.photos[4].image = twin  # the same picture twice
+    output = tmp_path / "out"
+    recipe = recipe_file(flickr_recipe(flickr.endpoint, output) + SINKS)
+    assert harvest("run", recipe, "--no-progress")[0] == 0
+    url = next(r["url"] for r in read_jsonl(output / "records.jsonl")
+               if r["id"] == "flickr:" + flickr.photos[1].id)
+    path = next(r["file"]["path"] for r in read_jsonl(output / "records.jsonl")
+                if r["id"] == "flickr:" + flickr.photos[1].id)
+
+    status, out, err = harvest("takedown", recipe, "--url", url, "--reason", "owner asked")
+    assert status == 0, err
+    gone = {"flickr:" + flickr.photos[1].id, "flickr:" + flickr.photos[4].id}
+    assert "taken down: 2 records, 1 image file" in out
+    for sink, ids in everywhere(output).items():
+        assert not ids & gone, sink
+        assert len(ids) == 4, sink
+    assert not (output / path).exists()
+    audit = [json.loads(line) for line in (output / "takedowns.jsonl").read_text().splitlines()]
+    assert audit[-1]["action"] == "takedown" and set(audit[-1]["ids"]) == gone
+    assert audit[-1]["reason"] == "owner asked" and audit[-1]["url"] == url
+
+    # The next run stores neither again, nor the same picture under a new id.
+    flickr.photos.append(FakePhoto(id="9999", title="monkey again", image=twin))
+    status, out, _ = harvest("run", recipe, "--no-progress")
+    assert status == 0
+    assert everywhere(output)["jsonl"] == everywhere(output)["webdataset"]
+    ids = everywhere(output)["jsonl"]
+    assert not ids & gone and "flickr:9999" not in ids and len(ids) == 4
+    assert "taken down" in out
+
+
+def test_takedown_by_owner_needs_the_key_of_an_encrypted_harvest(flickr, recipe_file, harvest,
+                                                                 tmp_path, key_file):
+    flickr.photos = monkey_photos(3) + [FakePhoto(id="77", title="monkey", ownername="Zé Lima")]
+    output = tmp_path / "out"
+    recipe = recipe_file(flickr_recipe(flickr.endpoint, output) + f"""
+sinks: [{{use: jsonl, options: {{personal_fields: encrypt, key_file: {key_file}}}}}]
+""")
+    assert harvest("run", recipe, "--no-progress")[0] == 0
+    status, _, err = harvest("takedown", output, "--owner", "Zé Lima")
+    assert status == 2 and "no record matches" in err and "--key-file" in err
+    status, out, err = harvest("takedown", output, "--owner", "zé lima", "--key-file", key_file)
+    assert status == 0, err
+    assert [r["id"] for r in read_jsonl(output / "records.jsonl")].count("flickr:77") == 0
+    assert len(read_jsonl(output / "records.jsonl")) == 3
+    log = (output / "takedowns.jsonl").read_text()
+    assert "Zé Lima" not in log and "Lima" not in log and '"owner": "sha256:' in log
+
+
+def test_purge_deletes_what_is_past_retention(flickr, recipe_file, harvest, tmp_path):
+    flickr.photos = monkey_photos(5)
+    output = tmp_path / "out"
+    text = "retain_days: 30\n" + flickr_recipe(flickr.endpoint, output)
+    recipe = recipe_file(text)
+    assert harvest("run", recipe, "--no-progress")[0] == 0
+    records = read_jsonl(output / "records.jsonl")
+    old = records[:2]
+    past = time.time() - 40 * 86400
+    for record in old:
+        os.utime(output / record["file"]["path"], (past, past))
+
+    status, out, err = harvest("purge", recipe, "--keep-metadata")
+    assert status == 0, err
+    assert "purged: 2 image files" in out
+    assert len(read_jsonl(output / "records.jsonl")) == 5  # metadata kept
+    assert not (output / old[0]["file"]["path"]).exists()
+
+    # A run warns when the harvest holds images past its retention.
+    import sqlite3
+
+    with sqlite3.connect(output / ".harvest" / "state.sqlite") as db:
+        db.execute("UPDATE records SET updated = ?", (past,))
+    status, _, err = harvest("run", recipe, "--no-progress")
+    assert status == 0 and "older than retain_days (30)" in err, err
+
+    status, out, err = harvest("purge", output, "--older-than", "0m")
+    assert status == 0, err
+    left = read_jsonl(output / "records.jsonl")
+    assert sorted(r["id"] for r in left) == sorted(r["id"] for r in old)  # files purged before
+    assert not list((output / "images").rglob("*.jpg"))
+    assert [json.loads(line)["action"] for line in
+            (output / "takedowns.jsonl").read_text().splitlines()] == ["purge", "purge"]
+    status, _, err = harvest("purge", output)
+    assert status == 2 and "--older-than" in err
+
+
+def test_takedown_reaches_mongodb(flickr, mongo, recipe_file, harvest, tmp_path, key_file):
+    from test_mongodb import mongo_recipe
+
+    flickr.photos = monkey_photos(4)
+    output = tmp_path / "out"
+    recipe = recipe_file(mongo_recipe(flickr, output, mongo, key_file,
+                                      extra_sinks="  - jsonl"))
+    assert harvest("run", recipe, "--no-progress")[0] == 0
+    target = "flickr:" + flickr.photos[2].id
+    status, out, err = harvest("takedown", recipe, "--source-id", target)
+    assert status == 0, err
+    assert "mongodb: 1 removed" in out and "jsonl: 1 removed" in out
+    collection = mongo.client().harvest_test.monkeys
+    assert collection.count_documents({}) == 3 and not collection.find_one({"id": target})
+    assert harvest("run", recipe, "--no-progress")[0] == 0
+    assert collection.count_documents({}) == 3
