@@ -6,6 +6,7 @@ BUILTIN_MODULES = (
     "harvest.plugins.sources.flickr",
     "harvest.plugins.sources.flickr_comments",
     "harvest.plugins.sources.folder",
+    "harvest.plugins.sources.openverse",
     "harvest.plugins.sources.urls",
     "harvest.plugins.enrichers.exif",
     "harvest.plugins.enrichers.geocode",

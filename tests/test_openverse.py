@@ -1,0 +1,163 @@
+"""The openverse source against a local server answering as Openverse's API documents:
+/v1/images/ (paged JSON, the 20-page depth cap, the anonymous page_size limit) and
+/v1/auth_tokens/token/ (OAuth2 client credentials)."""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+from conftest import read_jsonl
+from imagegen import make_image
+
+
+class FakeOpenverse:
+    def __init__(self, total: int = 70):
+        self.total = total
+        self.queries: list[dict] = []
+        self.tokens_issued = 0
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802
+                body = parse_qs(self.rfile.read(int(self.headers["Content-Length"])).decode())
+                if urlsplit(self.path).path != "/v1/auth_tokens/token/":
+                    return self._json(404, {})
+                if body.get("client_secret") != ["s3cret"]:
+                    return self._json(401, {"error": "invalid_client"})
+                fake.tokens_issued += 1
+                self._json(200, {"access_token": "tok-1", "token_type": "Bearer",
+                                 "expires_in": 36000, "scope": "read write"})
+
+            def do_GET(self):  # noqa: N802
+                parts = urlsplit(self.path)
+                if parts.path.startswith("/img/"):
+                    data = make_image(int(parts.path.split("/")[-1].split(".")[0]))
+                    self.send_response(200)
+                    self.send_header("Content-Type", "image/jpeg")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    return self.wfile.write(data)
+                if parts.path != "/v1/images/":
+                    return self._json(404, {})
+                query = {k: v[0] for k, v in parse_qs(parts.query).items()}
+                query["authorization"] = self.headers.get("Authorization")
+                fake.queries.append(query)
+                size = int(query.get("page_size", 20))
+                if size > 20 and query["authorization"] != "Bearer tok-1":
+                    return self._json(401, {"detail": "page_size over 20 needs auth"})
+                page = int(query.get("page", 1))
+                if page > 20:
+                    return self._json(400, {"detail": "page depth"})
+                first = (page - 1) * size
+                results = [fake.result(i) for i in range(first, min(first + size, fake.total))]
+                self._json(200, {"result_count": fake.total, "page": page, "page_size": size,
+                                 "page_count": min(20, -(-fake.total // size)),
+                                 "results": results})
+
+            def _json(self, status, body):
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.base = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def result(self, i: int) -> dict:
+        license_code, version = [("by", "2.0"), ("by-sa", "4.0"), ("cc0", "1.0"),
+                                 ("pdm", "")][i % 4]
+        return {"id": f"a0b1c2d3-{i:04d}", "title": f"Monkey {i}",
+                "foreign_landing_url": f"https://www.flickr.com/photos/x/{i}",
+                "url": f"{self.base}/img/{1000 + i}.jpg", "creator": f"Photographer {i}",
+                "creator_url": f"https://www.flickr.com/photos/p{i}", "license": license_code,
+                "license_version": version,
+                "license_url": f"https://creativecommons.org/licenses/{license_code}/{version}/",
+                "provider": "flickr", "source": "flickr", "category": "photograph",
+                "filesize": None, "filetype": "jpg",
+                "tags": [{"name": "monkey", "accuracy": None}, {"name": "zoo"}],
+                "attribution": f"\"Monkey {i}\" by Photographer {i}", "mature": False,
+                "height": 64, "width": 96, "thumbnail": "", "detail_url": "",
+                "related_url": ""}
+
+
+@pytest.fixture
+def openverse():
+    fake = FakeOpenverse()
+    yield fake
+    fake.server.shutdown()
+
+
+def recipe(openverse, output, options: str = "") -> str:
+    return f"""
+terms: [monkey]
+output: {output}
+run: {{allow_private_addresses: true, rate_per_host: 1000}}
+sources:
+  - use: openverse
+    options: {{endpoint: "{openverse.base}", requests_per_second: 100, count: 50{options}}}
+enrichers: [license]
+sinks: [jsonl]
+"""
+
+
+def test_anonymous_search_with_licenses_and_credits(openverse, recipe_file, harvest, tmp_path):
+    output = tmp_path / "out"
+    status, _, err = harvest("run", recipe_file(recipe(
+        openverse, output, ", license: [by, by-sa, cc0, pdm], license_type: [commercial]")),
+        "--no-progress")
+    assert status == 0, err
+    records = read_jsonl(output / "records.jsonl")
+    assert len(records) == 50
+    assert [q["page"] for q in openverse.queries] == ["1", "2", "3"]
+    assert openverse.queries[0]["license"] == "by,by-sa,cc0,pdm"
+    assert openverse.queries[0]["license_type"] == "commercial"
+    assert openverse.queries[0]["mature"] == "false" and openverse.queries[0]["q"] == "monkey"
+    assert openverse.queries[0]["authorization"] is None
+    by_title = {r["title"]: r for r in records}
+    assert by_title["Monkey 0"]["license"] == "CC-BY-2.0"
+    assert by_title["Monkey 1"]["license"] == "CC-BY-SA-4.0"
+    assert by_title["Monkey 2"]["license"] == "CC0-1.0" and by_title["Monkey 3"]["license"] == "PDM-1.0"
+    assert by_title["Monkey 0"]["page_url"] == "https://www.flickr.com/photos/x/0"
+    assert by_title["Monkey 0"]["tags"] == ["monkey", "zoo"]
+    assert "author" not in by_title["Monkey 0"]  # the creator's name is personal: omitted
+    status, out, _ = harvest("credits", output)
+    assert status == 0
+
+
+def test_client_credentials_and_the_page_depth_cap(openverse, recipe_file, harvest, tmp_path,
+                                                   monkeypatch):
+    openverse.total = 100_000
+    monkeypatch.setenv("OV_ID", "my-app")
+    monkeypatch.setenv("OV_SECRET", "s3cret")
+    output = tmp_path / "out"
+    text = recipe(openverse, output, ", client_id: '${OV_ID}', client_secret: '${OV_SECRET}', "
+                                     "page_size: 5").replace("count: 50", "count: 1000")
+    status, _, err = harvest("run", recipe_file(text), "--no-progress")
+    assert status == 0, err
+    assert len(read_jsonl(output / "records.jsonl")) == 100  # 20 pages of 5: the cap
+    assert openverse.tokens_issued == 1
+    assert {q["authorization"] for q in openverse.queries} == {"Bearer tok-1"}
+    assert max(int(q["page"]) for q in openverse.queries) == 20
+
+
+def test_bad_openverse_options_are_one_line_errors(openverse, recipe_file, harvest, tmp_path,
+                                                   monkeypatch):
+    status, _, err = harvest("validate", recipe_file(recipe(openverse, tmp_path / "o",
+                                                            ", page_size: 100")))
+    assert status == 2 and "page_size" in err and "client credentials" in err
+    monkeypatch.setenv("OV_ID", "my-app")
+    monkeypatch.setenv("OV_SECRET", "wrong")
+    text = recipe(openverse, tmp_path / "o2", ", client_id: '${OV_ID}', client_secret: '${OV_SECRET}'")
+    status, _, err = harvest("run", recipe_file(text, "r2.yml"), "--no-progress")
+    assert status == 2 and "refused the client credentials" in err
+    assert "wrong" not in err
