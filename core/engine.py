@@ -271,7 +271,8 @@ class Engine:
             pool = DaemonPool(self.settings.concurrency, "download")
             return pool, lambda record: pool.submit(self._fetch, record)
         pool = ProcessFetchPool(self.settings, self.temp_dir, workers)
-        return pool, lambda record: pool.submit(record.url, record.local_file_ok)
+        return pool, lambda record: pool.submit(record.url, record.local_file_ok,
+                                                record.expect_sha1)
 
     def _check_stop(self) -> None:
         if self.stop_requested.is_set():
@@ -452,7 +453,8 @@ class Engine:
     def _fetch(self, record: Record) -> Fetched:
         """In a download thread. On a cluster, the content is claimed here too, so that the
         engine thread does not wait on the scheduler for it."""
-        fetched = self.fetcher.fetch(record.url, local_files=record.local_file_ok)
+        fetched = self.fetcher.fetch(record.url, local_files=record.local_file_ok,
+                                     expect_sha1=record.expect_sha1)
         if self.shards is not None:
             relpath = image_relpath(record.term or record.source, record.source, record.source_id,
                                     fetched.format)

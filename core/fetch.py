@@ -225,7 +225,8 @@ class Fetcher:
                    respect_tdmrep=settings.respect_tdmrep,
                    respect_noindex=settings.respect_noindex, share=rate_share)
 
-    def fetch(self, url: str, *, local_files: bool = False) -> Fetched:
+    def fetch(self, url: str, *, local_files: bool = False,
+              expect_sha1: str | None = None) -> Fetched:
         """``local_files``: the record comes from a source that reads the local disk by
         design (a folder the recipe names); anything else needs ``run.allow_file_urls``."""
         scheme = urlsplit(url).scheme.lower()
@@ -245,7 +246,7 @@ class Fetcher:
                 if scheme == "file":
                     size, digest = self._copy_local(url, out)
                 else:
-                    size, digest = self._guarded_download(url, out)
+                    size, digest = self._guarded_download(url, out, expect_sha1)
             shaped = None
             if self.images is None:
                 width, height, image_format = inspect_image(temp_path, self.max_pixels,
@@ -281,10 +282,10 @@ class Fetcher:
         except OSError as exc:
             raise RecordError(f"cannot read {path}: {exc.strerror}") from None
 
-    def _guarded_download(self, url: str, out) -> tuple[int, str]:
+    def _guarded_download(self, url: str, out, expect_sha1: str | None = None) -> tuple[int, str]:
         DEADLINES.start(self.deadline, group=self)
         try:
-            return self._download(url, out)
+            return self._download(url, out, expect_sha1)
         except RetryAfterTooLong as exc:
             raise RecordError(str(exc), permanent=False) from None
         except RefusedAddress as exc:
@@ -325,7 +326,7 @@ class Fetcher:
         return RecordError(f"took longer than run.download_deadline ({self.deadline:g} s)",
                            permanent=False)
 
-    def _download(self, url: str, out) -> tuple[int, str]:
+    def _download(self, url: str, out, expect_sha1: str | None = None) -> tuple[int, str]:
         for _ in range(MAX_REDIRECTS + 1):
             # Redirects are followed here, not by the library, so that every hop is checked.
             scheme = urlsplit(url).scheme.lower()
@@ -384,7 +385,7 @@ class Fetcher:
             if declared and declared.isdigit() and int(declared) > self.max_bytes:
                 raise RecordError(f"too large: {int(declared)} bytes > max_bytes {self.max_bytes}")
             try:
-                result = self._stream(response.stream(CHUNK), out)
+                result = self._stream(response.stream(CHUNK), out, expect_sha1)
                 clean = True
                 return result
             except (urllib3.exceptions.ProtocolError, urllib3.exceptions.ReadTimeoutError,
@@ -398,14 +399,17 @@ class Fetcher:
                 response.close()
             response.release_conn()
 
-    def _stream(self, chunks, out) -> tuple[int, str]:
+    def _stream(self, chunks, out, expect_sha1: str | None = None) -> tuple[int, str]:
         digest = hashlib.sha256()
+        sha1 = hashlib.sha1(usedforsecurity=False) if expect_sha1 else None
         size = 0
         for chunk in chunks:
             size += len(chunk)
             if size > self.max_bytes:
                 raise RecordError(f"too large: over max_bytes {self.max_bytes}")
             digest.update(chunk)
+            if sha1 is not None:
+                sha1.update(chunk)
             try:
                 out.write(chunk)
             except OSError as exc:
@@ -414,6 +418,9 @@ class Fetcher:
                 raise
         if size == 0:
             raise RecordError("empty response")
+        if sha1 is not None and sha1.hexdigest() != expect_sha1.lower():
+            raise RecordError("not the file the source described: its SHA-1 differs",
+                              permanent=False)
         return size, digest.hexdigest()
 
 

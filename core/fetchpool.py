@@ -72,7 +72,7 @@ class ProcessFetchPool:
             process.start()
         return process
 
-    def submit(self, url: str, local_files: bool) -> Future:
+    def submit(self, url: str, local_files: bool, expect_sha1: str | None = None) -> Future:
         if not self.processes:
             self._start()
         future: Future = Future()
@@ -80,7 +80,7 @@ class ProcessFetchPool:
         job = next(self.ids)
         with self.lock:
             self.futures[job] = future
-        self.jobs.put((job, url, local_files))
+        self.jobs.put((job, url, local_files, expect_sha1))
         return future
 
     def _collect(self) -> None:
@@ -224,9 +224,9 @@ def _worker(settings, temp_dir: str, share: int, threads: int, jobs, results,
             job = jobs.get()
             if job is None:
                 return
-            job_id, url, local_files = job
+            job_id, url, local_files, expect_sha1 = job
             try:
-                fetched = fetcher.fetch(url, local_files=local_files)
+                fetched = fetcher.fetch(url, local_files=local_files, expect_sha1=expect_sha1)
             except DiskFull as exc:
                 send((job_id, "disk_full", str(exc.where)))
             except RecordError as exc:

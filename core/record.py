@@ -63,6 +63,9 @@ class Record:
     file: FileInfo | None = None
     duplicate_of: str | None = None
     dropped: str | None = None
+    # The file's SHA-1 when the source knows it (Wikimedia Commons publishes it): the
+    # download is checked against it.
+    expect_sha1: str | None = field(default=None, repr=False, compare=False)
     # Set by the engine, never by a source: may this record's url be a file: URL?
     local_file_ok: bool = field(default=False, repr=False, compare=False)
 

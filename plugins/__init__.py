@@ -8,6 +8,7 @@ BUILTIN_MODULES = (
     "harvest.plugins.sources.folder",
     "harvest.plugins.sources.openverse",
     "harvest.plugins.sources.urls",
+    "harvest.plugins.sources.wikimedia",
     "harvest.plugins.enrichers.exif",
     "harvest.plugins.enrichers.geocode",
     "harvest.plugins.enrichers.license",

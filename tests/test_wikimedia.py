@@ -1,0 +1,166 @@
+"""The wikimedia source against a local server answering as the MediaWiki Action API
+documents (formatversion=2 JSON): search in the File namespace, category members with
+sub-categories, continuation, maxlag errors, imageinfo with extmetadata and SHA-1."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+from conftest import read_jsonl
+from imagegen import make_image
+
+LICENSES = ["CC BY-SA 4.0", "CC BY 2.0", "CC0", "Public domain"]
+
+
+class FakeCommons:
+    def __init__(self):
+        self.calls: list[dict] = []
+        self.lagged = 1  # answers with a maxlag error before the first real one
+        self.user_agents: set[str] = set()
+        self.files = {i: make_image(500 + i) for i in range(12)}
+        self.corrupt_sha1 = {7}
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802
+                parts = urlsplit(self.path)
+                if parts.path.startswith("/upload/"):
+                    data = fake.files[int(parts.path.split("/")[-1].split(".")[0])]
+                    self.send_response(200)
+                    self.send_header("Content-Type", "image/jpeg")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    return self.wfile.write(data)
+                if parts.path != "/w/api.php":  # robots.txt, tdmrep.json: none here
+                    self.send_response(404)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return None
+                params = {k: v[0] for k, v in parse_qs(parts.query).items()}
+                fake.calls.append(params)
+                fake.user_agents.add(self.headers.get("User-Agent", ""))
+                if fake.lagged:
+                    fake.lagged -= 1
+                    return self._json({"error": {"code": "maxlag", "info": "Waiting for a "
+                                                 "database server: 1 seconds lagged",
+                                                 "lag": 0.1}}, {"Retry-After": "0"})
+                self._json(fake.answer(params))
+
+            def _json(self, body, headers=None):
+                data = json.dumps(body).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                for name, value in (headers or {}).items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.base = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def page(self, i: int, index: int) -> dict:
+        data = self.files[i]
+        sha1 = hashlib.sha1(data).hexdigest() if i not in self.corrupt_sha1 else "0" * 40
+        return {"pageid": 9000 + i, "ns": 6, "title": f"File:Macaque {i}.jpg", "index": index,
+                "imageinfo": [{
+                    "size": len(data), "width": 96, "height": 64, "sha1": sha1,
+                    "mime": "image/jpeg" if i != 11 else "application/pdf",
+                    "url": f"{self.base}/upload/{i}.jpg",
+                    "descriptionurl": f"https://commons.wikimedia.org/wiki/File:Macaque_{i}.jpg",
+                    "extmetadata": {
+                        "LicenseShortName": {"value": LICENSES[i % 4], "source": "commons"},
+                        "LicenseUrl": {"value": "https://creativecommons.org/licenses/by-sa/4.0"},
+                        "Artist": {"value": f'<a href="//commons.wikimedia.org/wiki/User:P{i}">'
+                                            f"Photographer &amp; {i}</a>"},
+                        "AttributionRequired": {"value": "true"},
+                        "ImageDescription": {"value": "<p>A <b>macaque</b></p>"}}}]}
+
+    def answer(self, params: dict) -> dict:
+        if params.get("list") == "categorymembers":  # sub-categories
+            subcats = {"Category:Macaca": [{"ns": 14, "title": "Category:Macaca fuscata"}]}
+            return {"batchcomplete": True,
+                    "query": {"categorymembers": subcats.get(params["cmtitle"], [])}}
+        if params.get("generator") == "categorymembers":
+            members = {"Category:Macaca": [0, 1], "Category:Macaca fuscata": [2, 3, 1]}
+            ids = members.get(params["gcmtitle"], [])
+            return {"batchcomplete": True,
+                    "query": {"pages": [self.page(i, n) for n, i in enumerate(ids)]}}
+        offset = int(params.get("gsroffset", 0))
+        limit = int(params["gsrlimit"])
+        ids = list(range(12))[offset:offset + limit]
+        body = {"batchcomplete": True, "query": {"pages": [self.page(i, offset + n + 1)
+                                                           for n, i in enumerate(ids)]}}
+        if offset + limit < 12:
+            body["continue"] = {"gsroffset": offset + limit, "continue": "gsroffset||"}
+        return body
+
+
+@pytest.fixture
+def commons():
+    fake = FakeCommons()
+    yield fake
+    fake.server.shutdown()
+
+
+def recipe(commons, output, options: str = "") -> str:
+    return f"""
+terms: [macaque]
+output: {output}
+run: {{allow_private_addresses: true, rate_per_host: 1000}}
+sources:
+  - use: wikimedia
+    options: {{endpoint: "{commons.base}/w/api.php", contact: "research@example.org",
+               requests_per_second: 50, batch: 5{options}}}
+sinks: [jsonl]
+"""
+
+
+def test_search_with_licenses_sha1_and_etiquette(commons, recipe_file, harvest, tmp_path):
+    output = tmp_path / "out"
+    status, out, err = harvest("run", recipe_file(recipe(commons, output)), "--no-progress")
+    assert status == 3, err  # one file's SHA-1 did not match: not stored, retried next run
+    records = {r["source_id"]: r for r in read_jsonl(output / "records.jsonl")}
+    assert set(records) == {str(9000 + i) for i in range(11) if i != 7}  # 11 is a PDF
+    assert "its SHA-1 differs" in out
+    first = records["9000"]
+    assert first["license"] == "CC-BY-SA-4.0" and first["license_name"] == "CC BY-SA 4.0"
+    assert records["9001"]["license"] == "CC-BY-2.0"
+    assert records["9002"]["license"] == "CC0-1.0" and records["9003"]["license"] == "PDM-1.0"
+    assert first["attribution_required"] is True and first["description"] == "A macaque"
+    assert first["page_url"].endswith("File:Macaque_0.jpg") and first["title"] == "Macaque 0"
+    assert "author" not in first  # personal: omitted by default
+    search = [c for c in commons.calls if c.get("generator") == "search"]
+    assert [c.get("gsroffset", "0") for c in search] == ["0", "0", "5", "10"]  # after maxlag
+    assert all(c["maxlag"] == "5" and c["gsrnamespace"] == "6" for c in commons.calls)
+    assert commons.user_agents == {next(iter(commons.user_agents))}
+    assert "(research@example.org)" in next(iter(commons.user_agents))
+
+
+def test_categories_with_depth_and_clear_author(commons, recipe_file, harvest, tmp_path):
+    commons.lagged = 0
+    output = tmp_path / "out"
+    text = recipe(commons, output, ", categories: [Macaca], depth: 1").replace(
+        "sinks: [jsonl]", "sinks: [{use: jsonl, options: {personal_fields: clear}}]")
+    status, _, err = harvest("run", recipe_file(text), "--no-progress")
+    assert status == 0, err
+    records = read_jsonl(output / "records.jsonl")
+    assert sorted(r["source_id"] for r in records) == ["9000", "9001", "9002", "9003"]
+    assert {r["author"] for r in records} >= {"Photographer & 0"}
+    assert all("term" not in r for r in records)
+
+
+def test_contact_is_required(commons, recipe_file, harvest, tmp_path):
+    text = recipe(commons, tmp_path / "o").replace('contact: "research@example.org"',
+                                                   'contact: "me"')
+    status, _, err = harvest("validate", recipe_file(text))
+    assert status == 2 and "contact" in err and "e-mail" in err
