@@ -52,11 +52,12 @@ def main() -> int:
         vision.stop()
         port = free_port()
         server = subprocess.Popen([harvest, "review", str(work / "out"), "--port", str(port)],
-                                  env=env, stdout=subprocess.DEVNULL)
+                                  env=env, stdout=subprocess.PIPE, text=True)
+        url = server.stdout.readline().split(" at ", 1)[1].split()[0]  # carries the token
         try:
             for _ in range(300):
                 try:
-                    urllib.request.urlopen(f"http://127.0.0.1:{port}/api/meta", timeout=1)
+                    urllib.request.urlopen(url, timeout=1)
                     break
                 except OSError:
                     time.sleep(0.1)
@@ -67,7 +68,7 @@ def main() -> int:
                           "--disable-component-update", "--disable-sync", "--no-first-run"])
                 page = browser.new_page()
                 started = time.perf_counter()
-                page.goto(f"http://127.0.0.1:{port}/")
+                page.goto(url)
                 page.wait_for_selector("body[data-ready=yes]")
                 ready = time.perf_counter() - started
                 page.wait_for_load_state("networkidle")

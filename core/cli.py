@@ -103,6 +103,8 @@ def _parser() -> argparse.ArgumentParser:
     review.add_argument("--port", type=int, default=8765)
     review.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default 127.0.0.1: this machine only)")
+    review.add_argument("--allow-remote", action="store_true",
+                        help="let --host be an address other machines reach")
     _key_arguments(review, required=False)
 
     takedown = commands.add_parser(
@@ -473,7 +475,8 @@ def _main(argv: list[str] | None = None) -> int:
             from .review import serve
 
             _setup_logging(args.verbose)
-            serve(args.output, args.host, args.port, _keyring(args, required=False))
+            serve(args.output, args.host, args.port, _keyring(args, required=False),
+                  allow_remote=args.allow_remote)
             return 0
         if args.command == "takedown":
             _setup_logging(args.verbose)

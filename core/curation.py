@@ -14,26 +14,50 @@ def passes(score: float, rule: dict) -> bool:
     return score >= value if rule.get("direction", "above") == "above" else score < value
 
 
+def effective(thresholds: dict[str, dict]) -> dict[str, dict]:
+    """The rules that can drop something: enabled, and not "keep >= 0" (which keeps all)."""
+    return {term: rule for term, rule in thresholds.items()
+            if rule.get("enabled", True)
+            and not (rule.get("direction", "above") == "above" and float(rule.get("value", 0)) <= 0)}
+
+
 def verdict(record: dict, thresholds: dict[str, dict], decisions: dict[str, str]) -> tuple[bool, bool]:
-    """(kept, manual): a manual decision wins over the thresholds."""
+    """(kept, manual): a manual decision wins; then the thresholds chosen on the page; with
+    none chosen, the verdict the recipe's keep_if gave when the harvest ran."""
     decision = decisions.get(record["id"])
     if decision in ("keep", "reject"):
         return decision == "keep", True
+    rules = effective(thresholds)
+    if not rules:
+        return record.get("keep") is not False, False
     scores = record.get("scores") or {}
-    for term, rule in thresholds.items():
-        if not rule.get("enabled", True):
-            continue
+    for term, rule in rules.items():
         if not passes(float(scores.get(term, 0.0)), rule):
             return False, False
     return True, False
 
 
 def load_saved_review(output: Path) -> tuple[dict, dict] | None:
-    """The thresholds and decisions last saved from the page, for ``harvest export``."""
-    path = output / ".harvest" / "review.json"
-    if not path.is_file():
+    """The thresholds and decisions of the review page, exactly as the page has them now
+    (``.harvest/review.sqlite``, written at every change), for ``harvest export``."""
+    import sqlite3
+
+    path = output / ".harvest" / "review.sqlite"
+    if path.is_file():
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            decisions = dict(db.execute("SELECT id, decision FROM decisions"))
+            thresholds = {term: json.loads(rule) for term, rule in
+                          db.execute("SELECT term, rule FROM thresholds")}
+        except sqlite3.Error:
+            return None
+        finally:
+            db.close()
+        return thresholds, decisions
+    legacy = output / ".harvest" / "review.json"  # saved by an older harvest
+    if not legacy.is_file():
         return None
-    saved = json.loads(path.read_text(encoding="utf-8"))
+    saved = json.loads(legacy.read_text(encoding="utf-8"))
     return saved.get("thresholds", {}), saved.get("decisions", {})
 
 

@@ -175,12 +175,8 @@ def export_dataset(output: Path, destination: Path, *, fmt: str = "imagefolder",
                 continue
             if only_kept and (record.get("near_duplicate_of") or record.get("id") in aside):
                 continue  # the same picture, kept once: the best copy
-            if only_kept:
-                if saved is not None:
-                    if not verdict(record, *saved)[0]:
-                        continue
-                elif record.get("keep") is False:
-                    continue
+            if only_kept and not verdict(record, *(saved or ({}, {})))[0]:
+                continue
             source = output / file_info["path"]
             if not source.is_file():
                 continue

@@ -9,8 +9,10 @@ which ``harvest export`` applies.
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
+import secrets
 import socket
 import sqlite3
 import threading
@@ -57,9 +59,13 @@ class Review:
         self.lock = threading.Lock()
 
     def load(self, path: Path) -> None:
+        self.missing = 0
         for record in read_records(path):
             file_info = record.get("file") or {}
             if not file_info.get("sha256") or record.get("duplicate_of"):
+                continue
+            if not (self.output / file_info["path"]).is_file():
+                self.missing += 1  # export leaves it out: so does the page
                 continue
             encrypted = set((record.get(ENCRYPTED) or {}).get("fields", []))
             if self.cipher is not None and encrypted:
@@ -94,10 +100,7 @@ class Review:
                     self.db.execute("SELECT term, rule FROM thresholds")}
 
     def save(self, thresholds: dict[str, dict]) -> dict[str, str]:
-        with self.lock:
-            self.db.execute("DELETE FROM thresholds")
-            self.db.executemany("INSERT INTO thresholds VALUES (?, ?)",
-                                [(t, json.dumps(r)) for t, r in thresholds.items()])
+        self.store_thresholds(thresholds)
         decisions = self.decisions()
         (self.output / ".harvest" / "review.json").write_text(json.dumps(
             {"thresholds": thresholds, "decisions": decisions}, indent=2, sort_keys=True),
@@ -124,11 +127,22 @@ class Review:
                 if value not in (None, ""):
                     facets[name][str(value)] = facets[name].get(str(value), 0) + 1
         return {"terms": self.terms, "facets": facets, "total": len(self.records),
-                "thresholds": self.thresholds(), "bins": BINS}
+                "thresholds": self.thresholds(), "bins": BINS, "missing": self.missing}
+
+    def store_thresholds(self, thresholds: dict[str, dict]) -> None:
+        """Every change applies at once: what the page shows is what export writes."""
+        with self.lock:
+            self.db.execute("BEGIN")
+            self.db.execute("DELETE FROM thresholds")
+            self.db.executemany("INSERT INTO thresholds VALUES (?, ?)",
+                                [(t, json.dumps(r)) for t, r in thresholds.items()])
+            self.db.execute("COMMIT")
 
     def view(self, query: dict) -> dict[str, Any]:
         filters = {k: v for k, v in (query.get("filters") or {}).items() if v not in (None, "")}
         thresholds = query.get("thresholds") or {}
+        if thresholds != self.thresholds():
+            self.store_thresholds(thresholds)
         show = query.get("show", "all")
         offset, limit = int(query.get("offset", 0)), min(int(query.get("limit", 120)), 1000)
         decisions = self.decisions()
@@ -191,10 +205,36 @@ PLACEHOLDER = (b'<svg xmlns="http://www.w3.org/2000/svg" width="256" height="256
                b'font-size="18" text-anchor="middle" fill="#666">unreadable image</text></svg>')
 
 
-def create_app(review: Review):
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
+
+
+def create_app(review: Review, token: str, port: int, allow_remote: bool = False):
+    """The page and its API. Any web page the user visits can send requests to a server
+    on localhost, and a DNS-rebinding page can even read the answers; so every request
+    must carry the token printed at start (in the URL, as Jupyter does), the Host must
+    be this machine's loopback name (unless --allow-remote), and a state-changing request
+    must be JSON (which a cross-origin form cannot send without a preflight) from the
+    page's own origin."""
     from flask import Flask, abort, jsonify, request, send_file
 
     app = Flask(__name__, static_folder=None)
+    hosts = {f"{name}:{port}" for name in LOOPBACK_NAMES}
+
+    @app.before_request
+    def guard():
+        if not allow_remote and request.host not in hosts:
+            return jsonify({"error": "wrong Host: open the address harvest review printed"}), 403
+        given = request.headers.get("X-Harvest-Token") or request.args.get("token") or ""
+        if not hmac.compare_digest(given.encode(), token.encode()):
+            return jsonify({"error": "no or wrong token: open the address harvest review "
+                                     "printed (it carries the token)"}), 403
+        if request.method == "POST":
+            origin = request.headers.get("Origin")
+            if origin is not None and origin != f"{request.scheme}://{request.host}":
+                return jsonify({"error": "cross-origin request refused"}), 403
+            if not request.is_json:
+                return jsonify({"error": "JSON only (Content-Type: application/json)"}), 415
+        return None
 
     @app.get("/")
     def page():
@@ -206,7 +246,7 @@ def create_app(review: Review):
 
     @app.post("/api/view")
     def view():
-        return jsonify(review.view(request.get_json(force=True) or {}))
+        return jsonify(review.view(request.get_json() or {}))
 
     @app.get("/api/record/<path:record_id>")
     def detail(record_id):
@@ -216,7 +256,7 @@ def create_app(review: Review):
 
     @app.post("/api/decision")
     def decide():
-        body = request.get_json(force=True) or {}
+        body = request.get_json() or {}
         if body.get("decision") not in ("keep", "reject", "none"):
             return jsonify({"error": "decision must be keep, reject or none"}), 400
         try:
@@ -227,7 +267,7 @@ def create_app(review: Review):
 
     @app.post("/api/save")
     def save():
-        body = request.get_json(force=True) or {}
+        body = request.get_json() or {}
         return jsonify(review.save(body.get("thresholds") or {}))
 
     @app.get("/thumb/<sha>")
@@ -247,21 +287,42 @@ def create_app(review: Review):
     return app
 
 
-def serve(output: Path, host: str, port: int, keyring: Keyring | None = None) -> None:
+def serve(output: Path, host: str, port: int, keyring: Keyring | None = None,
+          allow_remote: bool = False) -> None:
     from werkzeug.serving import make_server
 
+    output = output.resolve()  # Flask would resolve a relative one against its own package
+    loopback = host in ("127.0.0.1", "localhost", "::1")
+    if not loopback and not allow_remote:
+        raise UsageError(f"--host {host} would let other machines reach this harvest (and "
+                         f"its decrypted fields with --key-file); add --allow-remote if you "
+                         f"mean it")
     review = Review(output, keyring)
-    app = create_app(review)
+    token = secrets.token_urlsafe(24)
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # not one line per thumbnail
     try:
-        server = make_server(host, port, app, threaded=True)
-    except (OSError, SystemExit) as exc:
-        if isinstance(exc, OSError) and exc.errno not in (98, 48, 10048) and \
-                not isinstance(exc, socket.gaierror):
-            raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
-        raise UsageError(f"port {port} on {host} is in use; choose another with --port") from None
-    print(f"harvest review: {len(review.records)} records at http://{host}:{server.port}/ "
-          f"(Ctrl-C to stop)", flush=True)
+        # Bound here, so that a port in use is one line of ours, not Werkzeug's.
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        listener = socket.socket(family, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((host, port))
+        listener.listen(128)
+    except socket.gaierror:
+        raise UsageError(f"cannot listen on {host}: unknown address") from None
+    except OSError as exc:
+        if exc.errno in (98, 48, 10048):
+            raise UsageError(f"port {port} on {host} is in use; choose another with --port") \
+                from None
+        raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    port = listener.getsockname()[1]
+    app = create_app(review, token, port, allow_remote)
+    server = make_server(host, port, app, threaded=True, fd=listener.fileno())
+    if allow_remote and not loopback:
+        print(f"warning: harvest review listens on {host}: anyone who can reach this machine "
+              f"and has the link below can see and change the review", flush=True)
+    shown = "127.0.0.1" if loopback else host
+    print(f"harvest review: {len(review.records)} records at "
+          f"http://{shown}:{port}/?token={token} (Ctrl-C to stop)", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
