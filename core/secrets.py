@@ -18,6 +18,12 @@ CREDENTIALS_ENV = "HARVEST_CREDENTIALS"
 DEFAULT_CREDENTIALS = Path("~/.config/harvest/credentials.json")
 
 
+# Names accepted for one another: the original project's credentials.json spelled
+# Flickr "FLICKER"; people type "FLICKR".
+ALIASES = {"FLICKER_KEY": ("FLICKR_KEY",), "FLICKR_KEY": ("FLICKER_KEY",),
+           "FLICKER_SECRET": ("FLICKR_SECRET",), "FLICKR_SECRET": ("FLICKER_SECRET",)}
+
+
 def check_private_file(path: Path, what: str) -> None:
     """Refuse a secret-bearing file that others can read: it must be 0600 or stricter."""
     if os.name != "posix":
@@ -67,9 +73,11 @@ class SecretResolver:
         return self._credentials
 
     def lookup(self, name: str) -> str | None:
-        value = self.environ.get(name)
-        if not value:
-            value = self._load_credentials().get(name)
+        value = None
+        for candidate in (name, *ALIASES.get(name, ())):
+            value = self.environ.get(candidate) or self._load_credentials().get(candidate)
+            if value:
+                break
         if value:
             self._redactable = None
             self.revealed.add(value)

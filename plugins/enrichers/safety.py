@@ -8,7 +8,7 @@ with ``boxes``: each detection's class, confidence and box as fractions of the i
 width and height (``[x, y, w, h]``), so they hold for any size of the image.
 
 The model ships inside the ``nudenet`` wheel (an optional extra: ``pip install
-'harvest[safety]'``). License: the wheel's metadata says MIT, but its LICENSE file is
+'harvest-dataset[safety]'``). License: the wheel's metadata says MIT, but its LICENSE file is
 AGPL-3.0; read both before you ship a product that includes it.
 """
 
@@ -41,7 +41,7 @@ class SafetyScorer(LabelScorer):
             import nudenet  # noqa: F401
         except ImportError:
             raise OptionError("use", "the safety enricher needs NudeNet: "
-                                     "pip install 'harvest[safety]'") from None
+                                     "pip install 'harvest-dataset[safety]'") from None
 
     def open(self) -> None:
         self.config.setdefault("synonyms", None)
@@ -50,7 +50,7 @@ class SafetyScorer(LabelScorer):
             from nudenet import NudeDetector
         except ImportError:
             raise PluginConfigError(f"{self.context.name}: needs NudeNet: "
-                                    "pip install 'harvest[safety]'") from None
+                                    "pip install 'harvest-dataset[safety]'") from None
         self.detector = NudeDetector()
 
     def labels(self, images: list[bytes]) -> list[dict | Exception]:

@@ -1,7 +1,7 @@
 """``parquet``: the records as Parquet files with one fixed schema (and, optionally, the
 image bytes), readable by pyarrow, pandas, DuckDB and ``datasets.load_dataset("parquet")``.
 
-pyarrow is a large wheel, so it is an optional extra: ``pip install 'harvest[parquet]'``.
+pyarrow is a large wheel, so it is an optional extra: ``pip install 'harvest-dataset[parquet]'``.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ class ParquetSink(ShardedSink):
             import pyarrow.parquet  # noqa: F401
         except ImportError:
             raise OptionError("use", "the parquet sink needs pyarrow: "
-                                     "pip install 'harvest[parquet]'") from None
+                                     "pip install 'harvest-dataset[parquet]'") from None
 
     def build(self, documents: Iterator[dict], path: Path, shard: int) -> dict:
         import pyarrow as pa

@@ -67,7 +67,7 @@ class WikimediaSource(Source):
     options = (
         Option("contact", Str(), None, required=True,
                help="an e-mail or URL for your User-Agent, as Wikimedia's policy requires"),
-        Option("endpoint", Str(), "https://commons.wikimedia.org/w/api.php", help="API URL"),
+        Option("endpoint", Str(), "https://commons.wikimedia.org/w/api.php", help="the MediaWiki API's URL"),
         Option("categories", ListOf(Str()), None,
                help="list these categories' files instead of searching, e.g. [Macaca]"),
         Option("depth", Int(0, 10), 0, help="sub-category levels to descend into"),
