@@ -12,6 +12,7 @@ import threading
 import time
 from pathlib import Path
 
+from .crypto import DEFAULT_KEY_FILE
 from .errors import HarvestError, UsageError, disk_full
 from .recipe import Recipe, load_recipe
 from .registry import KINDS, load_registry
@@ -59,7 +60,7 @@ def _parser() -> argparse.ArgumentParser:
     credits.add_argument("--records", type=Path, help="records file (default OUTPUT/records.jsonl)")
 
     keygen = commands.add_parser("keygen", help="make a Fernet key file (mode 0600)")
-    keygen.add_argument("--key-file", type=Path, default=Path("~/.config/harvest/harvest.key"),
+    keygen.add_argument("--key-file", type=Path, default=DEFAULT_KEY_FILE,
                         help="where to write the key (default ~/.config/harvest/harvest.key)")
     keygen.add_argument("--force", action="store_true", help="allow a path inside a git work tree")
 

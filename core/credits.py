@@ -26,13 +26,20 @@ def _rows(records_path: Path):
                 f"by {author}," if author else "",
                 record.get("license") or "license unknown",
                 f"({record['license_url']})" if record.get("license_url") else "",
-                record.get("page_url") or record.get("url") or ""]))
+                _public(record.get("page_url")) or _public(record.get("url")) or ""]))
             yield {"file": (record.get("file") or {}).get("path", ""),
                    "title": record.get("title") or "", "author": author or "",
                    "license": record.get("license") or "",
                    "license_url": record.get("license_url") or "",
-                   "page_url": record.get("page_url") or record.get("url") or "",
+                   "page_url": _public(record.get("page_url")) or _public(record.get("url")) or "",
                    "attribution": line_text}
+
+
+def _public(url: str | None) -> str | None:
+    """A web address, or None: a file: URL names a path on the user's machine (their
+    user name, their folders), which must not be published in credits."""
+    return url if isinstance(url, str) and url.lower().startswith(("http://", "https://")) \
+        else None
 
 
 def write_credits(output: Path, records_path: Path | None = None) -> tuple[Path, Path, int]:

@@ -23,6 +23,9 @@ from .secrets import check_private_file
 
 ENCRYPTED = "_encrypted"
 DEFAULT_KEY_ENV = "HARVEST_KEY"
+# Where `harvest keygen` writes by default, and where every command and sink looks when
+# neither a key file nor the key's environment variable is given.
+DEFAULT_KEY_FILE = Path("~/.config/harvest/harvest.key")
 
 
 def key_id(key: bytes) -> str:
@@ -80,8 +83,12 @@ class Keyring:
         name = key_env or DEFAULT_KEY_ENV
         value = environ.get(name)
         if not value:
-            raise UsageError(f"no encryption key: set {name} or give a key file "
-                             f"(make one with `harvest keygen`)")
+            default = Path(environ.get("HOME", "~")) / DEFAULT_KEY_FILE.relative_to("~") \
+                if environ.get("HOME") else DEFAULT_KEY_FILE.expanduser()
+            if default.is_file():
+                return cls.load(default, environ=environ)
+            raise UsageError(f"no encryption key: set {name}, give a key file, or make one at "
+                             f"{DEFAULT_KEY_FILE} with `harvest keygen`")
         return cls([part.encode() for part in value.split(",") if part.strip()], f"${name}")
 
     @property

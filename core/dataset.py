@@ -153,6 +153,9 @@ def export_dataset(output: Path, destination: Path, *, fmt: str = "imagefolder",
 
     records_path = records_path or output / "records.jsonl"
     cipher = FieldCipher(keyring) if keyring else None
+    if by != "term" and not any(by in record for record in read_records(records_path)):
+        raise UsageError(f"--by {by}: no record has this field (try term, source, license, "
+                         f"country, country_code, city)")
     if destination.exists() and any(destination.iterdir()):
         raise UsageError(f"{destination}: exists and is not empty")
     destination.mkdir(parents=True, exist_ok=True)

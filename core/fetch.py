@@ -316,6 +316,12 @@ class Fetcher:
                 response.close()  # the rest is not read: the connection cannot be reused
                 break
         response.release_conn()
+        declared = response.headers.get("Content-Length", "")
+        cut = declared.isdigit() and len(body) < min(int(declared), MAX_FILE_BYTES)
+        if DEADLINES.passed() is not None or cut:
+            # A file cut off (the watchdog closed a dripping socket) is not an empty one:
+            # an empty robots.txt would allow everything.
+            return None, b"cut off before its end"
         return response.status, body[:MAX_FILE_BYTES]
 
     def abandon(self) -> None:

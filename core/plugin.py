@@ -100,6 +100,11 @@ class Source(Plugin):
         """Records wanted per query, when the source's options say (else the run's limit)."""
         return None
 
+    @classmethod
+    def needs_terms(cls, options: Mapping[str, Any]) -> bool:
+        """Whether a recipe must have terms for this source, configured so."""
+        return cls.uses_terms is not False
+
     def records(self, query: Query | None) -> Iterator[Record]:
         """Records for ``query`` (for the part of it in ``query.part``, when set)."""
         raise NotImplementedError

@@ -404,7 +404,9 @@ def load_recipe(path: str | Path, registry: Registry, *, environ: Mapping[str, s
     name = checker.value(Str(), data.get("name") or path.stem, ("name",), base_dir)
     language = checker.value(Str(LANGUAGE.pattern, "a language code such as en"),
                              data.get("language", "en"), ("language",), base_dir)
-    terms = _parse_terms(checker, data.get("terms"), language)
+    # Terms may be left out when no source searches by them (folders, URL lists).
+    terms = (_parse_terms(checker, data.get("terms"), language)
+             if data.get("terms") is not None else None)
     if output is not None:
         output_dir = Path(output).resolve()
     elif data.get("output") is not None:
@@ -418,6 +420,13 @@ def load_recipe(path: str | Path, registry: Registry, *, environ: Mapping[str, s
     sources = _parse_plugins(checker, "sources", data.get("sources"), registry, base_dir)
     if not sources:
         raise checker.fail(("sources",), "expected at least one source, e.g. [{use: flickr}]")
+    if terms is None:
+        searching = [spec.label for spec in sources if spec.cls.needs_terms(spec.options)]
+        if searching:
+            verb = "searches" if len(searching) == 1 else "search"
+            raise checker.fail(("terms",), f"required: {', '.join(searching)} {verb} by terms "
+                                           f"(e.g. terms: [monkey, {{en: cage, ja: 檻}}])")
+        terms = []
     enrichers = _parse_plugins(checker, "enrichers", data.get("enrichers"), registry, base_dir)
     sinks = _parse_plugins(checker, "sinks", data.get("sinks"), registry, base_dir)
     if not sinks:

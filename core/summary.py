@@ -165,8 +165,9 @@ class Progress:
         if self.bar is not None:
             self.bar.update(stored - self.shown)
             self.shown = stored
-            self.bar.set_postfix(found=self.summary.total("found"),
-                                 failed=self.summary.total("failed") + self.summary.total("rejected"),
+            # As text: tqdm writes numbers of 5 digits and more as 2e+4.
+            failed = self.summary.total("failed") + self.summary.total("rejected")
+            self.bar.set_postfix(found=f"{self.summary.total('found'):,}", failed=f"{failed:,}",
                                  refresh=False)
         elif time.monotonic() - self.last_line >= self.interval:
             self.last_line = time.monotonic()

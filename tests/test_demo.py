@@ -54,3 +54,33 @@ def test_the_demo_as_a_training_set_in_every_format(tmp_path, harvest):
                                    cache_dir=str(tmp_path / "cache"))
     assert loaded.num_rows == len({r["file"]["sha256"] for r in records})
     assert loaded[0]["image"].size == (224, 224)
+
+
+def test_first_hour_edges(tmp_path, harvest, monkeypatch):
+    """Small things a new user hit: export --by with a field no record has, credits
+    naming file:/// paths of the user's machine, progress showing 2e+4."""
+    import io
+
+    output = tmp_path / "demo"
+    assert harvest("run", REPO / "configs" / "demo.yml", "--output", output,
+                   "--no-progress")[0] == 0
+    status, _, err = harvest("export", output, tmp_path / "x", "--by", "bogus")
+    assert status == 2 and "--by bogus: no record has this field" in err
+    assert not (tmp_path / "x").exists()
+    assert harvest("credits", output)[0] == 0
+    credits = (output / "CREDITS.md").read_text() + (output / "credits.csv").read_text()
+    assert "file://" not in credits and str(REPO) not in credits
+
+    from harvest.core.summary import Progress, Summary
+
+    summary = Summary("big")
+    for _ in range(23_456):
+        summary.count("urls", None, "found")
+    screen = io.StringIO()
+    screen.isatty = lambda: True
+    monkeypatch.setattr("sys.stderr", screen)
+    progress = Progress(summary)
+    progress.update()
+    progress.bar.refresh()
+    progress.close()
+    assert "found=23,456" in screen.getvalue() and "e+" not in screen.getvalue()

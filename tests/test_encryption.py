@@ -65,7 +65,7 @@ def test_encrypted_run_leaves_no_personal_field_in_clear_and_decrypts_exactly(
     key_id = Keyring.load(key_file).current_id
     assert all(r[ENCRYPTED]["key_id"] == key_id for r in encrypted.values())
     assert set(encrypted["flickr:1001"][ENCRYPTED]["fields"]) == \
-        {"owner", "owner_name", "path_alias", "exif", "exif_gps"}
+        {"owner", "owner_name", "path_alias", "exif", "exif_gps", "latitude", "longitude"}
 
     decrypted = tmp_path / "decrypted.jsonl"
     status, _, err = harvest("decrypt", secret_output / "records.jsonl", "--key-file", key_file,
@@ -191,3 +191,25 @@ def test_export_is_an_image_folder_tree_with_a_reproducible_manifest(
     rows = [json.loads(line) for line in (listing / "manifest.jsonl").open()]
     assert not list(listing.rglob("*.jpg"))
     assert all((listing / row["path"]).is_file() for row in rows)
+
+
+def test_the_default_key_file_is_the_default_everywhere(flickr, recipe_file, harvest, tmp_path,
+                                                        monkeypatch):
+    """keygen writes ~/.config/harvest/harvest.key; the sinks, validate and decrypt find it
+    there without being told."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("HARVEST_KEY", raising=False)
+    output = tmp_path / "out"
+    recipe = recipe_file(flickr_recipe(flickr.endpoint, output)
+                         + "sinks: [{use: jsonl, options: {personal_fields: encrypt}}]\n")
+    status, _, err = harvest("validate", recipe)
+    assert status == 2 and "harvest keygen" in err and ".config/harvest/harvest.key" in err
+    assert harvest("keygen")[0] == 0
+    assert (tmp_path / "home" / ".config" / "harvest" / "harvest.key").is_file()
+    flickr.photos = monkey_photos(2, ownername=OWNER)
+    assert harvest("validate", recipe)[0] == 0
+    assert harvest("run", recipe, "--no-progress")[0] == 0
+    assert OWNER.encode() not in (output / "records.jsonl").read_bytes()
+    status, _, err = harvest("decrypt", output / "records.jsonl", "-o", tmp_path / "clear.jsonl")
+    assert status == 0, err
+    assert OWNER in (tmp_path / "clear.jsonl").read_text(encoding="utf-8")

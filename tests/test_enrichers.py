@@ -129,8 +129,11 @@ def test_exif_is_personal_and_omitted_by_default(tmp_path, recipe_file, harvest)
     assert harvest("run", recipe, "--no-progress")[0] == 0
     [record] = read_jsonl(output / "records.jsonl")
     assert "exif" not in record and "exif_gps" not in record
-    assert record["omitted_personal_fields"] == ["exif", "exif_gps"]
-    assert b"Test Camera Owner" not in (output / "records.jsonl").read_bytes()
+    # The position copied from the camera's GPS is personal too.
+    assert record["omitted_personal_fields"] == ["exif", "exif_gps", "latitude", "longitude"]
+    assert "latitude" not in record and record["geo_origin"] == "exif"
+    data = (output / "records.jsonl").read_bytes()
+    assert b"Test Camera Owner" not in data and b"14.599" not in data and b"120.98" not in data
 
 
 def test_philippines_bbox_keeps_sandakan_but_the_country_filter_drops_it(flickr, recipe_file,

@@ -80,6 +80,9 @@ CASES = {
         ["recipe.yml:4", "sorces", "unknown key"]),
     "no terms": (
         "name: x\noutput: out\n" + GOOD_SOURCE,
+        ["terms", "required: flickr searches by terms"]),
+    "empty terms": (
+        "name: x\nterms: []\noutput: out\n" + GOOD_SOURCE,
         ["terms", "expected a non-empty list of terms"]),
     "bad language code": (
         "name: x\nterms:\n  - {English: monkey}\noutput: out\n" + GOOD_SOURCE,

@@ -142,3 +142,18 @@ def test_a_folder_splits_into_runs_of_files_that_give_the_whole_folder(tmp_path)
     assert sum(1 for part, _ in parts for folder, _, _ in part if folder == "a") >= 3
     json.dumps([part for part, _ in parts])  # parts travel to cluster workers as JSON
     assert _source(FolderSource, tmp_path, path=str(root)).partitions(None, None) == [(None, None)]
+
+
+def test_a_folder_recipe_needs_no_terms(recipe_file, harvest, tmp_path):
+    from imagegen import make_image
+
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "a.jpg").write_bytes(make_image(3))
+    recipe = recipe_file(f"""
+output: {tmp_path / "out"}
+sources: [{{use: folder, options: {{path: photos}}}}]
+""")
+    status, out, err = harvest("validate", recipe)
+    assert status == 0 and "0 terms" in out, err
+    assert harvest("run", recipe, "--no-progress")[0] == 0
+    assert len(read_jsonl(tmp_path / "out" / "records.jsonl")) == 1

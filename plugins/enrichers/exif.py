@@ -220,6 +220,9 @@ class ExifEnricher(Enricher):
                 if self.config["position_from_exif"] and record.fields.get("latitude") is None:
                     record.fields.update(latitude=gps["latitude"], longitude=gps["longitude"],
                                          geo_origin="exif")
+                    # Where a camera was is personal: so is the position copied from it (the
+                    # country and city the geocoder derives from it are coarse, and stay).
+                    record.personal.update({"latitude", "longitude"})
             if self.config["strip_from_file"]:
                 self._strip(record, path)
 

@@ -80,7 +80,7 @@ class LicenseEnricher(Enricher):
             license_id = record.fields.get("license")
             if not license_id:
                 if not self.config["keep_unknown"]:
-                    record.drop("license unknown")
+                    record.drop("license unknown (keep_unknown: true keeps such records)")
                     continue
             elif not self.allowed(license_id):
                 record.drop(f"license {license_id} not allowed")

@@ -90,6 +90,10 @@ class WikimediaSource(Source):
     def uses_terms(self) -> bool:  # type: ignore[override]
         return not self.config["categories"]
 
+    @classmethod
+    def needs_terms(cls, options) -> bool:
+        return not options.get("categories")
+
     @property
     def query_limit(self) -> int | None:
         return self.config["count"]
