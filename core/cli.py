@@ -47,6 +47,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--verify-sinks", action="store_true",
                      help="first check that every sink has every record stored earlier, and "
                           "write again those it lacks")
+    run.add_argument("--reconsider", metavar="STATUSES",
+                     help="records that ended dropped, rejected or failed (comma-separated) "
+                          "go through the pipeline again, e.g. after changing the recipe")
     run.add_argument("--cluster", metavar="ADDRESS",
                      help="run on this Dask cluster (its scheduler, e.g. tcp://host:8786)")
     run.add_argument("--local-workers", type=int, metavar="N",
@@ -96,6 +99,11 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--all", action="store_true",
                         help="include records marked keep: false or rejected in review")
     export.add_argument("--copy", action="store_true", help="copy files instead of hard links")
+    export.add_argument("--recheck-opt-outs", action="store_true",
+                        help="ask each image's host again (robots.txt, TDMRep, X-Robots-Tag) "
+                             "and leave out those that opted out since the harvest")
+    export.add_argument("--allow-private-addresses", action="store_true",
+                        help="with --recheck-opt-outs, let hosts on private addresses be asked")
     _key_arguments(export, required=False)
 
     review = commands.add_parser("review", help="a local web page to choose thresholds and "
@@ -443,18 +451,39 @@ def _cmd_export(args) -> int:
             raise UsageError(f"{args.destination}: exists and is not empty")
         remote.check()
     with tempfile.TemporaryDirectory(prefix="harvest-export-") as scratch:
+        recheck = None
+        if args.recheck_opt_outs:
+            from .fetch import Fetcher
+            from .recipe import RunSettings
+
+            # A fresh cache: the hosts are asked now, not as they answered at harvest time.
+            (Path(scratch) / "state" / "tmp").mkdir(parents=True)
+            settings = RunSettings(allow_private_addresses=args.allow_private_addresses,
+                                   respect_noindex=False)
+            recheck = Fetcher.for_run(settings, Path(scratch) / "state" / "tmp").opted_out
         # A remote export is written here first (copies, since links cannot leave the
         # machine), then put there file by file.
         local = Path(scratch) / "dataset" if remote else Path(args.destination)
         counts = export_dataset(args.output, local, fmt=args.format,
                                 records_path=args.records, by=args.by,
                                 keyring=_keyring(args, required=False),
-                                only_kept=not args.all, copy=args.copy)
+                                only_kept=not args.all, copy=args.copy, recheck=recheck)
         if remote is not None:
             remote.put_tree(local)
     print(f"{_count(sum(counts.values()), 'image')} in "
           f"{_count(len(counts), 'class')} exported to {args.destination}")
     return 0
+
+
+def _reconsider(text: str | None) -> set[str]:
+    if not text:
+        return set()
+    statuses = {part.strip() for part in text.split(",") if part.strip()}
+    unknown = statuses - {"dropped", "rejected", "failed"}
+    if unknown or not statuses:
+        raise UsageError(f"--reconsider {text}: expected dropped, rejected and/or failed, "
+                         f"comma-separated")
+    return statuses
 
 
 def _count(n: int, noun: str) -> str:
@@ -550,8 +579,9 @@ def _main(argv: list[str] | None = None) -> int:
             if args.limit is not None:
                 raise UsageError("--limit works on one machine only; on a cluster set "
                                  "run.limit_per_term or a source's count in the recipe")
-            if args.verify_sinks:
-                raise UsageError("--verify-sinks works on one machine only: run it without "
+            if args.verify_sinks or args.reconsider:
+                option = "--verify-sinks" if args.verify_sinks else "--reconsider"
+                raise UsageError(f"{option} works on one machine only: run it without "
                                  "--cluster/--local-workers, then go on with the cluster")
             from .cluster import ClusterRun
 
@@ -566,7 +596,8 @@ def _main(argv: list[str] | None = None) -> int:
             stop = threading.Event()
             StopSignals(stop).install()
             summary = Engine(recipe, limit=args.limit, progress=not args.no_progress,
-                             verify_sinks=args.verify_sinks, stop_requested=stop).run()
+                             verify_sinks=args.verify_sinks, stop_requested=stop,
+                             reconsider=_reconsider(args.reconsider)).run()
         print(summary.render())
         if summary.error:
             print(f"harvest: error: {printable(summary.error, 2000)}", file=sys.stderr)

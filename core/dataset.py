@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -16,6 +17,8 @@ from .crypto import ENCRYPTED, FieldCipher, Keyring
 from .curation import load_saved_review, set_aside_ids, verdict
 from .errors import UsageError
 from .storage import safe_component
+
+log = logging.getLogger("harvest.export")
 
 
 def read_records(path: Path) -> Iterator[dict]:
@@ -135,7 +138,7 @@ MANIFEST_COLUMNS = ("path", "class", "id", "source", "term", "lang", "sha256", "
 def export_dataset(output: Path, destination: Path, *, fmt: str = "imagefolder",
                    records_path: Path | None = None, by: str = "term",
                    keyring: Keyring | None = None, only_kept: bool = True,
-                   copy: bool = False) -> dict[str, int]:
+                   copy: bool = False, recheck=None) -> dict[str, int]:
     """A dataset from a harvest, streamed in the records' order (so the same inputs give
     byte-identical manifests):
 
@@ -183,6 +186,11 @@ def export_dataset(output: Path, destination: Path, *, fmt: str = "imagefolder",
             source = output / file_info["path"]
             if not source.is_file():
                 continue
+            if recheck is not None and (reason := recheck(record.get("url") or "")):
+                counts.setdefault("\0opted out", 0)
+                counts["\0opted out"] += 1
+                log.info("%s left out: %s", record.get("id"), reason)
+                continue
             seen.add(sha)
             if cipher is not None:
                 record = cipher.decrypt(record)
@@ -223,6 +231,9 @@ def export_dataset(output: Path, destination: Path, *, fmt: str = "imagefolder",
                     "sha256": sha}, ensure_ascii=False) + "\n")
             counts[folder] = counts.get(folder, 0) + 1
             tally.add(record, folder)
+    opted_out = counts.pop("\0opted out", 0)
+    if opted_out:
+        log.warning("%d image(s) left out: their hosts opted out since the harvest", opted_out)
     write_credits(destination, kept_path)
     kept_path.unlink()
     write_card(destination, output.resolve().name, tally, fmt=fmt,

@@ -54,11 +54,13 @@ class Engine:
     def __init__(self, recipe: Recipe, *, limit: int | None = None, progress: bool = True,
                  shards: list[Shard] | None = None, part_dir: Path | None = None,
                  coordinator: Coordinator | None = None, verify_sinks: bool = False,
-                 stop_requested: threading.Event | None = None):
+                 stop_requested: threading.Event | None = None,
+                 reconsider: set[str] | None = None):
         """``shards``: run only these (a cluster worker's share), keeping run state and
         the parts of unshared sinks in ``part_dir``; images still go to the output folder."""
         self.recipe = recipe
         self.verify_sinks = verify_sinks
+        self.reconsider = reconsider or set()
         self.settings = recipe.run
         self.limit = limit
         self.shards = shards
@@ -111,6 +113,10 @@ class Engine:
         self.state = RunState(self.state_dir / "state.sqlite", self.resolver.redact)
         self.placer = ImagePlacer(self.images_root, self.state, self.coordinator, self.summary)
         run_id = self.state.start_run()
+        if self.reconsider:
+            count = self.state.reconsider(self.reconsider)
+            log.info("%d record(s) %s before: reconsidered", count,
+                     " or ".join(sorted(self.reconsider)))
         if self.recipe.retain_days and self.part_dir is None:
             past = self.state.stored_before(time.time() - self.recipe.retain_days * 86400)
             if past:

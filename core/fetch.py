@@ -324,6 +324,40 @@ class Fetcher:
             return None, b"cut off before its end"
         return response.status, body[:MAX_FILE_BYTES]
 
+    def opted_out(self, url: str) -> str | None:
+        """Why the image's host now refuses it (robots.txt, TDMRep, X-Robots-Tag), asked
+        afresh: ``harvest export --recheck-opt-outs``. None when it may still be used."""
+        if urlsplit(url).scheme.lower() not in ("http", "https"):
+            return None
+        DEADLINES.start(self.deadline, group=self)
+        try:
+            if not self.allow_private:
+                refuse_private(url)
+            if self.opt_outs is not None:
+                self.opt_outs.check(url)
+            self.http.limiter.wait(urlsplit(url).netloc)
+            retries = urllib3.Retry(total=2, redirect=5, status=0, raise_on_status=False)
+            # GET, headers only (the body is not read): HEAD is not served everywhere.
+            response = self.http.pool(url).request("GET", url, retries=retries,
+                                                   preload_content=False)
+            headers = response.headers
+            response.close()
+            response.release_conn()
+            if self.respect_opt_outs and (directive := ai_opt_out(headers.get("X-Robots-Tag", ""))):
+                return f"opted out of AI use: X-Robots-Tag {directive}"
+            if self.respect_tdmrep and tdm_reserved(headers):
+                return "TDM rights reserved: tdm-reservation header"
+            if self.respect_noindex and (directive := noindex(headers.get("X-Robots-Tag", ""),
+                                                               self.agent)):
+                return f"opted out of indexing: X-Robots-Tag {directive}"
+        except RecordError as exc:
+            return exc.reason if exc.permanent else None  # unreachable now: not an opt-out
+        except (urllib3.exceptions.HTTPError, OSError):
+            return None
+        finally:
+            DEADLINES.finish()
+        return None
+
     def abandon(self) -> None:
         """Ends every download of this fetcher now (the run is stopping)."""
         DEADLINES.expire_all(group=self)

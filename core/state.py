@@ -294,7 +294,6 @@ class RunState:
             self._recent.pop(record_id, None)
 
     @_writes
-    @_writes
     def take_down(self, record_ids: set[str], sha256s: set[str], reason: str,
                   status: str = "taken_down") -> None:
         """Marks records taken down (final: never fetched again) and their pictures
@@ -312,6 +311,17 @@ class RunState:
                                 [(sha, reason, now) for sha in sha256s])
             self.db.executemany("DELETE FROM files WHERE sha256 = ?", [(sha,) for sha in sha256s])
         self.tombstones |= sha256s
+
+    @_writes
+    def reconsider(self, statuses: set[str]) -> int:
+        """Forgets the records that ended with these statuses (dropped, rejected, failed),
+        so that the sources' next yield of them goes through the pipeline again: after
+        the recipe changed, their old verdict may not hold."""
+        self.commit()
+        marks = ",".join("?" * len(statuses))
+        with self.db:
+            return self.db.execute(f"DELETE FROM records WHERE status IN ({marks})",
+                                   sorted(statuses)).rowcount
 
     def stored_before(self, cutoff: float) -> int:
         """How many stored records were last written before ``cutoff`` (a Unix time)."""

@@ -87,3 +87,34 @@ def test_families_match_any_version(license_id, allowed, tmp_path):
                                Context("t", tmp_path, tmp_path, [], None, logging.getLogger("t")))
     enricher.open()
     assert enricher.allowed(license_id) is allowed
+
+
+def test_reconsider_after_changing_the_recipe(recipe_file, harvest, tmp_path):
+    """Records dropped under the old recipe are skipped by a re-run, unless asked to be
+    reconsidered; what was stored stays stored once."""
+    from imagegen import make_image
+
+    (tmp_path / "photos").mkdir()
+    for i in range(3):
+        (tmp_path / "photos" / f"{i}.jpg").write_bytes(make_image(40 + i))
+    output = tmp_path / "out"
+
+    def recipe(keep_unknown: bool):
+        return recipe_file(f"""
+output: {output}
+sources: [{{use: folder, options: {{path: photos}}}}]
+enrichers: [{{use: license, options: {{keep_unknown: {str(keep_unknown).lower()}}}}}]
+""")
+
+    assert harvest("run", recipe(False), "--no-progress")[0] == 0
+    assert not (output / "records.jsonl").exists() or not (output / "records.jsonl").read_text()
+    assert harvest("run", recipe(True), "--no-progress")[0] == 0
+    assert not (output / "records.jsonl").exists() or not (output / "records.jsonl").read_text()
+    status, out, err = harvest("run", recipe(True), "--no-progress", "--reconsider", "dropped")
+    assert status == 0, err
+    ids = [r["id"] for r in read_jsonl(output / "records.jsonl")]
+    assert len(ids) == len(set(ids)) == 3
+    assert harvest("run", recipe(True), "--no-progress", "--reconsider", "dropped")[0] == 0
+    assert len(read_jsonl(output / "records.jsonl")) == 3
+    status, _, err = harvest("run", recipe(True), "--reconsider", "done")
+    assert status == 2 and "--reconsider done: expected dropped, rejected" in err

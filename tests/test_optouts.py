@@ -7,6 +7,7 @@ import json
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 from conftest import read_jsonl
@@ -148,3 +149,22 @@ def test_noindex_when_asked_and_robots_off_with_a_warning(host, harvest, recipe_
     assert status == 0
     assert stored == {"/a.jpg"} and "opted out of indexing: X-Robots-Tag noindex" in out
     assert "respect_robots is false" in err and host.requests("/robots.txt") == 0
+
+
+def test_export_rechecks_opt_outs_made_since_the_harvest(host, harvest, recipe_file, tmp_path):
+    paths = ["/a.jpg", "/b.jpg", "/c.jpg", "/d.jpg"]
+    status, _, err, stored = run(harvest, recipe_file, tmp_path, paths, host)
+    assert status == 0 and len(stored) == 4, err
+    # Since then: robots.txt disallows b, c's server says tdm-reservation, d says noai.
+    host.robots = (200, "User-agent: harvest\nDisallow: /b.jpg\n")
+    host.headers = {"/c.jpg": {"tdm-reservation": "1"}, "/d.jpg": {"X-Robots-Tag": "noai"}}
+    output = tmp_path / "out"
+    status, out, err = harvest("export", output, tmp_path / "plain")
+    assert status == 0 and "4 images" in out
+    status, out, err = harvest("export", output, tmp_path / "rechecked", "--recheck-opt-outs",
+                               "--allow-private-addresses")
+    assert status == 0 and "1 image in 1 class" in out, out + err
+    assert "3 image(s) left out: their hosts opted out since the harvest" in err
+    kept = [r for r in read_jsonl(output / "records.jsonl") if r["url"].endswith("/a.jpg")]
+    assert [p.name for p in (tmp_path / "rechecked").rglob("*.jpg")] == \
+        [Path(kept[0]["file"]["path"]).name]
