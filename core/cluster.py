@@ -200,6 +200,21 @@ class ShardJob:
     run: str
     shard: Shard
     part_dir: str
+    tombstones: tuple[str, ...] = ()  # content taken down (harvest takedown): never stored
+
+
+def _tombstones(state: Path) -> list[str]:
+    """The content hashes taken down from this output (the records are claimed as the
+    output's own by the preload, so no shard fetches them again)."""
+    if not state.exists():
+        return []
+    db = sqlite3.connect(f"file:{state}?mode=ro", uri=True)
+    try:
+        return [row[0] for row in db.execute("SELECT sha256 FROM tombstones")]
+    except sqlite3.Error:
+        return []  # a state from before takedowns existed
+    finally:
+        db.close()
 
 
 def run_shard(job: ShardJob) -> dict:
@@ -224,7 +239,7 @@ def run_shard(job: ShardJob) -> dict:
         if coordinator.report([]):  # the client stopped the run before this shard began
             return {"shard": job.shard.key, "summary": Summary(job.recipe.name).to_dict()}
         engine = Engine(job.recipe, progress=False, shards=[job.shard], part_dir=part_dir,
-                        coordinator=coordinator)
+                        coordinator=coordinator, tombstones=set(job.tombstones))
         summary = engine.run()
         try:
             engine.report_progress()
@@ -368,9 +383,11 @@ class ClusterRun:
 
     def _execute(self, client: Client, shards: list[Shard], engine) -> None:
         recipe = _portable(self.recipe)
+        tombstones = tuple(_tombstones(self.output / ".harvest" / "state.sqlite"))
         futures = {}
         for shard in shards:
-            job = ShardJob(recipe, self.run_id, shard, str(self.output / SHARDS_DIR / shard.key))
+            job = ShardJob(recipe, self.run_id, shard, str(self.output / SHARDS_DIR / shard.key),
+                           tombstones)
             future = client.submit(run_shard, job, key=f"harvest-{shard.key}-{uuid.uuid4().hex[:8]}",
                                    pure=False)
             futures[future] = shard

@@ -55,12 +55,13 @@ class Engine:
                  shards: list[Shard] | None = None, part_dir: Path | None = None,
                  coordinator: Coordinator | None = None, verify_sinks: bool = False,
                  stop_requested: threading.Event | None = None,
-                 reconsider: set[str] | None = None):
+                 reconsider: set[str] | None = None, tombstones: set[str] | None = None):
         """``shards``: run only these (a cluster worker's share), keeping run state and
         the parts of unshared sinks in ``part_dir``; images still go to the output folder."""
         self.recipe = recipe
         self.verify_sinks = verify_sinks
         self.reconsider = reconsider or set()
+        self.tombstones = tombstones or set()  # a cluster shard's copy of the output's
         self.settings = recipe.run
         self.limit = limit
         self.shards = shards
@@ -113,6 +114,7 @@ class Engine:
         self.state = RunState(self.state_dir / "state.sqlite", self.resolver.redact)
         self.placer = ImagePlacer(self.images_root, self.state, self.coordinator, self.summary)
         run_id = self.state.start_run()
+        self.state.tombstones |= self.tombstones
         if self.reconsider:
             count = self.state.reconsider(self.reconsider)
             log.info("%d record(s) %s before: reconsidered", count,

@@ -334,3 +334,26 @@ def test_interrupted_cluster_run_resumes_without_duplicates(flickr, tmp_path):
     records = stored(tmp_path / "out")
     assert {r["id"] for r in records} == {f"flickr:{p.id}" for p in flickr.photos}
     check_output(records, tmp_path / "out")
+
+
+def test_a_takedown_holds_on_a_cluster(flickr, recipe_file, harvest, tmp_path, dask_cluster):
+    """Taken down on one machine: a cluster run fetches neither the record nor the same
+    picture under another id."""
+    flickr.photos = cluster_photos(12)
+    output = tmp_path / "out"
+    recipe = recipe_file(cluster_recipe(flickr, output, shard_size=4))
+    assert harvest("run", recipe, "--cluster", dask_cluster.scheduler_address,
+                   "--no-progress")[0] == 0
+    gone = next(r for r in stored(output) if not r.get("duplicate_of"))
+    picture = (output / gone["file"]["path"]).read_bytes()
+    status, _, err = harvest("takedown", recipe, "--source-id", gone["id"])
+    assert status == 0, err
+    flickr.photos.append(FakePhoto(id="777777", title="monkey copy", tags="monkey",
+                                   dateupload=1_500_000_000 + 3 * 86_400,
+                                   longitude=BBOX[0] + 1, latitude=BBOX[1] + 1, image=picture))
+    status, out, err = harvest("run", recipe, "--cluster", dask_cluster.scheduler_address,
+                               "--no-progress")
+    assert status == 0, err
+    ids = {r["id"] for r in stored(output)}
+    assert gone["id"] not in ids and "flickr:777777" not in ids
+    assert "taken down" in out
