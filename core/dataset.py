@@ -87,48 +87,59 @@ def rotation(old: Keyring, new: Keyring):
 
 
 def filter_jsonl(path: Path, drop: set[str]) -> int:
-    """Removes the records with these ids from a JSONL file: a new file is written beside
-    it and renamed over, so a crash leaves the old one or the new one, never half."""
-    removed = 0
-    handle, temp_name = tempfile.mkstemp(dir=path.parent, suffix=".takedown")
-    try:
-        with os.fdopen(handle, "wb") as out, path.open("rb") as source:
-            for line in source:
-                try:
-                    record_id = json.loads(line).get("id")
-                except (ValueError, AttributeError):
-                    record_id = None
-                if record_id in drop:
-                    removed += 1
-                    continue
-                out.write(line)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
-    return removed
+    """Removes the records with these ids from a JSONL file (``harvest takedown``)."""
+    def keep(line: bytes) -> bool:
+        try:
+            return json.loads(line).get("id") not in drop
+        except (ValueError, AttributeError):
+            return True  # not a record: not ours to remove
+    return _replace_lines(path, lambda line: line if keep(line) else None)
 
 
 def rewrite_jsonl(path: Path, rotate) -> int:
-    """Re-encrypts a JSONL file by writing a new one beside it and renaming it over."""
-    changed = 0
-    handle, temp_name = tempfile.mkstemp(dir=path.parent, suffix=".rekey")
+    """Re-encrypts a JSONL file: ``rotate(record)`` gives the new record, or None to keep
+    it as it is. Returns how many changed."""
+    changed = lines = 0
+
+    def rotated(line: bytes) -> bytes | None:
+        nonlocal changed, lines
+        lines += 1
+        if not line.strip():
+            return None  # blank lines go
+        try:
+            record = json.loads(line)
+        except ValueError:
+            raise UsageError(f"{path}:{lines}: not a JSON line") from None
+        new = rotate(record)
+        if new is None:
+            return line
+        changed += 1
+        return (json.dumps(new, ensure_ascii=False) + "\n").encode()
+    _replace_lines(path, rotated)
+    return changed
+
+
+def _replace_lines(path: Path, transform) -> int:
+    """Writes ``transform(line)`` for each line (None leaves it out) to a new file beside
+    ``path`` and renames it over, so a crash leaves the old file or the new one, never
+    half. Returns how many lines were left out."""
+    left_out = 0
+    handle, temp_name = tempfile.mkstemp(dir=path.parent, suffix=".rewrite")
     try:
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
-            for record in read_records(path):
-                rotated = rotate(record)
-                if rotated is not None:
-                    changed += 1
-                out.write(json.dumps(rotated or record, ensure_ascii=False) + "\n")
+        with os.fdopen(handle, "wb") as out, path.open("rb") as source:
+            for line in source:
+                result = transform(line)
+                if result is None:
+                    left_out += 1
+                    continue
+                out.write(result)
             out.flush()
             os.fsync(out.fileno())
         os.replace(temp_name, path)
     except BaseException:
         Path(temp_name).unlink(missing_ok=True)
         raise
-    return changed
+    return left_out
 
 
 MANIFEST_COLUMNS = ("path", "class", "id", "source", "term", "lang", "sha256", "width", "height",
