@@ -343,19 +343,23 @@ class Fetcher:
             headers = response.headers
             response.close()
             response.release_conn()
-            if self.respect_opt_outs and (directive := ai_opt_out(headers.get("X-Robots-Tag", ""))):
-                return f"opted out of AI use: X-Robots-Tag {directive}"
-            if self.respect_tdmrep and tdm_reserved(headers):
-                return "TDM rights reserved: tdm-reservation header"
-            if self.respect_noindex and (directive := noindex(headers.get("X-Robots-Tag", ""),
-                                                               self.agent)):
-                return f"opted out of indexing: X-Robots-Tag {directive}"
+            return self._header_opt_out(headers)
         except RecordError as exc:
             return exc.reason if exc.permanent else None  # unreachable now: not an opt-out
         except (urllib3.exceptions.HTTPError, OSError):
             return None
         finally:
             DEADLINES.finish()
+
+    def _header_opt_out(self, headers) -> str | None:
+        """The opt-out an image response's headers declare, among those the run obeys."""
+        robots_tag = headers.get("X-Robots-Tag", "")
+        if self.respect_opt_outs and (directive := ai_opt_out(robots_tag)):
+            return f"opted out of AI use: X-Robots-Tag {directive}"
+        if self.respect_tdmrep and tdm_reserved(headers):
+            return "TDM rights reserved: tdm-reservation header"
+        if self.respect_noindex and (directive := noindex(robots_tag, self.agent)):
+            return f"opted out of indexing: X-Robots-Tag {directive}"
         return None
 
     def abandon(self) -> None:
@@ -402,16 +406,9 @@ class Fetcher:
             raise RecordError(f"more than {MAX_REDIRECTS} redirects")
         clean = False
         try:
-            if self.respect_opt_outs:
-                opt_out = ai_opt_out(response.headers.get("X-Robots-Tag", ""))
-                if opt_out:
-                    raise RecordError(f"opted out of AI use: X-Robots-Tag {opt_out}")
-            if self.respect_tdmrep and tdm_reserved(response.headers):
-                raise RecordError("TDM rights reserved: tdm-reservation header")
-            if self.respect_noindex:
-                directive = noindex(response.headers.get("X-Robots-Tag", ""), self.agent)
-                if directive:
-                    raise RecordError(f"opted out of indexing: X-Robots-Tag {directive}")
+            opted_out = self._header_opt_out(response.headers)
+            if opted_out:
+                raise RecordError(opted_out)
             if response.status != 200:
                 permanent = response.status in PERMANENT_STATUSES
                 response.drain_conn()  # error pages are small; the connection stays usable

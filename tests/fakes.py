@@ -466,3 +466,30 @@ class FakeBing(Served):
                            "thumbnailUrl": r["murl"] + "?thumb", "width": r.get("w", 640),
                            "height": r.get("h", 480), "encodingFormat": "jpeg",
                            "datePublished": "2024-05-01T10:00:00.0000000Z"} for r in chunk]}
+
+
+class QuietHandler(BaseHTTPRequestHandler):
+    """A request handler for the tests' small servers: one call per reply, no log lines."""
+
+    def reply(self, status: int, body: bytes = b"", content_type: str = "text/plain",
+              headers: dict | None = None) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def reply_json(self, body, status: int = 200, headers: dict | None = None) -> None:
+        self.reply(status, json.dumps(body).encode(), "application/json", headers)
+
+    def log_message(self, *args):
+        pass
+
+
+def serve_in_thread(handler: type[BaseHTTPRequestHandler]) -> tuple[ThreadingHTTPServer, str]:
+    """A threading HTTP server on a free 127.0.0.1 port, and its base URL."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}"

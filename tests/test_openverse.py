@@ -4,13 +4,11 @@
 
 from __future__ import annotations
 
-import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
 from conftest import read_jsonl
+from fakes import QuietHandler, serve_in_thread
 from imagegen import make_image
 
 
@@ -21,57 +19,40 @@ class FakeOpenverse:
         self.tokens_issued = 0
         fake = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(QuietHandler):
             def do_POST(self):  # noqa: N802
                 body = parse_qs(self.rfile.read(int(self.headers["Content-Length"])).decode())
                 if urlsplit(self.path).path != "/v1/auth_tokens/token/":
-                    return self._json(404, {})
+                    return self.reply_json({}, 404)
                 if body.get("client_secret") != ["s3cret"]:
-                    return self._json(401, {"error": "invalid_client"})
+                    return self.reply_json({"error": "invalid_client"}, 401)
                 fake.tokens_issued += 1
-                self._json(200, {"access_token": "tok-1", "token_type": "Bearer",
+                self.reply_json({"access_token": "tok-1", "token_type": "Bearer",
                                  "expires_in": 36000, "scope": "read write"})
 
             def do_GET(self):  # noqa: N802
                 parts = urlsplit(self.path)
                 if parts.path.startswith("/img/"):
                     data = make_image(int(parts.path.split("/")[-1].split(".")[0]))
-                    self.send_response(200)
-                    self.send_header("Content-Type", "image/jpeg")
-                    self.send_header("Content-Length", str(len(data)))
-                    self.end_headers()
-                    return self.wfile.write(data)
+                    return self.reply(200, data, "image/jpeg")
                 if parts.path != "/v1/images/":
-                    return self._json(404, {})
+                    return self.reply_json({}, 404)
                 query = {k: v[0] for k, v in parse_qs(parts.query).items()}
                 query["authorization"] = self.headers.get("Authorization")
                 fake.queries.append(query)
                 size = int(query.get("page_size", 20))
                 if size > 20 and query["authorization"] != "Bearer tok-1":
-                    return self._json(401, {"detail": "page_size over 20 needs auth"})
+                    return self.reply_json({"detail": "page_size over 20 needs auth"}, 401)
                 page = int(query.get("page", 1))
                 if page > 20:
-                    return self._json(400, {"detail": "page depth"})
+                    return self.reply_json({"detail": "page depth"}, 400)
                 first = (page - 1) * size
                 results = [fake.result(i) for i in range(first, min(first + size, fake.total))]
-                self._json(200, {"result_count": fake.total, "page": page, "page_size": size,
+                self.reply_json({"result_count": fake.total, "page": page, "page_size": size,
                                  "page_count": min(20, -(-fake.total // size)),
                                  "results": results})
 
-            def _json(self, status, body):
-                data = json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.base = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.server, self.base = serve_in_thread(Handler)
 
     def result(self, i: int) -> dict:
         license_code, version = [("by", "2.0"), ("by-sa", "4.0"), ("cc0", "1.0"),

@@ -4,13 +4,12 @@ well-known file and the header), X-Robots-Tag noindex; hosts on 127.0.0.1 ports.
 from __future__ import annotations
 
 import json
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 from conftest import read_jsonl
+from fakes import QuietHandler, serve_in_thread
 from imagegen import make_image
 
 
@@ -24,37 +23,23 @@ class Host:
         self.log: list[tuple[float, str]] = []
         host = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(QuietHandler):
             def do_GET(self):  # noqa: N802
                 host.log.append((time.monotonic(), self.path))
                 if self.path == "/robots.txt":
                     status, body = host.robots
-                    self._reply(status, body.encode(), "text/plain")
+                    self.reply(status, body.encode(), "text/plain")
                 elif self.path == "/.well-known/tdmrep.json":
                     status, body = host.tdmrep
-                    self._reply(status, body.encode(), "application/json")
+                    self.reply(status, body.encode(), "application/json")
                 elif self.path.endswith(".jpg"):
                     seed = sum(self.path.encode())
-                    self._reply(200, make_image(seed), "image/jpeg",
+                    self.reply(200, make_image(seed), "image/jpeg",
                                 host.headers.get(self.path, {}))
                 else:
-                    self._reply(404, b"", "text/plain")
+                    self.reply(404, b"", "text/plain")
 
-            def _reply(self, status, body, kind, extra=None):
-                self.send_response(status)
-                self.send_header("Content-Type", kind)
-                self.send_header("Content-Length", str(len(body)))
-                for name, value in (extra or {}).items():
-                    self.send_header(name, value)
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.base = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.server, self.base = serve_in_thread(Handler)
 
     def requests(self, path: str) -> int:
         return sum(1 for _, p in self.log if p == path)

@@ -5,13 +5,11 @@ sub-categories, continuation, maxlag errors, imageinfo with extmetadata and SHA-
 from __future__ import annotations
 
 import hashlib
-import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
 from conftest import read_jsonl
+from fakes import QuietHandler, serve_in_thread
 from imagegen import make_image
 
 LICENSES = ["CC BY-SA 4.0", "CC BY 2.0", "CC0", "Public domain"]
@@ -26,47 +24,25 @@ class FakeCommons:
         self.corrupt_sha1 = {7}
         fake = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(QuietHandler):
             def do_GET(self):  # noqa: N802
                 parts = urlsplit(self.path)
                 if parts.path.startswith("/upload/"):
                     data = fake.files[int(parts.path.split("/")[-1].split(".")[0])]
-                    self.send_response(200)
-                    self.send_header("Content-Type", "image/jpeg")
-                    self.send_header("Content-Length", str(len(data)))
-                    self.end_headers()
-                    return self.wfile.write(data)
+                    return self.reply(200, data, "image/jpeg")
                 if parts.path != "/w/api.php":  # robots.txt, tdmrep.json: none here
-                    self.send_response(404)
-                    self.send_header("Content-Length", "0")
-                    self.end_headers()
-                    return None
+                    return self.reply(404)
                 params = {k: v[0] for k, v in parse_qs(parts.query).items()}
                 fake.calls.append(params)
                 fake.user_agents.add(self.headers.get("User-Agent", ""))
                 if fake.lagged:
                     fake.lagged -= 1
-                    return self._json({"error": {"code": "maxlag", "info": "Waiting for a "
+                    return self.reply_json({"error": {"code": "maxlag", "info": "Waiting for a "
                                                  "database server: 1 seconds lagged",
                                                  "lag": 0.1}}, {"Retry-After": "0"})
-                self._json(fake.answer(params))
+                self.reply_json(fake.answer(params))
 
-            def _json(self, body, headers=None):
-                data = json.dumps(body).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                for name, value in (headers or {}).items():
-                    self.send_header(name, value)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.base = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.server, self.base = serve_in_thread(Handler)
 
     def page(self, i: int, index: int) -> dict:
         data = self.files[i]
