@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import io
 import itertools
 import os
 import socket
@@ -31,7 +32,7 @@ from .netguard import (
     address_problem,
 )
 from .optouts import MAX_FILE_BYTES, OptOuts, noindex, tdm_reserved
-from .shaping import ImageSettings, check_size, reencodes
+from .shaping import ImageSettings, check_size, reencodes, shape_in_memory
 from .shaping import shape as shape_image
 
 CHUNK = 64 * 1024
@@ -164,6 +165,7 @@ class Fetched:
     height: int
     format: str
     original: dict | None = None  # what was downloaded, when ``images:`` resized it
+    faces: list | None = None  # the faces blurred in the stored copy
 
 
 class Fetcher:
@@ -235,6 +237,8 @@ class Fetcher:
                 raise RecordError("refused: file: URL (run.allow_file_urls allows it)")
         elif scheme not in ("http", "https"):
             raise RecordError(f"refused: {scheme or 'no'} scheme (only http and https)")
+        if self.images is not None and self.images.blur_faces:
+            return self._fetch_in_memory(url, scheme, expect_sha1)
         # A name from a counter, not mkstemp's random tries (a tenth of a download's CPU);
         # O_EXCL still refuses to reuse anything already there.
         name = os.path.join(self.temp_dir, f"{self.temp_prefix}{next(self.temp_names)}.part")
@@ -268,6 +272,40 @@ class Fetcher:
             return Fetched(temp_path, shaped.bytes, shaped.sha256, shaped.width, shaped.height,
                            shaped.format, shaped.original)
         return Fetched(temp_path, size, digest, width, height, image_format)
+
+    def _fetch_in_memory(self, url: str, scheme: str, expect_sha1: str | None) -> Fetched:
+        """For ``blur_faces``: the download is held in memory (``max_bytes`` bounds it),
+        its faces blurred, and only the result written to a temporary file."""
+        buffer = io.BytesIO()
+        if scheme == "file":
+            size, digest = self._copy_local(url, buffer)
+        else:
+            size, digest = self._guarded_download(url, buffer, expect_sha1)
+        data = buffer.getvalue()
+        del buffer
+        width, height, image_format = inspect_image(data, self.max_pixels, False)
+        check_size(self.images, width, height)
+        stored, shaped = shape_in_memory(data, self.images, width, height, image_format,
+                                         digest, self._room)
+        name = os.path.join(self.temp_dir, f"{self.temp_prefix}{next(self.temp_names)}.part")
+        handle = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL
+                         | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        temp_path = Path(name)
+        try:
+            with os.fdopen(handle, "wb") as out:
+                out.write(stored)
+        except OSError as exc:
+            temp_path.unlink(missing_ok=True)
+            if disk_full(exc):
+                raise DiskFull(self.temp_dir.parent.parent) from None
+            raise
+        except BaseException:
+            temp_path.unlink(missing_ok=True)
+            raise
+        if shaped is None:
+            return Fetched(temp_path, size, digest, width, height, image_format)
+        return Fetched(temp_path, shaped.bytes, shaped.sha256, shaped.width, shaped.height,
+                       shaped.format, shaped.original, shaped.faces)
 
     def _room(self, amount: int):
         return self.budget.reserve(amount) if self.budget is not None else nullcontext()
@@ -461,9 +499,10 @@ class Fetcher:
         return size, digest.hexdigest()
 
 
-def inspect_image(path: Path, max_pixels: int, full_decode: bool = True,
+def inspect_image(path: Path | bytes, max_pixels: int, full_decode: bool = True,
                   budget: DecodeBudget | None = None) -> tuple[int, int, str]:
     """Width, height and format of a sound image, or RecordError saying what is wrong.
+    ``path``: a file, or the image's bytes.
 
     The pixel count is checked from the header before anything is decoded (the
     decompression-bomb guard); then ``verify`` checks the structure and a reduced-size
@@ -472,6 +511,9 @@ def inspect_image(path: Path, max_pixels: int, full_decode: bool = True,
     running at once.
     """
     room = budget.reserve if budget is not None else (lambda amount: nullcontext())
+    if isinstance(path, bytes):
+        data = path
+        path = io.BytesIO(data)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -490,6 +532,8 @@ def inspect_image(path: Path, max_pixels: int, full_decode: bool = True,
                 mode = image.mode
                 image.verify()
             if full_decode:
+                if isinstance(path, io.BytesIO):
+                    path = io.BytesIO(data)
                 with Image.open(path) as image, room(decode_bytes(width, height, mode)):
                     image.load()
     except RecordError:

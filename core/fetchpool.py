@@ -104,9 +104,9 @@ class ProcessFetchPool:
                 if future is None:
                     continue
                 if outcome == "ok":
-                    path, size, sha256, width, height, image_format, original = payload
+                    path, size, sha256, width, height, image_format, original, faces = payload
                     future.set_result(Fetched(Path(path), size, sha256, width, height,
-                                              image_format, original))
+                                              image_format, original, faces))
                 elif outcome == "rejected":
                     reason, permanent, dropped = payload
                     future.set_exception(RecordError(reason, permanent=permanent,
@@ -236,7 +236,7 @@ def _worker(settings, temp_dir: str, share: int, threads: int, jobs, results,
             else:
                 send((job_id, "ok", (str(fetched.temp_path), fetched.bytes, fetched.sha256,
                                      fetched.width, fetched.height, fetched.format,
-                                     fetched.original)))
+                                     fetched.original, fetched.faces)))
 
     threading.Thread(target=flusher, daemon=True).start()
     pool = [threading.Thread(target=work, daemon=True) for _ in range(threads)]

@@ -64,6 +64,8 @@ class ImagePlacer:
             self.state.add_file(record.file, owner or record.id)
         if fetched.original is not None:
             record.fields["original"] = fetched.original
+        if fetched.faces:
+            record.fields["blurred_faces"] = fetched.faces
         self.summary.count(record.source, record.term, "downloaded")
         self.state.set_status(record.id, record.source, record.term, "downloaded",
                               sha256=fetched.sha256, duplicate_of=record.duplicate_of)

@@ -11,6 +11,7 @@ from typing import Any
 import yaml
 
 from .errors import RecipeError, UsageError
+from .faces import missing_detector
 from .options import (
     Bool,
     Float,
@@ -415,6 +416,8 @@ def load_recipe(path: str | Path, registry: Registry, *, environ: Mapping[str, s
         raise checker.fail(("output",), "required: the folder images and run state go to")
     images = ImageSettings(**checker.options(IMAGE_OPTIONS, data.get("images"), ("images",),
                                              base_dir))
+    if images.blur_faces and (problem := missing_detector()):
+        raise checker.fail(("images", "blur_faces"), problem)
     run = RunSettings(**checker.options(RUN_OPTIONS, data.get("run"), ("run",), base_dir),
                       images=images)
     sources = _parse_plugins(checker, "sources", data.get("sources"), registry, base_dir)

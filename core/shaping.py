@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import RecordError
+from .faces import BLUR_METHODS, blur_faces, exif_without_pictures, find_faces
 from .options import Bool, Choice, Float, Int, Option
 
 RESIZE_MODES = ("no", "keep_ratio", "keep_ratio_largest", "center_crop", "border")
@@ -42,6 +43,16 @@ IMAGE_OPTIONS: tuple[Option, ...] = (
     Option("min_pixels", Int(0), 0, help="drop images with fewer pixels (width x height)"),
     Option("max_aspect_ratio", Float(1.0, 1000.0), None,
            help="drop images whose longer side is more than this many times the shorter"),
+    Option("blur_faces", Bool(), False,
+           help="blur the faces NudeNet finds before the image is stored; the downloaded "
+                "bytes stay in memory, never on disk (needs the safety extra)"),
+    Option("blur_method", Choice(*BLUR_METHODS), "gaussian",
+           help="gaussian: a strong blur; pixelate: about six blocks across a face"),
+    Option("blur_min_confidence", Float(0.0, 1.0), 0.2,
+           help="blur faces found with at least this confidence (low: a missed face is "
+                "worse than a blurred ear)"),
+    Option("blur_margin", Float(0.0, 1.0), 0.2,
+           help="grow each face box by this fraction of its size on every side"),
 )
 
 
@@ -58,11 +69,15 @@ class ImageSettings:
     min_height: int = 0
     min_pixels: int = 0
     max_aspect_ratio: float | None = None
+    blur_faces: bool = False
+    blur_method: str = "gaussian"
+    blur_min_confidence: float = 0.2
+    blur_margin: float = 0.2
 
     @property
     def active(self) -> bool:
         """Whether anything is to be done to a downloaded image."""
-        return (self.resize_mode != "no" or self.encode_format != "keep"
+        return (self.resize_mode != "no" or self.encode_format != "keep" or self.blur_faces
                 or any((self.min_image_size, self.min_width, self.min_height, self.min_pixels,
                         self.max_aspect_ratio)))
 
@@ -77,6 +92,7 @@ class Shaped:
     height: int
     format: str
     original: dict
+    faces: list | None = None  # the faces blurred, when ``blur_faces`` found some
 
 
 def check_size(settings: ImageSettings, width: int, height: int) -> None:
@@ -121,8 +137,13 @@ def output_format(settings: ImageSettings, image_format: str) -> str:
     return FORMATS[settings.encode_format]
 
 
-def reencodes(settings: ImageSettings, width: int, height: int, image_format: str) -> bool:
-    """Whether the image will be decoded and written again (else its bytes are kept)."""
+def reencodes(settings: ImageSettings, width: int, height: int, image_format: str,
+              blurring: bool = True) -> bool:
+    """Whether the image will be decoded and written again (else its bytes are kept).
+    With ``blur_faces``, every image is decoded, and one without faces is written again
+    only when this says so with ``blurring`` False."""
+    if blurring and settings.blur_faces:
+        return True
     if settings.resize_mode == "no" and settings.encode_format == "keep" \
             and image_format in FORMATS.values():
         return False
@@ -137,22 +158,45 @@ def shape(path: Path, settings: ImageSettings, width: int, height: int, image_fo
     """Resizes/re-encodes the image at ``path`` in place (its decode is also its check:
     a truncated or corrupt file fails). ``reserve(bytes)``: a context manager bounding
     decode memory."""
+    data, shaped = _checked_render(path, settings, width, height, image_format, size, sha256,
+                                   reserve)
+    temp = path.with_name(path.name + ".shaped")
     try:
-        return _reshape(path, settings, width, height, image_format, size, sha256, reserve)
+        with open(temp, "wb") as out:
+            out.write(data)
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    return shaped
+
+
+def shape_in_memory(data: bytes, settings: ImageSettings, width: int, height: int,
+                    image_format: str, sha256: str, reserve) -> tuple[bytes, Shaped | None]:
+    """For ``blur_faces``: the bytes to store, from downloaded bytes that never touched the
+    disk, and what was done (None: the download is stored as it is, when it has no face
+    and nothing else asks for a re-encode). The decode is the image's check."""
+    return _checked_render(io.BytesIO(data), settings, width, height, image_format, len(data),
+                           sha256, reserve)
+
+
+def _checked_render(source, settings, width, height, image_format, size, sha256, reserve):
+    try:
+        return _render(source, settings, width, height, image_format, size, sha256, reserve)
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
-        path.with_name(path.name + ".shaped").unlink(missing_ok=True)
         raise RecordError(f"corrupt image: {exc}") from None
 
 
-def _reshape(path: Path, settings: ImageSettings, width: int, height: int, image_format: str,
-             size: int, sha256: str, reserve) -> Shaped:
+def _render(source, settings: ImageSettings, width: int, height: int, image_format: str,
+            size: int, sha256: str, reserve) -> tuple[bytes, Shaped | None]:
     scaled_w, scaled_h, final_w, final_h = target_size(settings, width, height)
     out_format = output_format(settings, image_format)
     from PIL import Image, ImageOps
 
-    with reserve(width * height * 4), Image.open(path) as image:
-        if image.format == "JPEG":
-            image.draft(None, (scaled_w, scaled_h))  # decode at 1/2, 1/4, 1/8 when it can
+    with reserve(width * height * 4), Image.open(source) as image:
+        if image.format == "JPEG" and not settings.blur_faces:
+            # Decode at 1/2, 1/4, 1/8 when it can; face finding wants every pixel.
+            image.draft(None, (scaled_w, scaled_h))
         image.load()
         exif_rotated = image.getexif().get(0x0112, 1) in (5, 6, 7, 8)
         if exif_rotated:
@@ -161,7 +205,16 @@ def _reshape(path: Path, settings: ImageSettings, width: int, height: int, image
                 "center_crop", "border") else (final_w, final_h)
         picture = ImageOps.exif_transpose(image) if exif_rotated or image.getexif().get(
             0x0112, 1) != 1 else image
-        exif = picture.info.get("exif") or image.info.get("exif")
+        faces = None
+        if settings.blur_faces:
+            faces = find_faces(picture, settings.blur_min_confidence)
+            if not faces and not reencodes(settings, width, height, image_format,
+                                           blurring=False):
+                return source.getvalue(), None
+        if faces:
+            exif = exif_without_pictures(picture)
+        else:
+            exif = picture.info.get("exif") or image.info.get("exif")
         picture = _pixels_for(picture, out_format)
         if picture.size != (scaled_w, scaled_h):
             # As img2dataset does: area averaging to shrink (Pillow's BOX; also 3x faster
@@ -169,6 +222,11 @@ def _reshape(path: Path, settings: ImageSettings, width: int, height: int, image
             shrinking = scaled_w * scaled_h < picture.size[0] * picture.size[1]
             picture = picture.resize((scaled_w, scaled_h), Image.Resampling.BOX if shrinking
                                      else Image.Resampling.LANCZOS, reducing_gap=3.0)
+        if faces:
+            # After the resize, which keeps the proportions the boxes are fractions of,
+            # and before a crop or border, which do not.
+            picture = blur_faces(picture if picture is not image else picture.copy(), faces,
+                                 settings.blur_method, settings.blur_margin)
         if settings.resize_mode == "center_crop":
             left, top = (scaled_w - final_w) // 2, (scaled_h - final_h) // 2
             picture = picture.crop((left, top, left + final_w, top + final_h))
@@ -183,13 +241,9 @@ def _reshape(path: Path, settings: ImageSettings, width: int, height: int, image
         picture.save(buffer, out_format, **options)
         final_w, final_h = picture.size
     data = buffer.getvalue()
-    temp = path.with_name(path.name + ".shaped")
-    with open(temp, "wb") as out:
-        out.write(data)
-    os.replace(temp, path)
-    return Shaped(len(data), hashlib.sha256(data).hexdigest(), final_w, final_h, out_format,
-                  {"width": width, "height": height, "bytes": size, "sha256": sha256,
-                   "format": image_format})
+    return data, Shaped(len(data), hashlib.sha256(data).hexdigest(), final_w, final_h,
+                        out_format, {"width": width, "height": height, "bytes": size,
+                                     "sha256": sha256, "format": image_format}, faces)
 
 
 def _pixels_for(image, out_format: str):

@@ -53,7 +53,8 @@ def select(records_path: Path, *, url: str | None = None, sha256: str | None = N
                 raise UsageError("takedown: the key does not decrypt these records") from None
         info = record.get("file") or {}
         matched = ((url is not None and record.get("url") == url)
-                   or (sha256 is not None and info.get("sha256") == sha256.lower())
+                   or (sha256 is not None and sha256.lower() in (
+                       info.get("sha256"), (record.get("original") or {}).get("sha256")))
                    or (source_id is not None and source_id in (record.get("id"),
                                                                record.get("source_id")))
                    or (owner is not None and any(isinstance(record.get(name), str)
@@ -61,8 +62,9 @@ def select(records_path: Path, *, url: str | None = None, sha256: str | None = N
                                                  for name in OWNER_FIELDS)))
         if matched:
             chosen.ids.add(record["id"])
-            if info.get("sha256"):
-                chosen.sha256s.add(info["sha256"])
+            for held in (info.get("sha256"), (record.get("original") or {}).get("sha256")):
+                if held:
+                    chosen.sha256s.add(held)
     # Every record that holds one of those pictures goes with it.
     grew = True
     while grew:
