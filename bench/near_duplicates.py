@@ -132,7 +132,7 @@ def quality(max_distance: int, max_dhash: int) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=1_000_000)
-    parser.add_argument("--max-distance", type=int, default=10)
+    parser.add_argument("--max-distance", type=int, default=9)
     parser.add_argument("--max-dhash-distance", type=int, default=14)
     args = parser.parse_args(argv)
     speed = index_speed(args.n, args.max_distance)

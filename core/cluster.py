@@ -62,6 +62,7 @@ class _RunClaims:
     paths: dict  # path -> sha256
     progress: dict  # shard key -> [[source, term, outcome, n], ...]
     stop: bool = False
+    copies: Any = None  # the run's CopyRegistry (near-duplicates), made when first used
 
 
 class CoordinatorPlugin(SchedulerPlugin):
@@ -84,6 +85,8 @@ class CoordinatorPlugin(SchedulerPlugin):
             "harvest_progress": self.progress,
             "harvest_stop": self.stop,
             "harvest_forget": self.forget,
+            "harvest_load_copies": self.load_copies,
+            "harvest_place_copies": self.place_copies,
         })
 
     def _run(self, run: str) -> _RunClaims:
@@ -117,6 +120,23 @@ class CoordinatorPlugin(SchedulerPlugin):
             if sha256 not in claims.files:
                 claims.files[sha256] = [record_id, path]
                 claims.paths.setdefault(path, sha256)
+
+    def _copies(self, run: str):
+        claims = self._run(run)
+        if claims.copies is None:
+            from .copies import CopyRegistry
+
+            claims.copies = CopyRegistry()
+        return claims.copies
+
+    def load_copies(self, run: str, rows: list) -> None:
+        self._copies(run).load(tuple(row) for row in rows)
+
+    def place_copies(self, run: str, batch: list, max_distance: int,
+                     max_dhash_distance: int) -> list:
+        decisions, changed = self._copies(run).place([tuple(item) for item in batch],
+                                                     max_distance, max_dhash_distance)
+        return [decisions, [list(row) for row in changed]]
 
     def report(self, run: str, shard: str, counts: list) -> bool:
         claims = self._run(run)
@@ -180,6 +200,21 @@ class ClusterCoordinator(Coordinator):
 
     def report(self, counts: list) -> bool:
         return self._call("harvest_report", run=self.run, shard=self.shard, counts=counts)
+
+    def place_copies(self, state_dirs: list[Path], batch: list, max_distance: int,
+                     max_dhash_distance: int) -> list[dict]:
+        """On the scheduler's registry, which the client loaded from every store of the
+        output; the rows that changed are kept in this shard's store too, for later runs."""
+        from .copies import CopyStore
+
+        decisions, changed = self._call("harvest_place_copies", run=self.run,
+                                        batch=[list(item) for item in batch],
+                                        max_distance=max_distance,
+                                        max_dhash_distance=max_dhash_distance)
+        if self._copies is None:
+            self._copies = (None, CopyStore(state_dirs[0]))
+        self._copies[1].save(tuple(row) for row in changed)
+        return decisions
 
 
 class ClientCoordinator(Coordinator):
@@ -380,6 +415,18 @@ class ClusterRun:
                 client.sync(client.scheduler.harvest_preload, run=self.run_id, shard=owner,
                             ids=ids[start:start + PRELOAD_CHUNK],
                             files=files[start:start + PRELOAD_CHUNK])
+        # Near-duplicate registry: every picture placed by earlier runs, here or on shards.
+        from .copies import stored_rows
+
+        stores = [self.output / ".harvest", *sorted((self.output / SHARDS_DIR).glob("*/.harvest"))]
+        chunk: list = []
+        for row in stored_rows(stores):
+            chunk.append(list(row))
+            if len(chunk) >= PRELOAD_CHUNK:
+                client.sync(client.scheduler.harvest_load_copies, run=self.run_id, rows=chunk)
+                chunk = []
+        if chunk:
+            client.sync(client.scheduler.harvest_load_copies, run=self.run_id, rows=chunk)
 
     def _execute(self, client: Client, shards: list[Shard], engine) -> None:
         recipe = _portable(self.recipe)

@@ -133,6 +133,7 @@ class Engine:
             # A cluster worker runs the engine in a thread of its own, where signals cannot
             # go; there the client's stop request arrives through report_progress.
             with ExitStack() as stack:
+                stack.callback(self.coordinator.close)
                 if self.own_signals:
                     stack.enter_context(StopSignals(self.stop_requested))
                 self.sinks = [(spec, self._open(stack, spec)) for spec in self.recipe.sinks]

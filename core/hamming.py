@@ -2,11 +2,19 @@
 pairs: multi-index hashing (Norouzi, Punjani and Fleet, 2012) over numpy arrays.
 
 A 64-bit hash is cut into 3 blocks. If two hashes differ in at most ``r`` bits,
-then by the pigeonhole principle at least one block differs in at most ``r // 3`` bits.
-So a query only looks, in each block's table, at the keys within that small
-distance of its own block, and checks the full distance of
-those few candidates with a vectorized popcount. Whole batches of queries go through at
-once, so the Python overhead is paid per batch, not per hash.
+then by the pigeonhole principle at least one block differs in at most ``r // 3`` bits;
+sharper (the paper's Proposition 2): with ``r = 3 s + a``, one of the first ``a + 1``
+blocks differs in at most ``s`` bits or one of the others in at most ``s - 1``. So a
+query only looks, in each block's table, at the keys within that small distance of its
+own block, and checks the full distance of those few candidates with a vectorized
+popcount. Whole batches of queries go through at
+once, so the Python overhead is paid per batch, not per hash, and a batch is cut among
+threads (numpy's gathers release the GIL).
+
+What the time goes to is random reads, so the tables are laid out for them: a byte per
+bucket says how many hashes it holds (one read answers most probes: empty), and each
+block keeps its own copy of the hashes in its bucket order, so a bucket's candidates are
+side by side in memory.
 
 New hashes go to a small buffer searched by brute force (vectorized too) and are merged
 into the sorted tables when the buffer grows past ``MERGE_AT``.
@@ -14,17 +22,22 @@ into the sorted tables when the buffer grows past ``MERGE_AT``.
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from itertools import combinations
 
 import numpy as np
 
 # Three blocks of 22, 21 and 21 bits: a query within radius r <= 11 differs in at most
-# r // 3 <= 3 bits in some block, so it probes 1,794 keys per block (direct addressing: a
-# key's bucket is one read in an offsets table), and at a million hashes a bucket holds
-# a quarter of a hash on average, so few candidates need the full check.
+# r // 3 <= 3 bits in some block, so it probes at most 1,794 keys per block (direct
+# addressing: a key's bucket is one read in an offsets table), and at a million hashes a
+# bucket holds a quarter to a half of a hash on average, so few candidates need the full
+# check.
 WIDTHS = (22, 21, 21)
 SHIFTS = (0, 22, 43)
 MERGE_AT = 32_768
+THREAD_CHUNK = 128  # queries per thread task: its probes stay in the CPU's caches
+_POOL = ThreadPoolExecutor(min(4, os.cpu_count() or 1), thread_name_prefix="hamming")
 
 
 def _masks(width: int, radius: int) -> np.ndarray:
@@ -46,10 +59,9 @@ class HammingIndex:
         self.hashes = np.zeros(0, dtype=np.uint64)
         self.ids = np.zeros(0, dtype=np.int64)
         self.offsets: list[np.ndarray] = []  # per block: bucket starts, 2**width + 1
+        self.counts: list[np.ndarray] = []  # per block: hashes per bucket, as few bytes as fit
         self.members: list[np.ndarray] = []  # per block: positions, grouped by bucket
-        # per block: one bit per bucket, set when it holds a hash: 512 KB, so that most
-        # probes (empty buckets) are answered from the CPU's cache
-        self.occupied: list[np.ndarray] = []
+        self.block_hashes: list[np.ndarray] = []  # per block: the hashes in that order
         self.recent_hashes: list[np.ndarray] = []
         self.recent_ids: list[np.ndarray] = []
         self.recent_count = 0
@@ -60,9 +72,8 @@ class HammingIndex:
         return len(self.hashes) + self.recent_count
 
     def nbytes(self) -> int:
-        return (self.hashes.nbytes + self.ids.nbytes + sum(o.nbytes for o in self.offsets)
-                + sum(b.nbytes for b in self.occupied)
-                + sum(m.nbytes for m in self.members)
+        tables = self.offsets + self.counts + self.members + self.block_hashes
+        return (self.hashes.nbytes + self.ids.nbytes + sum(t.nbytes for t in tables)
                 + sum(h.nbytes + i.nbytes for h, i in zip(self.recent_hashes, self.recent_ids,
                                                           strict=True)))
 
@@ -82,15 +93,19 @@ class HammingIndex:
         self.hashes = np.concatenate([self.hashes, *self.recent_hashes])
         self.ids = np.concatenate([self.ids, *self.recent_ids])
         self.recent_hashes, self.recent_ids, self.recent_count = [], [], 0
-        self.offsets, self.members, self.occupied = [], [], []
+        self.offsets, self.counts, self.members, self.block_hashes = [], [], [], []
         for width, shift in zip(WIDTHS, SHIFTS, strict=True):
             keys = self._keys(self.hashes, width, shift)
-            self.members.append(np.argsort(keys, kind="stable").astype(np.int32))
+            members = np.argsort(keys, kind="stable").astype(np.int32)
             counts = np.bincount(keys, minlength=1 << width)
             offsets = np.zeros((1 << width) + 1, dtype=np.int32)
             np.cumsum(counts, out=offsets[1:])
+            most = int(counts.max())
+            self.counts.append(counts.astype(np.uint8 if most < 256 else
+                                             np.uint16 if most < 65536 else np.int32))
             self.offsets.append(offsets)
-            self.occupied.append(np.packbits(counts > 0, bitorder="little"))
+            self.members.append(members)
+            self.block_hashes.append(self.hashes[members])
 
     @staticmethod
     def _keys(hashes: np.ndarray, width: int, shift: int) -> np.ndarray:
@@ -104,7 +119,13 @@ class HammingIndex:
         queries = np.asarray(queries, dtype=np.uint64)
         found: list[set[tuple[int, int]]] = [set() for _ in range(len(queries))]
         if len(queries) and len(self.hashes):
-            self._search_tables(queries, radius, found)
+            chunks = range(0, len(queries), THREAD_CHUNK)
+            for start, (rows, positions, distances) in zip(chunks, _POOL.map(
+                    lambda start: self._search_tables(queries[start:start + THREAD_CHUNK],
+                                                      radius), chunks), strict=True):
+                for row, position, distance in zip(rows.tolist(), positions.tolist(),
+                                                   distances.tolist(), strict=True):
+                    found[start + row].add((int(self.ids[position]), int(distance)))
         if len(queries) and self.recent_count:
             hashes = np.concatenate(self.recent_hashes)
             ids = np.concatenate(self.recent_ids)
@@ -116,25 +137,38 @@ class HammingIndex:
                     found[chunk + row].add((int(ids[col]), int(distances[row, col])))
         return [sorted(matches, key=lambda match: (match[1], match[0])) for matches in found]
 
-    def _search_tables(self, queries: np.ndarray, radius: int, found: list) -> None:
+    def _search_tables(self, queries: np.ndarray, radius: int):
+        """(query rows, positions in ``hashes``, distances) of the matches in the tables."""
+        whole, extra = divmod(radius, len(WIDTHS))
+        rows_found, positions_found, distances_found = [], [], []
         for block, (width, shift) in enumerate(zip(WIDTHS, SHIFTS, strict=True)):
-            masks = self.masks[(width, radius // 3)]
-            probes = (self._keys(queries, width, shift)[:, None] ^ masks[None, :]).ravel()
-            bits = self.occupied[block][probes >> 3] >> (probes & 7).astype(np.uint8)
-            hit = np.flatnonzero(bits & 1)
+            block_radius = whole if block <= extra else whole - 1
+            if block_radius < 0:
+                continue
+            masks = self.masks[(width, block_radius)]
+            probes = (self._keys(queries, width, shift).astype(np.uint32)[:, None]
+                      ^ masks[None, :]).ravel()
+            counts = self.counts[block][probes]
+            hit = np.flatnonzero(counts)
             if not len(hit):
                 continue
-            offsets = self.offsets[block]
-            probes = probes[hit]
-            low = offsets[probes]
-            counts = offsets[probes + 1] - low
+            counts = counts[hit].astype(np.int64)
+            low = self.offsets[block][probes[hit]]
             query_of = hit // len(masks)
-            # Each bucket's [low, low + count) expanded into positions, vectorized.
-            starts = np.repeat(low - np.cumsum(counts) + counts, counts)
-            positions = self.members[block][starts + np.arange(int(counts.sum()))]
-            rows = np.repeat(query_of, counts)
-            distances = np.bitwise_count(queries[rows] ^ self.hashes[positions])
-            close = distances <= radius
-            for row, position, distance in zip(rows[close].tolist(), positions[close].tolist(),
-                                               distances[close].tolist(), strict=True):
-                found[row].add((int(self.ids[position]), int(distance)))
+            total = int(counts.sum())
+            if total == len(counts):  # one hash in every bucket hit: the usual case
+                slots, rows = low, query_of
+            else:  # each bucket's [low, low + count) expanded into slots, vectorized
+                slots = (np.repeat(low - np.cumsum(counts) + counts, counts)
+                         + np.arange(total))
+                rows = np.repeat(query_of, counts)
+            distances = np.bitwise_count(queries[rows] ^ self.block_hashes[block][slots])
+            close = np.flatnonzero(distances <= radius)
+            rows_found.append(rows[close])
+            positions_found.append(self.members[block][slots[close]])
+            distances_found.append(distances[close])
+        if not rows_found:
+            empty = np.zeros(0, dtype=np.int64)
+            return empty, empty, empty
+        return (np.concatenate(rows_found), np.concatenate(positions_found),
+                np.concatenate(distances_found))

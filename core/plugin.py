@@ -47,6 +47,14 @@ class Context:
         """Where a plugin may keep files of its own (caches), beside the run state."""
         return (self.part_dir or self.output_dir) / ".harvest"
 
+    @property
+    def output_state_dirs(self) -> list[Path]:
+        """This pipeline's state folder, then the output's others (the main one, each
+        cluster shard's): where stores of earlier runs and other shards are."""
+        main = self.output_dir / ".harvest"
+        shards = sorted(path for path in (main / "shards").glob("*/.harvest") if path.is_dir())
+        return [self.state_dir] + [d for d in [main, *shards] if d != self.state_dir]
+
     def take(self, key: str, rate: float, burst: float = 1.0) -> None:
         """Waits for a token of bucket ``key`` (``rate`` per second, ``burst`` at most):
         an API quota. On a cluster the bucket is shared by every worker."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from .http import TokenBuckets
@@ -59,6 +60,7 @@ class Coordinator:
 
     def __init__(self):
         self._buckets = TokenBuckets()
+        self._copies = None
 
     def reserve(self, key: str, rate: float, burst: float = 1.0) -> float:
         """Takes a token from bucket ``key``; returns the seconds to wait before using it."""
@@ -77,3 +79,25 @@ class Coordinator:
     def report(self, counts: list) -> bool:
         """Progress for the client to show; True when the client asks the run to stop."""
         return False
+
+    def place_copies(self, state_dirs: list[Path], batch: list, max_distance: int,
+                     max_dhash_distance: int) -> list[dict]:
+        """Decides which pictures of ``batch`` are near-duplicates of pictures placed before
+        (see ``copies.CopyRegistry.place``), against every picture of the output. The
+        registry starts from the stores in ``state_dirs``; the rows that changed go to the
+        first of them."""
+        from .copies import CopyRegistry, CopyStore, stored_rows
+
+        if self._copies is None:
+            registry = CopyRegistry()
+            registry.load(stored_rows(state_dirs))
+            self._copies = (registry, CopyStore(state_dirs[0]))
+        registry, store = self._copies
+        decisions, changed = registry.place(batch, max_distance, max_dhash_distance)
+        store.save(changed)
+        return decisions
+
+    def close(self) -> None:
+        if self._copies is not None:
+            self._copies[1].close()
+            self._copies = None

@@ -357,3 +357,66 @@ def test_a_takedown_holds_on_a_cluster(flickr, recipe_file, harvest, tmp_path, d
     ids = {r["id"] for r in stored(output)}
     assert gone["id"] not in ids and "flickr:777777" not in ids
     assert "taken down" in out
+
+
+def test_near_duplicates_are_found_across_workers_and_runs(recipe_file, harvest, tmp_path,
+                                                           dask_cluster):
+    """The originals in one folder, half-size copies in another: the folders are cut into
+    shards that run on different workers, and each picture is still kept once. Then a
+    second cluster run, with re-encoded copies, finds them against the first run's."""
+    import io
+
+    from PIL import Image
+
+    from harvest.core.curation import set_aside_ids
+
+    def half(data: bytes, quality: int = 90, scale: int = 2) -> bytes:
+        image = Image.open(io.BytesIO(data))
+        out = io.BytesIO()
+        image.resize((image.width // scale, image.height // scale)).save(out, "JPEG",
+                                                                          quality=quality)
+        return out.getvalue()
+
+    photos = tmp_path / "photos"
+    originals = {i: make_image(300 + i, size=(320, 240)) for i in range(12)}
+    for folder in ("a", "b"):
+        (photos / folder).mkdir(parents=True)
+    for i, data in originals.items():
+        (photos / "a" / f"{i}.jpg").write_bytes(data)
+        (photos / "b" / f"{i}.jpg").write_bytes(half(data))
+    output = tmp_path / "out"
+    recipe = recipe_file(f"""
+output: {output}
+sources: [{{use: folder, options: {{path: photos, shard_size: 4}}}}]
+enrichers: [{{use: near_duplicates, options: {{action: mark}}}}]
+""")
+    status, _, err = harvest("run", recipe, "--cluster", dask_cluster.scheduler_address,
+                             "--no-progress")
+    assert status == 0, err
+    assert len(list((output / ".harvest" / "shards").iterdir())) >= 6
+
+    def not_kept() -> set[str]:
+        records = read_jsonl(output / "records.jsonl")
+        aside = set(set_aside_ids(output))
+        return {r["id"] for r in records if r.get("near_duplicate_of")} | aside
+
+    left_out = not_kept()
+    # Each half-size copy is left out (marked, or set aside when it came first), and no
+    # original is.
+    assert left_out == {f"folder:b/{i}.jpg" for i in originals}, sorted(left_out)
+
+    (photos / "c").mkdir()
+    for i in range(0, 12, 3):
+        (photos / "c" / f"{i}.jpg").write_bytes(half(originals[i], quality=40, scale=3))
+    status, _, err = harvest("run", recipe, "--cluster", dask_cluster.scheduler_address,
+                             "--no-progress")
+    assert status == 0, err
+    later = {r["id"]: r for r in read_jsonl(output / "records.jsonl")}
+    for i in range(0, 12, 3):
+        assert later[f"folder:c/{i}.jpg"]["near_duplicate_of"] == f"folder:a/{i}.jpg"
+    # A run on one machine afterwards knows the cluster's pictures too.
+    (photos / "d").mkdir()
+    (photos / "d" / "1.jpg").write_bytes(half(originals[1], quality=50, scale=4))
+    assert harvest("run", recipe, "--no-progress")[0] == 0
+    alone = {r["id"]: r for r in read_jsonl(output / "records.jsonl")}["folder:d/1.jpg"]
+    assert alone["near_duplicate_of"] == "folder:a/1.jpg"

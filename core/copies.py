@@ -1,0 +1,162 @@
+"""Which stored pictures are copies of one another (near-duplicates by perceptual hash),
+and which copy is kept: the registry an enricher hands its hashes to.
+
+The registry holds, for every picture placed, its pHash (in a :class:`HammingIndex`), its
+dHash, its size in pixels and its license rank. ``place`` takes a batch and decides for
+each picture, in order: a copy of an earlier, at least as good picture (the largest, then
+the best licensed, then the earliest), or kept, with the earlier copies it beats set
+aside. One machine's pipeline has a registry of its own; on a cluster the registry lives
+on the scheduler (``cluster.CoordinatorPlugin``) and every worker's pipeline places its
+pictures there, one batch at a time, so two workers never both keep one picture.
+
+What was placed persists in ``.harvest/near-duplicates.sqlite`` of the output, or of a
+cluster shard's folder; a registry starts from every such file of the output, so later
+runs, on one machine or a cluster, compare against everything stored before.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+
+from .hamming import HammingIndex
+
+STORE_NAME = "near-duplicates.sqlite"
+_SIGN = 1 << 63
+
+# (record id, pHash, dHash, pixels, license rank, set aside)
+Row = tuple[str, int, int, int, int, bool]
+
+
+class CopyRegistry:
+    """Pictures placed so far; ``place`` decides what a new batch is."""
+
+    def __init__(self):
+        self.index = HammingIndex(max_radius=11)
+        self.rows: dict[int, list] = {}  # n -> [id, phash, dhash, pixels, rank, aside]
+        self.by_id: dict[str, int] = {}
+        self.next_n = 0
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def load(self, rows: Iterable[Row]) -> None:
+        """Adds rows from a store; a picture already known keeps its place, and is set aside
+        when any store says so."""
+        ns, phashes = [], []
+        for record_id, phash, dhash, pixels, rank, aside in rows:
+            known = self.by_id.get(record_id)
+            if known is not None:
+                self.rows[known][5] = self.rows[known][5] or bool(aside)
+                continue
+            n = self.next_n
+            self.next_n += 1
+            self.rows[n] = [record_id, phash, dhash, pixels, rank, bool(aside)]
+            self.by_id[record_id] = n
+            ns.append(n)
+            phashes.append(phash)
+        self.index.add(np.array(phashes, dtype=np.uint64), np.array(ns, dtype=np.int64))
+        self.index.merge()
+
+    def place(self, batch: list[tuple[str, int, int, int, int]], max_distance: int,
+              max_dhash_distance: int) -> tuple[list[dict], list[Row]]:
+        """``batch``: (record id, pHash, dHash, pixels, license rank) per picture. Returns
+        a decision per picture, ``{"copy_of": id, "distance": d}`` or ``{"set_aside":
+        [[id, distance], ...]}``, and the rows that changed (to persist)."""
+        decisions: list[dict] = []
+        changed: list[Row] = []
+        if not batch:
+            return decisions, changed
+        phashes = np.array([item[1] for item in batch], dtype=np.uint64)
+        found = self.index.search(phashes, max_distance)
+        # The batch against itself, at once; the index only knows what came before it.
+        within = np.bitwise_count(phashes[:, None] ^ phashes[None, :])
+        placed: list[int] = []
+        for i, (item, matches) in enumerate(zip(batch, found, strict=True)):
+            known = dict(matches)
+            earlier = [(placed[j], int(within[i, j])) for j in range(i)
+                       if within[i, j] <= max_distance and placed[j] not in known]
+            n, decision, rows = self._place_one(item, matches + earlier, max_dhash_distance)
+            placed.append(n)
+            decisions.append(decision)
+            changed.extend(rows)
+        return decisions, changed
+
+    def _place_one(self, item, matches, max_dhash_distance: int):
+        record_id, phash, dhash, pixels, rank = item
+        own = self.by_id.get(record_id)  # a batch placed again after a crash
+        copies = [(n, distance) for n, distance in matches
+                  if n != own and n in self.rows and not self.rows[n][5]
+                  and int(self.rows[n][2] ^ dhash).bit_count() <= max_dhash_distance]
+        best = max(copies, key=lambda c: (self.rows[c[0]][3], self.rows[c[0]][4], -c[0]),
+                   default=None)
+        changed: list[Row] = []
+        if best is not None and (self.rows[best[0]][3], self.rows[best[0]][4]) >= (pixels, rank):
+            decision = {"copy_of": self.rows[best[0]][0], "distance": best[1]}
+            aside = True
+        else:
+            decision = {"set_aside": []}
+            aside = False
+            for n, distance in copies:  # this copy is better: the earlier ones step aside
+                self.rows[n][5] = True
+                changed.append(tuple(self.rows[n]))
+                decision["set_aside"].append([self.rows[n][0], distance])
+        if own is None:
+            own = self.next_n
+            self.next_n += 1
+            self.index.add(np.array([phash], dtype=np.uint64), np.array([own]))
+            self.by_id[record_id] = own
+        self.rows[own] = [record_id, phash, dhash, pixels, rank, aside]
+        changed.append(tuple(self.rows[own]))
+        return own, decision, changed
+
+
+class CopyStore:
+    """The rows a pipeline placed, in one SQLite file of its state folder."""
+
+    def __init__(self, state_dir: Path):
+        state_dir.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(state_dir / STORE_NAME, check_same_thread=False)
+        self.db.execute("CREATE TABLE IF NOT EXISTS hashes (n INTEGER PRIMARY KEY, "
+                        "id TEXT UNIQUE NOT NULL, phash INTEGER NOT NULL, dhash INTEGER NOT "
+                        "NULL, pixels INTEGER NOT NULL, rank INTEGER NOT NULL, "
+                        "set_aside INTEGER NOT NULL DEFAULT 0)")
+
+    def save(self, rows: Iterable[Row]) -> None:
+        self.db.executemany(
+            "INSERT INTO hashes (id, phash, dhash, pixels, rank, set_aside) "
+            "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET "
+            "set_aside = MAX(set_aside, excluded.set_aside)",
+            [(record_id, _signed(phash), _signed(dhash), pixels, rank, int(aside))
+             for record_id, phash, dhash, pixels, rank, aside in rows])
+        self.db.commit()
+
+    def close(self) -> None:
+        self.db.close()
+
+
+def stored_rows(state_dirs: Iterable[Path]) -> Iterable[Row]:
+    """Every row of every store among ``state_dirs``, each file in the order it was
+    placed."""
+    for state_dir in state_dirs:
+        path = Path(state_dir) / STORE_NAME
+        if not path.is_file():
+            continue
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            for record_id, phash, dhash, pixels, rank, aside in db.execute(
+                    "SELECT id, phash, dhash, pixels, rank, set_aside FROM hashes ORDER BY n"):
+                yield record_id, _unsigned(phash), _unsigned(dhash), pixels, rank, bool(aside)
+        finally:
+            db.close()
+
+
+def _signed(value: int) -> int:  # SQLite integers are signed 64-bit
+    return value - (1 << 64) if value >= _SIGN else value
+
+
+def _unsigned(value: int) -> int:
+    return value + (1 << 64) if value < 0 else value
