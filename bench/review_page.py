@@ -5,7 +5,8 @@
 Harvests N small pictures (folder source, scored by the test suite's Cloud Vision
 stand-in), starts `harvest review`, and times in the browser: the page ready (counts,
 histograms and the first page of thumbnails requested), and a slider move until the
-counts change.
+counts change, a sort by the distance from the threshold, and a decision by keyboard
+until its tile shows it.
 """
 
 from __future__ import annotations
@@ -78,13 +79,24 @@ def main() -> int:
                 page.locator("#slider-monkey").fill("0.6")
                 page.wait_for_function(f"document.getElementById('kept').textContent !== '{before}'")
                 slider = time.perf_counter() - started
+                page.evaluate("document.querySelector('.tile').dataset.old = 'yes'")
+                started = time.perf_counter()
+                page.locator("#sort").select_option("margin:monkey|asc")
+                page.wait_for_function("!document.querySelector('.tile').dataset.old")
+                sort = time.perf_counter() - started
+                page.locator(".tile").first.focus()
+                started = time.perf_counter()
+                page.keyboard.press("x")
+                page.wait_for_selector(".tile[data-manual]")
+                decision = time.perf_counter() - started
                 browser.close()
         finally:
             server.terminate()
             server.wait()
     print(f"{args.n} records: page ready {ready:.2f} s, first thumbnails loaded "
           f"{thumbnails:.2f} s (made on first view, then cached), slider to new counts "
-          f"{slider:.2f} s")
+          f"{slider:.2f} s, sort by distance from the cut {sort:.2f} s, a decision by key "
+          f"{decision:.2f} s")
     return 0
 
 

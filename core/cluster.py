@@ -33,6 +33,7 @@ from distributed import Client, LocalCluster, as_completed, get_worker
 from distributed.diagnostics.plugin import SchedulerPlugin
 from distributed.utils import sync
 
+from .curation import write_scoring
 from .errors import HarvestError, UsageError, one_line
 from .http import TokenBuckets
 from .lock import OutputLock
@@ -343,6 +344,7 @@ class ClusterRun:
             return self._run()
 
     def _run(self) -> Summary:
+        write_scoring(self.output, [(spec.cls, spec.options) for spec in self.recipe.enrichers])
         from .engine import STATE_DIR, Engine
 
         self.check_sinks()

@@ -7,34 +7,133 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+OPERATORS = (">=", ">", "<=", "<", "==")
+SCORING = Path(".harvest") / "scoring.json"
+
+
+def operator_of(rule: dict) -> str:
+    """A page rule's comparison: ``op``, or the older ``direction`` (above: >=, below: <)."""
+    op = rule.get("op")
+    if op in OPERATORS:
+        return op
+    return ">=" if rule.get("direction", "above") == "above" else "<"
+
 
 def passes(score: float, rule: dict) -> bool:
-    """A threshold rule from the page: keep when the score is above (>=) or below (<) it."""
+    """A threshold rule from the page: keep when the score compares to its value."""
     value = float(rule.get("value", 0))
-    return score >= value if rule.get("direction", "above") == "above" else score < value
+    return {">=": score >= value, ">": score > value, "<=": score <= value,
+            "<": score < value, "==": score == value}[operator_of(rule)]
 
 
 def effective(thresholds: dict[str, dict]) -> dict[str, dict]:
     """The rules that can drop something: enabled, and not "keep >= 0" (which keeps all)."""
-    return {term: rule for term, rule in thresholds.items()
+    return {key: rule for key, rule in thresholds.items()
             if rule.get("enabled", True)
-            and not (rule.get("direction", "above") == "above" and float(rule.get("value", 0)) <= 0)}
+            and not (operator_of(rule) == ">=" and float(rule.get("value", 0)) <= 0)}
 
 
-def verdict(record: dict, thresholds: dict[str, dict], decisions: dict[str, str]) -> tuple[bool, bool]:
-    """(kept, manual): a manual decision wins; then the thresholds chosen on the page; with
-    none chosen, the verdict the recipe's keep_if gave when the harvest ran."""
-    decision = decisions.get(record["id"])
-    if decision in ("keep", "reject"):
-        return decision == "keep", True
-    rules = effective(thresholds)
-    if not rules:
-        return record.get("keep") is not False, False
-    scores = record.get("scores") or {}
-    for term, rule in rules.items():
-        if not passes(float(scores.get(term, 0.0)), rule):
-            return False, False
-    return True, False
+def score_of(record: dict, key: str) -> float | None:
+    """A score by its key: a term of the record's ``scores`` (``monkey``), or
+    ``field.name`` for an enricher's own scores field (``quality.blur``, ``safety.nsfw``)."""
+    group, dot, name = key.partition(".")
+    if dot and isinstance(record.get(group), dict):
+        value = record[group].get(name)
+    else:
+        value = (record.get("scores") or {}).get(key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value)
+
+
+class Verdicts:
+    """The one rule the review page and ``harvest export`` share, for many records: a
+    manual decision wins; then a near-duplicate or set-aside copy is left out; then the
+    thresholds chosen on the page; with none chosen, the verdict the recipe's ``keep_if``
+    gave when the harvest ran. ``score(record, key)`` reads a score (``score_of`` unless
+    the caller has them at hand)."""
+
+    _COMPARE = {">=": lambda a, b: a >= b, ">": lambda a, b: a > b,
+                "<=": lambda a, b: a <= b, "<": lambda a, b: a < b, "==": lambda a, b: a == b}
+
+    def __init__(self, thresholds: dict[str, dict], decisions: dict[str, str],
+                 aside: dict[str, str] | None = None, score=score_of):
+        self.decisions, self.aside, self.score = decisions, aside or {}, score
+        self.rules = [(key, self._COMPARE[operator_of(rule)], float(rule.get("value", 0)),
+                       operator_of(rule)) for key, rule in sorted(effective(thresholds).items())]
+        self.passing = "passes " + ", ".join(f"{key} {op} {value:.3g}"
+                                             for key, _, value, op in self.rules)
+
+    def __call__(self, record: dict) -> tuple[bool, bool, str]:
+        """(kept, manual, why)."""
+        decision = self.decisions.get(record["id"])
+        if decision in ("keep", "reject"):
+            return decision == "keep", True, ("kept by hand" if decision == "keep"
+                                              else "rejected by hand")
+        if record.get("near_duplicate_of"):
+            return False, False, f"near duplicate of {record['near_duplicate_of']}"
+        if record["id"] in self.aside:
+            return False, False, f"set aside: {self.aside[record['id']]}"
+        if not self.rules:
+            if record.get("keep") is False:
+                failures = "; ".join(map(str, record.get("keep_failures") or [])) or "failed"
+                return False, False, f"recipe keep_if: {failures}"
+            return True, False, "recipe keep_if" if record.get("keep") else "no threshold"
+        for key, compare, value, op in self.rules:
+            score = self.score(record, key)
+            if score is None and "." not in key:
+                score = 0.0  # a term the scorer did not see in the picture
+            if score is None or not compare(score, value):
+                shown = "none" if score is None else f"{score:.3g}"
+                return False, False, f"{key} {shown} fails {op} {value:.3g}"
+        return True, False, self.passing
+
+
+def verdict(record: dict, thresholds: dict[str, dict], decisions: dict[str, str],
+            aside: dict[str, str] | None = None) -> tuple[bool, bool, str]:
+    """(kept, manual, why) of one record: see :class:`Verdicts`."""
+    return Verdicts(thresholds, decisions, aside)(record)
+
+
+def recipe_thresholds(output: Path) -> dict[str, dict]:
+    """The recipe's ``keep_if`` rules as page rules, from ``.harvest/scoring.json``
+    (written at each run), so the review page starts where the recipe left the harvest."""
+    path = output / SCORING
+    try:
+        rules = json.loads(path.read_text(encoding="utf-8")).get("keep_if") or {}
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return {key: {"op": op, "value": value, "enabled": True}
+            for key, (op, value) in rules.items() if op in OPERATORS}
+
+
+def score_fields(output: Path) -> list[str]:
+    """The record fields holding an enricher's own scores (besides ``scores``)."""
+    try:
+        fields = json.loads((output / SCORING).read_text(encoding="utf-8")).get("fields") or []
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [field for field in fields if isinstance(field, str) and field != "scores"]
+
+
+def write_scoring(output: Path, enrichers) -> None:
+    """What the recipe's scorers score and keep: ``fields`` (their scores fields) and
+    ``keep_if`` (by score key, as :func:`score_of` reads it). ``enrichers``: (plugin class,
+    options) pairs."""
+    fields, keep_if = [], {}
+    for cls, options in enrichers:
+        field = getattr(cls, "scores_field", None)
+        if not field:
+            continue
+        fields.append(field)
+        for key, (op, value) in ((options or {}).get("keep_if") or {}).items():
+            keep_if[key if field == "scores" else f"{field}.{key}"] = [op, value]
+    path = output / SCORING
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_suffix(".tmp")
+    temp.write_text(json.dumps({"fields": fields, "keep_if": keep_if}, indent=2,
+                               sort_keys=True), encoding="utf-8")
+    temp.replace(path)
 
 
 def load_saved_review(output: Path) -> tuple[dict, dict] | None:

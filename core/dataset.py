@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .card import Tally, write_card
 from .crypto import ENCRYPTED, FieldCipher, Keyring
-from .curation import load_saved_review, set_aside_ids, verdict
+from .curation import Verdicts, load_saved_review, set_aside_ids
 from .errors import UsageError
 from .storage import safe_component
 
@@ -175,6 +175,7 @@ def export_dataset(output: Path, destination: Path, *, fmt: str = "imagefolder",
     destination.mkdir(parents=True, exist_ok=True)
     saved = load_saved_review(output)  # what the user chose in `harvest review`
     aside = set_aside_ids(output) if only_kept else {}
+    judge = Verdicts(*(saved or ({}, {})), aside)
     counts: dict[str, int] = {}
     seen: set[str] = set()
     kept_path = destination / ".records.jsonl"
@@ -190,9 +191,9 @@ def export_dataset(output: Path, destination: Path, *, fmt: str = "imagefolder",
             sha = file_info.get("sha256")
             if not sha or sha in seen or record.get("duplicate_of"):
                 continue
-            if only_kept and (record.get("near_duplicate_of") or record.get("id") in aside):
-                continue  # the same picture, kept once: the best copy
-            if only_kept and not verdict(record, *(saved or ({}, {})))[0]:
+            # The review page's rule: a manual decision, else near-duplicates left out (the
+            # same picture, kept once: the best copy), else the thresholds.
+            if only_kept and not judge(record)[0]:
                 continue
             source = output / file_info["path"]
             if not source.is_file():

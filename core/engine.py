@@ -24,6 +24,7 @@ from contextlib import ExitStack
 from itertools import islice
 from pathlib import Path
 
+from .curation import write_scoring
 from .errors import DiskFull, PluginConfigError, RecordError, disk_full, one_line
 from .fetch import Fetched, Fetcher
 from .fetchpool import ProcessFetchPool
@@ -114,6 +115,8 @@ class Engine:
         self.state = RunState(self.state_dir / "state.sqlite", self.resolver.redact)
         self.placer = ImagePlacer(self.images_root, self.state, self.coordinator, self.summary)
         run_id = self.state.start_run()
+        if self.part_dir is None:  # what the review page starts from (a cluster's client writes it)
+            write_scoring(self.output, [(spec.cls, spec.options) for spec in self.recipe.enrichers])
         self.state.tombstones |= self.tombstones
         if self.reconsider:
             count = self.state.reconsider(self.reconsider)

@@ -135,6 +135,11 @@ class Enricher(Plugin):
     record does not take its neighbours down with it.
     """
 
+    # The record field holding this enricher's numeric scores, when it has some: the
+    # review page offers a slider per score, and its ``keep_if`` option (a
+    # ``Thresholds``) is where the page starts. None: no scores.
+    scores_field: ClassVar[str | None] = None
+
     def enrich(self, records: list[Record]) -> None:
         raise NotImplementedError
 

@@ -2,9 +2,11 @@
 
 The page (``static/review.html``, plain HTML and JavaScript, no build step) talks to a
 small Flask app. Manual keep/reject decisions and thresholds are written to
-``.harvest/review.sqlite`` as soon as they are made; "Save" also writes
-``review-recipe.yml`` (the thresholds as a recipe snippet) and ``.harvest/review.json``,
-which ``harvest export`` applies.
+``.harvest/review.sqlite`` as soon as they are made, and ``harvest export`` reads that
+file with the same rule (``curation.verdict``), so the dataset is what the page shows.
+The page starts from the recipe's ``keep_if`` (``.harvest/scoring.json``). "Write recipe
+snippet" writes ``review-recipe.yml`` (the thresholds as ``keep_if``) and
+``.harvest/review.json``.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import re
 import secrets
 import socket
 import sqlite3
@@ -24,7 +27,17 @@ import yaml
 from PIL import Image
 
 from .crypto import ENCRYPTED, FieldCipher, Keyring
-from .curation import verdict
+from .curation import (
+    Verdicts,
+    effective,
+    operator_of,
+    passes,
+    recipe_thresholds,
+    score_fields,
+    score_of,
+    set_aside_ids,
+    verdict,
+)
 from .dataset import read_records
 from .errors import UsageError
 
@@ -76,6 +89,47 @@ class Review:
             self.by_id[record["id"]] = record
             self.by_sha[file_info["sha256"]] = self.output / file_info["path"]
         self.terms = sorted({term for r in self.records for term in (r.get("scores") or {})})
+        self.keys = self._score_keys()
+        for record in self.records:  # read once: every view reads them all
+            record["_scores"] = {k["key"]: value for k in self.keys
+                                 if (value := score_of(record, k["key"])) is not None}
+        self.aside = set_aside_ids(self.output)
+        self.groups = self._near_duplicate_groups()
+        self.head_of = {member: head for head, members in self.groups.items()
+                        for member in [head, *members]}
+
+    def _score_keys(self) -> list[dict]:
+        """One slider per score: the scorers' terms (0 to 1), then each enricher's own
+        scores (``quality.blur``...), over the range the records have."""
+        keys = [{"key": term, "label": term, "min": 0.0, "max": 1.0} for term in self.terms]
+        for field in score_fields(self.output):
+            names = sorted({name for r in self.records for name, value in
+                            (r.get(field) or {}).items()
+                            if isinstance(value, (int, float)) and not isinstance(value, bool)})
+            for name in names:
+                key = f"{field}.{name}"
+                values = [v for v in (score_of(r, key) for r in self.records) if v is not None]
+                low, high = min(values), max(values)
+                keys.append({"key": key, "label": f"{field} {name}", "min": low,
+                             "max": high if high > low else low + 1.0})
+        return keys
+
+    def _near_duplicate_groups(self) -> dict[str, list[str]]:
+        """Picture kept -> its near-duplicates (marked copies, and earlier copies set aside
+        for it), from the records and the set-aside list."""
+        groups: dict[str, list[str]] = {}
+        for record in self.records:
+            first = record.get("near_duplicate_of")
+            if first:
+                groups.setdefault(first, []).append(record["id"])
+        for record_id, reason in self.aside.items():
+            found = re.match(r"near duplicate of (\S+) \(", reason or "")
+            if found and record_id in self.by_id:
+                groups.setdefault(found.group(1), []).append(record_id)
+        return {first: members for first, members in groups.items() if first in self.by_id}
+
+    def group_of(self, record_id: str) -> str | None:
+        return self.head_of.get(record_id)
 
     # -- state -----------------------------------------------------------------------------
 
@@ -105,16 +159,22 @@ class Review:
         (self.output / ".harvest" / "review.json").write_text(json.dumps(
             {"thresholds": thresholds, "decisions": decisions}, indent=2, sort_keys=True),
             encoding="utf-8")
-        keep_if = {}
-        for term, rule in sorted(thresholds.items()):
-            value, above = float(rule.get("value", 0)), rule.get("direction", "above") == "above"
-            if rule.get("enabled", True) and not (above and value <= 0):  # >=0 keeps all
-                keep_if[term] = f"{'>=' if above else '<'}{value:g}"
+        by_field: dict[str, dict] = {}
+        for key, rule in sorted(effective(thresholds).items()):
+            field, dot, name = key.partition(".")
+            if not (dot and field in score_fields(self.output)):
+                field, name = "scores", key
+            by_field.setdefault(field, {})[name] = f"{operator_of(rule)}{float(rule['value']):g}"
         snippet = self.output / "review-recipe.yml"
-        snippet.write_text("# Thresholds chosen in `harvest review`; paste under the scorer's "
-                           "options.\n" + yaml.safe_dump({"keep_if": keep_if},
-                                                         allow_unicode=True, sort_keys=True),
-                           encoding="utf-8")
+        lines = ["# Thresholds chosen in `harvest review`; paste each keep_if under the options "
+                 "of the enricher that scores that field (scores: your scorer, such as vision)."]
+        body = by_field.pop("scores", {})
+        text = yaml.safe_dump({"keep_if": body}, allow_unicode=True, sort_keys=True)
+        for field, rules in sorted(by_field.items()):
+            text += f"# {field}:\n" + "".join(
+                f"#   {line}\n" for line in yaml.safe_dump({"keep_if": rules}, allow_unicode=True,
+                                                         sort_keys=True).splitlines())
+        snippet.write_text("\n".join(lines) + "\n" + text, encoding="utf-8")
         return {"snippet": str(snippet), "decisions": str(len(decisions))}
 
     # -- views -----------------------------------------------------------------------------
@@ -126,8 +186,16 @@ class Review:
                 value = record.get(name)
                 if value not in (None, ""):
                     facets[name][str(value)] = facets[name].get(str(value), 0) + 1
-        return {"terms": self.terms, "facets": facets, "total": len(self.records),
-                "thresholds": self.thresholds(), "bins": BINS, "missing": self.missing}
+        thresholds = self.thresholds()
+        if not thresholds:
+            # Where the recipe left the harvest; stored at once, so export agrees.
+            thresholds = {key: rule for key, rule in recipe_thresholds(self.output).items()
+                          if any(k["key"] == key for k in self.keys)}
+            if thresholds:
+                self.store_thresholds(thresholds)
+        return {"terms": self.terms, "keys": self.keys, "facets": facets,
+                "total": len(self.records), "thresholds": thresholds, "bins": BINS,
+                "missing": self.missing, "groups": len(self.groups)}
 
     def store_thresholds(self, thresholds: dict[str, dict]) -> None:
         """Every change applies at once: what the page shows is what export writes."""
@@ -140,43 +208,124 @@ class Review:
 
     def view(self, query: dict) -> dict[str, Any]:
         filters = {k: v for k, v in (query.get("filters") or {}).items() if v not in (None, "")}
-        thresholds = query.get("thresholds") or {}
-        if thresholds != self.thresholds():
+        thresholds = query.get("thresholds")
+        if thresholds is None:
+            thresholds = self.thresholds()
+        elif thresholds != self.thresholds():
             self.store_thresholds(thresholds)
         show = query.get("show", "all")
-        offset, limit = int(query.get("offset", 0)), min(int(query.get("limit", 120)), 1000)
+        offset, limit = max(0, int(query.get("offset", 0))), min(int(query.get("limit", 120)), 1000)
         decisions = self.decisions()
-        histograms = {term: [0] * BINS for term in self.terms}
+        judge = Verdicts(thresholds, decisions, self.aside, _known_score)
+        histograms = {k["key"]: {"kept": [0] * BINS, "dropped": [0] * BINS} for k in self.keys}
+        scales = {k["key"]: (k["min"], BINS / (k["max"] - k["min"])) for k in self.keys}
         kept = dropped = 0
         items = []
         for record in self.records:
-            if any(str(record.get(name)) != value for name, value in filters.items()):
+            if filters and any(str(record.get(name)) != value for name, value in filters.items()):
                 continue
-            scores = record.get("scores") or {}
-            for term in self.terms:
-                score = float(scores.get(term, 0.0))
-                histograms[term][min(BINS - 1, int(score * BINS))] += 1
-            is_kept, manual = verdict(record, thresholds, decisions)
+            is_kept, manual, why = judge(record)
+            side = "kept" if is_kept else "dropped"
+            for key, score in record["_scores"].items():
+                low, scale = scales[key]
+                histograms[key][side][min(BINS - 1, max(0, int((score - low) * scale)))] += 1
             kept += is_kept
             dropped += not is_kept
-            if show == "kept" and not is_kept or show == "dropped" and is_kept:
+            if (show == "kept" and not is_kept or show == "dropped" and is_kept
+                    or show == "manual" and not manual
+                    or show == "near-duplicates" and self.group_of(record["id"]) is None):
                 continue
-            items.append((record, is_kept, manual))
-        page = [{"id": r["id"], "sha": r["file"]["sha256"], "title": r.get("title") or "",
-                 "kept": k, "manual": m, "scores": r.get("scores") or {}}
-                for r, k, m in items[offset: offset + limit]]
+            items.append((record, is_kept, manual, why))
+        items = self._sorted(items, query.get("sort") or {}, thresholds)
+        page = [self._item(r, k, m, w) for r, k, m, w in items[offset: offset + limit]]
         return {"kept": kept, "dropped": dropped, "matching": kept + dropped,
                 "shown": len(items), "histograms": histograms, "items": page,
-                "offset": offset}
+                "offset": offset, "agreement": self.agreement(thresholds, decisions)}
+
+    def _sorted(self, items: list, sort: dict, thresholds: dict) -> list:
+        """By a score, or by the distance of a score from its threshold (the pictures
+        next to the cut are the ones worth a look); records without the score last."""
+        key, descending = sort.get("key") or "", bool(sort.get("descending"))
+        if not key:
+            return items
+        cut = None
+        if key.startswith("margin:"):
+            key = key[len("margin:"):]
+            if key not in thresholds:
+                return items
+            cut = float(thresholds[key].get("value", 0))
+        measured = [(item, item[0]["_scores"].get(key)) for item in items]
+        present = [(item, value if cut is None else abs(value - cut))
+                   for item, value in measured if value is not None]
+        present.sort(key=lambda pair: pair[1], reverse=descending)
+        return [item for item, _ in present] + [item for item, value in measured if value is None]
+
+    def _item(self, record: dict, kept: bool, manual: bool, why: str) -> dict:
+        group = self.group_of(record["id"])
+        return {"id": record["id"], "sha": record["file"]["sha256"],
+                "title": record.get("title") or "", "kept": kept, "manual": manual,
+                "why": why, "scores": record["_scores"],
+                "group": None if group is None else {"head": group,
+                                                     "size": 1 + len(self.groups[group])}}
+
+    def agreement(self, thresholds: dict, decisions: dict[str, str]) -> dict[str, dict]:
+        """For each score with a threshold, how the threshold agrees with the pictures
+        marked by hand (kept by hand: positive): precision, recall and F1, and the
+        threshold that would maximise F1 on those marks."""
+        marked = [(self.by_id[i], d == "keep") for i, d in decisions.items()
+                  if i in self.by_id and d in ("keep", "reject")]
+        if not any(k for _, k in marked) or all(k for _, k in marked):
+            return {}
+        found = {}
+        for key, rule in effective(thresholds).items():
+            pairs = [(r["_scores"].get(key), wanted) for r, wanted in marked]
+            pairs = [(0.0 if s is None and "." not in key else s, w) for s, w in pairs]
+            pairs = [(s, w) for s, w in pairs if s is not None]
+            if not pairs:
+                continue
+            current = _agreement(pairs, rule)
+            best = max(({**_agreement(pairs, {**rule, "value": s}), "value": s}
+                        for s in sorted({s for s, _ in pairs})),
+                       key=lambda a: (a["f1"], -abs(a["value"] - float(rule["value"]))))
+            found[key] = {**current, "marked": len(pairs), "best": best}
+        return found
 
     def detail(self, record_id: str) -> dict[str, Any]:
         record = self.by_id[record_id]
-        decision = self.decisions().get(record_id)
+        decisions = self.decisions()
+        kept, manual, why = verdict(record, self.thresholds(), decisions, self.aside)
         hidden = set(record.get("_encrypted_fields", []))
         fields = {k: ("(encrypted: start the review with --key-file to see it)"
                       if k in hidden else v)
                   for k, v in record.items() if not k.startswith("_") and k != "exif"}
-        return {"record": fields, "decision": decision, "sha": record["file"]["sha256"]}
+        ifd0 = ((record.get("exif") or {}).get("IFD0") or {}) if "exif" not in hidden else {}
+        camera = " ".join(str(ifd0[k]) for k in ("Make", "Model") if ifd0.get(k)) or None
+        group = self.group_of(record_id)
+        return {"record": fields, "rows": _rows(fields), "decision": decisions.get(record_id),
+                "sha": record["file"]["sha256"], "kept": kept, "manual": manual, "why": why,
+                "scores": record["_scores"],
+                "labels": record.get("labels") or {}, "camera": camera,
+                "place": ", ".join(str(fields[k]) for k in ("city", "country")
+                                   if fields.get(k) and k not in hidden) or None,
+                "license": fields.get("license"), "attribution": fields.get("attribution"),
+                "page_url": _web_link(fields.get("page_url")), "title": fields.get("title"),
+                "group": None if group is None else group}
+
+    def group(self, head: str) -> list[dict]:
+        """A near-duplicate group, the picture kept first, side by side on the page."""
+        decisions, thresholds = self.decisions(), self.thresholds()
+        members = [head, *self.groups.get(head, [])]
+        shown = []
+        for record_id in members:
+            record = self.by_id[record_id]
+            kept, manual, why = verdict(record, thresholds, decisions, self.aside)
+            file_info = record["file"]
+            shown.append({"id": record_id, "sha": file_info["sha256"], "kept": kept,
+                          "why": why, "width": file_info.get("width"),
+                          "height": file_info.get("height"), "license": record.get("license"),
+                          "distance": record.get("near_duplicate_distance"),
+                          "source": record.get("source")})
+        return shown
 
     def thumbnail(self, sha: str) -> Path | None:
         """The cached thumbnail, made on first request; None when the image is unreadable."""
@@ -198,6 +347,41 @@ class Review:
             log.warning("thumbnail for %s: %s", sha[:12], exc)
             return None
         return cached
+
+
+def _known_score(record: dict, key: str) -> float | None:
+    return record["_scores"].get(key)
+
+
+def _agreement(pairs: list[tuple[float, bool]], rule: dict) -> dict:
+    true_pos = sum(1 for score, wanted in pairs if wanted and passes(score, rule))
+    false_pos = sum(1 for score, wanted in pairs if not wanted and passes(score, rule))
+    false_neg = sum(1 for score, wanted in pairs if wanted and not passes(score, rule))
+    precision = true_pos / (true_pos + false_pos) if true_pos + false_pos else 0.0
+    recall = true_pos / (true_pos + false_neg) if true_pos + false_neg else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"precision": round(precision, 3), "recall": round(recall, 3), "f1": round(f1, 3)}
+
+
+def _rows(fields: dict, prefix: str = "") -> list[list[str]]:
+    """Nested fields as (name, text) rows, ``a.b`` for a field inside another, so the page
+    shows a small table rather than clipped JSON."""
+    rows = []
+    for key, value in fields.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            rows.extend(_rows(value, f"{name}."))
+        elif isinstance(value, list):
+            simple = all(not isinstance(v, (dict, list)) for v in value)
+            rows.append([name, ", ".join(map(str, value)) if simple else json.dumps(value)])
+        else:
+            rows.append([name, "" if value is None else str(value)])
+    return rows
+
+
+def _web_link(url) -> str | None:
+    """Only http(s) links become clickable: a record's URL is not the page's to trust."""
+    return url if isinstance(url, str) and re.match(r"https?://", url) else None
 
 
 PLACEHOLDER = (b'<svg xmlns="http://www.w3.org/2000/svg" width="256" height="256">'
@@ -269,6 +453,13 @@ def create_app(review: Review, token: str, port: int, allow_remote: bool = False
     def save():
         body = request.get_json() or {}
         return jsonify(review.save(body.get("thresholds") or {}))
+
+    @app.get("/api/group/<path:record_id>")
+    def group(record_id):
+        head = review.group_of(record_id)
+        if head is None:
+            abort(404)
+        return jsonify({"head": head, "members": review.group(head)})
 
     @app.get("/thumb/<sha>")
     def thumb(sha):

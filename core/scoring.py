@@ -145,9 +145,11 @@ class LabelScorer(Enricher):
         failing = [f"{term} {scores[term]:.2f} fails {op}{bound:g}"
                    for term, (op, bound) in thresholds.items()
                    if not Thresholds.holds((op, bound), scores[term])]
-        record.fields["keep"] = not failing
+        # One verdict for the record: a failure of any scorer stays, whichever runs last.
+        record.fields["keep"] = record.fields.get("keep", True) is not False and not failing
         if failing:
-            record.fields["keep_failures"] = failing
+            record.fields["keep_failures"] = [*record.fields.get("keep_failures", []),
+                                              *failing]
             if self.config["action"] == "drop":
                 record.drop("score: " + "; ".join(failing))
 

@@ -13,6 +13,7 @@ from conftest import read_jsonl
 from imagegen import make_image
 from PIL import Image, ImageEnhance
 
+from harvest.core.curation import set_aside_ids
 from harvest.core.hamming import HammingIndex
 
 
@@ -65,8 +66,7 @@ def test_near_duplicates_across_runs_and_the_best_copy_is_kept(recipe_file, harv
         copy = records[first if marked[first] else second]
         assert copy["near_duplicate_distance"] <= 10
     # A smaller copy stored first is set aside when the larger one arrives.
-    aside = [json.loads(line)["id"] for line in
-             (output / ".harvest" / "set-aside.jsonl").read_text().splitlines()]
+    aside = set_aside_ids(output)
     assert marked["1-a.jpg"] is None and marked["3-b-big.jpg"] is None
     assert marked["1-b-crop.jpg"] == "folder:1-a.jpg" or "folder:1-b-crop.jpg" in aside
     assert marked["3-a.jpg"] == "folder:3-b-big.jpg" or "folder:3-a.jpg" in aside

@@ -57,6 +57,7 @@ def quality_scores(path, width: int, height: int) -> dict[str, float]:
 class QualityEnricher(Enricher):
     """Image-quality scores (blur, exposure, entropy, colour, shape) and thresholds."""
 
+    scores_field = "quality"
     options = (
         Option("keep_if", Thresholds(), None,
                help='thresholds on the scores, e.g. {blur: ">=60", dark: "<0.8"}'),
@@ -88,8 +89,15 @@ class QualityEnricher(Enricher):
             record.fields["quality_ok"] = not failed
             if failed:
                 record.fields["quality_failed"] = failed
+                # The record's one verdict, which export and review read (no other
+                # scorer's pass may turn it back).
+                record.fields["keep"] = False
+                record.fields["keep_failures"] = [
+                    *record.fields.get("keep_failures", []), *(f"quality {f}" for f in failed)]
                 if self.config["action"] == "drop":
                     record.drop("quality: " + "; ".join(failed))
+            else:
+                record.fields.setdefault("keep", True)
 
 
 @hookimpl
