@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import read_jsonl
-from fakes import FakeVision
+from fakes import FakeVision, LocalServer
 from imagegen import coloured_image
 from mongo_server import free_port
 
@@ -521,5 +521,66 @@ def test_narrow_window_and_labelled_controls(scored_harvest):
             assert page.locator(".tile .badge").first.inner_text() in ("✓ kept", "✕ dropped")
             browser.close()
     finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+@needs_browser
+def test_a_page_on_another_origin_cannot_drive_the_review(scored_harvest):
+    """A web page the user visits (here on another local port) knows the review's port
+    and even a record id; it tries a text/plain fetch, a JSON fetch, a form post and
+    reading the records. Nothing changes, nothing is read."""
+    from playwright.sync_api import sync_playwright
+
+    record_id = read_jsonl(scored_harvest / "records.jsonl")[0]["id"]
+    port = free_port()
+    server = start_review(scored_harvest, port)
+    target = f"http://127.0.0.1:{port}"
+    attack = f"""<!DOCTYPE html><html><body>
+<form id="f" method="POST" action="{target}/api/decision" enctype="text/plain">
+<input name='{{"id": "{record_id}", "decision": "reject", "x": "' value='"}}'></form>
+<script>
+window.results = [];
+const body = JSON.stringify({{id: "{record_id}", decision: "reject"}});
+async function attempt(name, promise) {{
+  try {{ const r = await promise; window.results.push([name, r.type, r.status]); }}
+  catch (e) {{ window.results.push([name, "error", String(e)]); }}
+}}
+(async () => {{
+  await attempt("plain", fetch("{target}/api/decision", {{method: "POST", mode: "no-cors",
+        headers: {{"Content-Type": "text/plain"}}, body}}));
+  await attempt("json", fetch("{target}/api/decision", {{method: "POST",
+        headers: {{"Content-Type": "application/json"}}, body}}));
+  await attempt("read", fetch("{target}/api/meta").then((r) => r.json()));
+  // Even with the token (a leaked link): a cross-origin text/plain post is refused.
+  await attempt("plain+token", fetch("{target}/api/decision?token={{TOKEN}}", {{method: "POST",
+        mode: "no-cors", headers: {{"Content-Type": "text/plain"}}, body}}));
+  document.body.dataset.done = "yes";
+}})();
+</script></body></html>"""
+    attack = attack.replace("{TOKEN}", server.token)
+    evil = LocalServer(lambda method, path, headers, body:
+                       (200, {"Content-Type": "text/html"}, attack.encode())).start()
+    try:
+        with sync_playwright() as playwright:
+            browser = launch(playwright)
+            page = browser.new_page()
+            page.goto(evil.url + "/")
+            page.wait_for_selector("body[data-done=yes]")
+            results = {name: rest for name, *rest in page.evaluate("window.results")}
+            assert results["json"][0] == "error"  # the preflight fails: no CORS
+            assert results["read"][0] == "error"
+            with page.expect_navigation() as navigation:  # the classic form CSRF
+                page.evaluate("document.getElementById('f').submit()")
+            assert navigation.value.status == 403 and "token" in page.content()
+            browser.close()
+        decisions = api(target, server.token, f"/api/record/{record_id}")["decision"]
+        assert decisions is None  # the record was never rejected
+        status, body = request(f"{target}/api/view", method="POST", body=b"{}",
+                               headers={"Content-Type": "application/json",
+                                        "X-Harvest-Token": server.token})
+        assert status == 200 and json.loads(body)["kept"] == 12
+    finally:
+        evil.stop()
         server.terminate()
         server.wait(timeout=10)
