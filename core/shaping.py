@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .errors import RecordError
@@ -208,8 +208,9 @@ def _render(source, settings: ImageSettings, width: int, height: int, image_form
         faces = None
         if settings.blur_faces:
             faces = find_faces(picture, settings.blur_min_confidence)
-            if not faces and not reencodes(settings, width, height, image_format,
-                                           blurring=False):
+            # No face: stored as it would be without blurring (a GIF stays a GIF).
+            if not faces and not (replace(settings, blur_faces=False).active and reencodes(
+                    settings, width, height, image_format, blurring=False)):
                 return source.getvalue(), None
         if faces:
             exif = exif_without_pictures(picture)

@@ -271,3 +271,16 @@ sources: [{{use: urls, options: {{path: list.txt}}}}]
         original = (SAMPLES / name).read_bytes()
         body = original.rfind(b"\xff\xda")
         assert original[body + 200: body + 456] not in written, name
+
+
+def test_a_picture_without_faces_keeps_its_bytes_and_format():
+    """Blurring on, nothing else asked: a GIF or PNG without a face is stored as it came."""
+    from PIL import Image
+
+    for image_format in ("GIF", "PNG"):
+        out = io.BytesIO()
+        Image.new("RGB", (200, 150), (30, 120, 200)).save(out, image_format)
+        data = out.getvalue()
+        stored, shaped = shape_in_memory(data, ImageSettings(blur_faces=True), 200, 150,
+                                         image_format, "x", lambda amount: nullcontext())
+        assert shaped is None and stored == data, image_format
