@@ -390,7 +390,7 @@ def test_precision_and_recall_against_the_marks(cleaned_harvest):
 
 
 @needs_browser
-def test_sort_keyboard_undo_groups_and_detail(cleaned_harvest, tmp_path):
+def test_sort_keyboard_undo_groups_and_detail(cleaned_harvest, tmp_path, harvest):
     from playwright.sync_api import expect, sync_playwright
 
     port = free_port()
@@ -489,10 +489,15 @@ def test_sort_keyboard_undo_groups_and_detail(cleaned_harvest, tmp_path):
                 page.wait_for_timeout(500)
                 page.screenshot(path=str(Path(shots) / "review-screenshot.png"))
             assert not errors, errors
+            # After all of that, export writes exactly the pictures the page shows as kept.
+            redrawn(lambda: page.locator("#show").select_option("kept"))
+            shown_kept = set(page.locator(".tile").evaluate_all("t => t.map(x => x.dataset.id)"))
+            assert len(shown_kept) == int(page.locator("#kept").inner_text())
             browser.close()
     finally:
         server.terminate()
         server.wait(timeout=10)
+    assert exported_ids(harvest, cleaned_harvest, tmp_path / "dataset") == shown_kept
 
 
 @needs_browser
