@@ -216,3 +216,29 @@ def test_safety_scores_faces_on_real_photos(recipe_file, harvest, tmp_path):
         for landscape in ("DSCN0010.jpg", "DSCN0012.jpg"):
             assert records[landscape]["safety"]["faces"] == 0
             assert records[landscape]["safety"]["nsfw"] < 0.2 and records[landscape]["keep"]
+
+
+def test_a_mirrored_copy_is_found_unless_told_not_to(recipe_file, harvest, tmp_path):
+    from PIL import ImageOps
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    data = make_image(31, size=(320, 240))
+    (photos / "a.jpg").write_bytes(data)
+    out = io.BytesIO()
+    ImageOps.mirror(Image.open(io.BytesIO(data))).resize((300, 225)).save(out, "JPEG")
+    (photos / "b-flipped.jpg").write_bytes(out.getvalue())
+    for mirrored, expected in (("true", True), ("false", False)):
+        output = tmp_path / mirrored
+        text = recipe(photos, output).replace(
+            "{action: mark}", f"{{action: mark, mirrored: {mirrored}}}")
+        status, _, err = harvest("run", recipe_file(text, f"{mirrored}.yml"), "--no-progress")
+        assert status == 0, err
+        records = {r["source_id"]: r for r in read_jsonl(output / "records.jsonl")}
+        flipped, aside = records["b-flipped.jpg"], set_aside_ids(output)
+        # The smaller copy is left out: marked when it came second, set aside when first.
+        found = flipped.get("near_duplicate_of") == "folder:a.jpg" or "folder:b-flipped.jpg" in aside
+        assert found is expected, (flipped, aside)
+        if flipped.get("near_duplicate_of"):
+            assert flipped["near_duplicate_mirrored"] is True
+        assert not records["a.jpg"].get("near_duplicate_of")

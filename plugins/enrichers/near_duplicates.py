@@ -21,6 +21,7 @@ earlier one (already stored) is set aside: ``harvest export`` leaves it out.
 from __future__ import annotations
 
 from harvest.core import (
+    Bool,
     Choice,
     Enricher,
     Int,
@@ -44,17 +45,20 @@ def license_rank(license_id: str | None) -> int:
     return 1
 
 
-def perceptual_hashes(path) -> tuple[int, int]:
-    """(pHash, dHash) of an image file as unsigned 64-bit integers."""
+def perceptual_hashes(path) -> tuple[int, int, int, int]:
+    """(pHash, dHash) of an image file, then the same of the picture mirrored left to
+    right, as unsigned 64-bit integers."""
     import imagehash
-    from PIL import Image
+    from PIL import Image, ImageOps
 
     with Image.open(path) as image:
         if image.format == "JPEG":
             image.draft("L", (64, 64))
         image.load()
         grey = image.convert("L")
-    return (int(str(imagehash.phash(grey)), 16), int(str(imagehash.dhash(grey)), 16))
+    mirror = ImageOps.mirror(grey)
+    return tuple(int(str(hasher(picture)), 16) for picture in (grey, mirror)
+                 for hasher in (imagehash.phash, imagehash.dhash))
 
 
 class NearDuplicateEnricher(Enricher):
@@ -65,6 +69,8 @@ class NearDuplicateEnricher(Enricher):
                help="most pHash bits (of 64) two copies may differ in"),
         Option("max_dhash_distance", Int(0, 64), 14,
                help="most dHash bits two copies may differ in (a second opinion)"),
+        Option("mirrored", Bool(), True,
+               help="also find copies flipped left to right (as blogs and ads do)"),
         Option("action", Choice("mark", "drop"), "mark",
                help="mark later copies (near_duplicate_of) or drop them"),
     )
@@ -75,14 +81,17 @@ class NearDuplicateEnricher(Enricher):
         for record in records:
             if record.file is None or record.duplicate_of:
                 continue  # an exact copy: its original carries the hashes
-            phash, dhash = perceptual_hashes(inside(output, record.file.path))
+            phash, dhash, mirror_phash, mirror_dhash = perceptual_hashes(
+                inside(output, record.file.path))
             record.fields["phash"], record.fields["dhash"] = f"{phash:016x}", f"{dhash:016x}"
-            work.append(record)
+            mirror = (mirror_phash, mirror_dhash) if self.config["mirrored"] else (None, None)
+            work.append((record, (record.id, phash, dhash, record.file.width
+                                  * record.file.height,
+                                  license_rank(record.fields.get("license")), *mirror)))
         if not work:
             return
-        batch = [(record.id, int(record.fields["phash"], 16), int(record.fields["dhash"], 16),
-                  record.file.width * record.file.height,
-                  license_rank(record.fields.get("license"))) for record in work]
+        batch = [item for _, item in work]
+        work = [record for record, _ in work]
         # The coordinator holds the registry: this pipeline's, or on a cluster the
         # scheduler's, shared by every worker.
         decisions = self.context.coordinator.place_copies(
@@ -93,6 +102,8 @@ class NearDuplicateEnricher(Enricher):
                 first_id, distance = decision["copy_of"], decision["distance"]
                 record.fields["near_duplicate_of"] = first_id
                 record.fields["near_duplicate_distance"] = distance
+                if decision.get("mirrored"):
+                    record.fields["near_duplicate_mirrored"] = True
                 if self.config["action"] == "drop":
                     record.drop(f"near duplicate of {first_id} (distance {distance})")
                 continue
