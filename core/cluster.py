@@ -212,9 +212,10 @@ class ClusterCoordinator(Coordinator):
                                         batch=[list(item) for item in batch],
                                         max_distance=max_distance,
                                         max_dhash_distance=max_dhash_distance)
-        if self._copies is None:
-            self._copies = (None, CopyStore(state_dirs[0]))
-        self._copies[1].save(tuple(row) for row in changed)
+        with self._copies_lock:
+            if self._copies is None:
+                self._copies = (None, CopyStore(state_dirs[0]))
+            self._copies[1].save(tuple(row) for row in changed)
         return decisions
 
 

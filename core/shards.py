@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,7 @@ class Coordinator:
     def __init__(self):
         self._buckets = TokenBuckets()
         self._copies = None
+        self._copies_lock = threading.Lock()  # a batch is placed whole, one at a time
 
     def reserve(self, key: str, rate: float, burst: float = 1.0) -> float:
         """Takes a token from bucket ``key``; returns the seconds to wait before using it."""
@@ -88,13 +90,14 @@ class Coordinator:
         first of them."""
         from .copies import CopyRegistry, CopyStore, stored_rows
 
-        if self._copies is None:
-            registry = CopyRegistry()
-            registry.load(stored_rows(state_dirs))
-            self._copies = (registry, CopyStore(state_dirs[0]))
-        registry, store = self._copies
-        decisions, changed = registry.place(batch, max_distance, max_dhash_distance)
-        store.save(changed)
+        with self._copies_lock:
+            if self._copies is None:
+                registry = CopyRegistry()
+                registry.load(stored_rows(state_dirs))
+                self._copies = (registry, CopyStore(state_dirs[0]))
+            registry, store = self._copies
+            decisions, changed = registry.place(batch, max_distance, max_dhash_distance)
+            store.save(changed)
         return decisions
 
     def close(self) -> None:
