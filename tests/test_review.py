@@ -427,6 +427,10 @@ def test_sort_keyboard_undo_groups_and_detail(cleaned_harvest, tmp_path, harvest
 
             # Keyboard: move, reject, undo, keep, open, next, close; the grid stays put.
             redrawn(lambda: page.locator("#sort").select_option(""))
+            page.evaluate("document.activeElement.blur()")
+            page.keyboard.press("x")  # no tile has the focus: nothing is decided
+            page.wait_for_timeout(200)
+            assert page.locator(".tile[data-manual]").count() == 0
             page.locator(".tile").first.focus()
             page.keyboard.press("ArrowRight")
             assert page.evaluate("document.activeElement.dataset.index") == "1"
