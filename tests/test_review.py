@@ -28,15 +28,26 @@ needs_browser = pytest.mark.skipif(not Path(CHROMIUM).exists(),
 RED, BLUE, GREEN = (200, 30, 30), (30, 30, 200), (30, 200, 30)
 
 
-@pytest.fixture
-def scored_harvest(tmp_path, harvest, monkeypatch):
+def vision_harvest(tmp_path, harvest, monkeypatch, counts: tuple[int, int, int],
+                   enrichers: str, copies=()) -> Path:
+    """A folder of red, blue and green pictures (``counts`` of each), plus ``copies``
+    (name, size, JPEG quality) of the first red one, harvested with ``enrichers`` against
+    the Cloud Vision stand-in (``{vision}``: its endpoint)."""
+    import io
+
+    from PIL import Image
+
     vision = FakeVision().start()
     monkeypatch.setenv("GOOGLE_VISION_KEY", vision.api_key)
     gallery = tmp_path / "gallery"
     gallery.mkdir()
-    colours = [("red", RED)] * 6 + [("blue", BLUE)] * 4 + [("green", GREEN)] * 2
+    colours = [("red", RED)] * counts[0] + [("blue", BLUE)] * counts[1] + [("green", GREEN)] * counts[2]
     for index, (name, colour) in enumerate(colours):
         (gallery / f"{name}-{index:02d}.jpg").write_bytes(coloured_image(colour, index, (320, 240)))
+    for name, size, quality in copies:
+        out = io.BytesIO()
+        Image.open(gallery / "red-00.jpg").resize(size).save(out, "JPEG", quality=quality)
+        (gallery / f"{name}.jpg").write_bytes(out.getvalue())
     output = tmp_path / "out"
     recipe = tmp_path / "recipe.yml"
     recipe.write_text(f"""
@@ -44,8 +55,7 @@ terms: [monkey, cage]
 output: {output}
 sources: [{{use: folder, options: {{path: {gallery}}}}}]
 enrichers:
-  - use: vision
-    options: {{endpoint: {vision.url}, synonyms: {{monkey: [macaque]}}}}
+{enrichers.format(vision=vision.url)}
 """)
     try:
         status, _, err = harvest("run", recipe, "--no-progress")
@@ -53,6 +63,13 @@ enrichers:
         vision.stop()
     assert status == 0, err
     return output
+
+
+@pytest.fixture
+def scored_harvest(tmp_path, harvest, monkeypatch):
+    return vision_harvest(tmp_path, harvest, monkeypatch, (6, 4, 2), """
+  - use: vision
+    options: {{endpoint: {vision}, synonyms: {{monkey: [macaque]}}}}""")
 
 
 def start_review(output: Path, port: int, cwd=None) -> subprocess.Popen:
@@ -246,40 +263,11 @@ def test_relative_path_and_export_equals_the_page(scored_harvest, tmp_path, harv
 def cleaned_harvest(tmp_path, harvest, monkeypatch):
     """Scored by Vision with the recipe's keep_if, by quality, and near-duplicates marked:
     a red picture is there three times (as taken, half size, JPEG quality 30)."""
-    import io
-
-    from PIL import Image
-
-    vision = FakeVision().start()
-    monkeypatch.setenv("GOOGLE_VISION_KEY", vision.api_key)
-    gallery = tmp_path / "gallery"
-    gallery.mkdir()
-    colours = [("red", RED)] * 8 + [("blue", BLUE)] * 6 + [("green", GREEN)] * 4
-    for index, (name, colour) in enumerate(colours):
-        (gallery / f"{name}-{index:02d}.jpg").write_bytes(coloured_image(colour, index, (320, 240)))
-    original = Image.open(gallery / "red-00.jpg")
-    for name, size, quality in (("copy-half", (160, 120), 90), ("copy-q30", (320, 240), 30)):
-        out = io.BytesIO()
-        original.resize(size).save(out, "JPEG", quality=quality)
-        (gallery / f"{name}.jpg").write_bytes(out.getvalue())
-    output = tmp_path / "out"
-    recipe = tmp_path / "recipe.yml"
-    recipe.write_text(f"""
-terms: [monkey, cage]
-output: {output}
-sources: [{{use: folder, options: {{path: {gallery}}}}}]
-enrichers:
+    return vision_harvest(tmp_path, harvest, monkeypatch, (8, 6, 4), """
   - use: vision
-    options: {{endpoint: {vision.url}, synonyms: {{monkey: [macaque]}}, keep_if: {{monkey: ">=0.5"}}}}
+    options: {{endpoint: {vision}, synonyms: {{monkey: [macaque]}}, keep_if: {{monkey: ">=0.5"}}}}
   - quality
-  - near_duplicates
-""")
-    try:
-        status, _, err = harvest("run", recipe, "--no-progress")
-    finally:
-        vision.stop()
-    assert status == 0, err
-    return output
+  - near_duplicates""", copies=(("copy-half", (160, 120), 90), ("copy-q30", (320, 240), 30)))
 
 
 def api(base: str, token: str, path: str, body=None):
