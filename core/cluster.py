@@ -39,12 +39,11 @@ from .http import TokenBuckets
 from .lock import OutputLock
 from .recipe import Recipe
 from .secrets import RedactingFilter, SecretResolver
-from .shards import Coordinator, Shard
+from .shards import SHARDS_DIR, Coordinator, Shard, state_dirs
 from .state import RunState
 from .summary import Progress, Summary
 
 PLUGIN_NAME = "harvest-coordinator"
-SHARDS_DIR = Path(".harvest") / "shards"
 MAIN_OWNER = "-"  # claims held by records already in the output (an earlier run)
 PRELOAD_CHUNK = 20_000
 STOP_GRACE_SECONDS = 60.0
@@ -421,9 +420,8 @@ class ClusterRun:
         # Near-duplicate registry: every picture placed by earlier runs, here or on shards.
         from .copies import stored_rows
 
-        stores = [self.output / ".harvest", *sorted((self.output / SHARDS_DIR).glob("*/.harvest"))]
         chunk: list = []
-        for row in stored_rows(stores):
+        for row in stored_rows(state_dirs(self.output)):
             chunk.append(list(row))
             if len(chunk) >= PRELOAD_CHUNK:
                 client.sync(client.scheduler.harvest_load_copies, run=self.run_id, rows=chunk)

@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .options import Thresholds
+
 OPERATORS = (">=", ">", "<=", "<", "==")
 SCORING = Path(".harvest") / "scoring.json"
 
@@ -21,9 +23,7 @@ def operator_of(rule: dict) -> str:
 
 def passes(score: float, rule: dict) -> bool:
     """A threshold rule from the page: keep when the score compares to its value."""
-    value = float(rule.get("value", 0))
-    return {">=": score >= value, ">": score > value, "<=": score <= value,
-            "<": score < value, "==": score == value}[operator_of(rule)]
+    return Thresholds.holds((operator_of(rule), float(rule.get("value", 0))), score)
 
 
 def effective(thresholds: dict[str, dict]) -> dict[str, dict]:
@@ -53,16 +53,13 @@ class Verdicts:
     gave when the harvest ran. ``score(record, key)`` reads a score (``score_of`` unless
     the caller has them at hand)."""
 
-    _COMPARE = {">=": lambda a, b: a >= b, ">": lambda a, b: a > b,
-                "<=": lambda a, b: a <= b, "<": lambda a, b: a < b, "==": lambda a, b: a == b}
-
     def __init__(self, thresholds: dict[str, dict], decisions: dict[str, str],
                  aside: dict[str, str] | None = None, score=score_of):
         self.decisions, self.aside, self.score = decisions, aside or {}, score
-        self.rules = [(key, self._COMPARE[operator_of(rule)], float(rule.get("value", 0)),
-                       operator_of(rule)) for key, rule in sorted(effective(thresholds).items())]
+        self.rules = [(key, float(rule.get("value", 0)), operator_of(rule))
+                      for key, rule in sorted(effective(thresholds).items())]
         self.passing = "passes " + ", ".join(f"{key} {op} {value:.3g}"
-                                             for key, _, value, op in self.rules)
+                                             for key, value, op in self.rules)
 
     def __call__(self, record: dict) -> tuple[bool, bool, str]:
         """(kept, manual, why)."""
@@ -79,11 +76,11 @@ class Verdicts:
                 failures = "; ".join(map(str, record.get("keep_failures") or [])) or "failed"
                 return False, False, f"recipe keep_if: {failures}"
             return True, False, "recipe keep_if" if record.get("keep") else "no threshold"
-        for key, compare, value, op in self.rules:
+        for key, value, op in self.rules:
             score = self.score(record, key)
             if score is None and "." not in key:
                 score = 0.0  # a term the scorer did not see in the picture
-            if score is None or not compare(score, value):
+            if score is None or not Thresholds.holds((op, value), score):
                 shown = "none" if score is None else f"{score:.3g}"
                 return False, False, f"{key} {shown} fails {op} {value:.3g}"
         return True, False, self.passing

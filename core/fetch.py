@@ -239,12 +239,7 @@ class Fetcher:
             raise RecordError(f"refused: {scheme or 'no'} scheme (only http and https)")
         if self.images is not None and self.images.blur_faces:
             return self._fetch_in_memory(url, scheme, expect_sha1)
-        # A name from a counter, not mkstemp's random tries (a tenth of a download's CPU);
-        # O_EXCL still refuses to reuse anything already there.
-        name = os.path.join(self.temp_dir, f"{self.temp_prefix}{next(self.temp_names)}.part")
-        handle = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL
-                         | getattr(os, "O_NOFOLLOW", 0), 0o644)
-        temp_path = Path(name)
+        temp_path, handle = self._new_temp()
         try:
             with os.fdopen(handle, "wb", buffering=0) as out:  # 64 KB writes: no buffer
                 if scheme == "file":
@@ -273,6 +268,14 @@ class Fetcher:
                            shaped.format, shaped.original)
         return Fetched(temp_path, size, digest, width, height, image_format)
 
+    def _new_temp(self) -> tuple[Path, int]:
+        """A new temporary file for a download, and its open descriptor. The name comes
+        from a counter, not mkstemp's random tries (a tenth of a download's CPU); O_EXCL
+        still refuses to reuse anything already there."""
+        name = os.path.join(self.temp_dir, f"{self.temp_prefix}{next(self.temp_names)}.part")
+        return Path(name), os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL
+                                   | getattr(os, "O_NOFOLLOW", 0), 0o644)
+
     def _fetch_in_memory(self, url: str, scheme: str, expect_sha1: str | None) -> Fetched:
         """For ``blur_faces``: the download is held in memory (``max_bytes`` bounds it),
         its faces blurred, and only the result written to a temporary file."""
@@ -287,10 +290,7 @@ class Fetcher:
         check_size(self.images, width, height)
         stored, shaped = shape_in_memory(data, self.images, width, height, image_format,
                                          digest, self._room)
-        name = os.path.join(self.temp_dir, f"{self.temp_prefix}{next(self.temp_names)}.part")
-        handle = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL
-                         | getattr(os, "O_NOFOLLOW", 0), 0o644)
-        temp_path = Path(name)
+        temp_path, handle = self._new_temp()
         try:
             with os.fdopen(handle, "wb") as out:
                 out.write(stored)

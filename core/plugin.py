@@ -13,7 +13,7 @@ import pluggy
 
 from .options import Option
 from .record import Query, Record, Term
-from .shards import Coordinator
+from .shards import Coordinator, state_dirs
 
 if TYPE_CHECKING:
     import requests
@@ -51,9 +51,7 @@ class Context:
     def output_state_dirs(self) -> list[Path]:
         """This pipeline's state folder, then the output's others (the main one, each
         cluster shard's): where stores of earlier runs and other shards are."""
-        main = self.output_dir / ".harvest"
-        shards = sorted(path for path in (main / "shards").glob("*/.harvest") if path.is_dir())
-        return [self.state_dir] + [d for d in [main, *shards] if d != self.state_dir]
+        return [self.state_dir] + [d for d in state_dirs(self.output_dir) if d != self.state_dir]
 
     def take(self, key: str, rate: float, burst: float = 1.0) -> None:
         """Waits for a token of bucket ``key`` (``rate`` per second, ``burst`` at most):

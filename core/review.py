@@ -89,10 +89,8 @@ class Review:
             self.by_id[record["id"]] = record
             self.by_sha[file_info["sha256"]] = self.output / file_info["path"]
         self.terms = sorted({term for r in self.records for term in (r.get("scores") or {})})
+        self.score_fields = score_fields(self.output)
         self.keys = self._score_keys()
-        for record in self.records:  # read once: every view reads them all
-            record["_scores"] = {k["key"]: value for k in self.keys
-                                 if (value := score_of(record, k["key"])) is not None}
         self.aside = set_aside_ids(self.output)
         self.groups = self._near_duplicate_groups()
         self.head_of = {member: head for head, members in self.groups.items()
@@ -100,18 +98,22 @@ class Review:
 
     def _score_keys(self) -> list[dict]:
         """One slider per score: the scorers' terms (0 to 1), then each enricher's own
-        scores (``quality.blur``...), over the range the records have."""
+        scores (``quality.blur``...), over the range the records have. Each record's
+        scores are read here once, into ``_scores``: every view reads them all."""
+        names = list(self.terms)
+        for field in self.score_fields:
+            names += sorted({f"{field}.{name}" for r in self.records
+                             for name, value in (r.get(field) or {}).items()
+                             if isinstance(value, (int, float)) and not isinstance(value, bool)})
+        for record in self.records:
+            record["_scores"] = {key: value for key in names
+                                 if (value := score_of(record, key)) is not None}
         keys = [{"key": term, "label": term, "min": 0.0, "max": 1.0} for term in self.terms]
-        for field in score_fields(self.output):
-            names = sorted({name for r in self.records for name, value in
-                            (r.get(field) or {}).items()
-                            if isinstance(value, (int, float)) and not isinstance(value, bool)})
-            for name in names:
-                key = f"{field}.{name}"
-                values = [v for v in (score_of(r, key) for r in self.records) if v is not None]
-                low, high = min(values), max(values)
-                keys.append({"key": key, "label": f"{field} {name}", "min": low,
-                             "max": high if high > low else low + 1.0})
+        for key in names[len(self.terms):]:
+            values = [r["_scores"][key] for r in self.records if key in r["_scores"]]
+            low, high = min(values), max(values)
+            keys.append({"key": key, "label": key.replace(".", " ", 1), "min": low,
+                         "max": high if high > low else low + 1.0})
         return keys
 
     def _near_duplicate_groups(self) -> dict[str, list[str]]:
@@ -162,7 +164,7 @@ class Review:
         by_field: dict[str, dict] = {}
         for key, rule in sorted(effective(thresholds).items()):
             field, dot, name = key.partition(".")
-            if not (dot and field in score_fields(self.output)):
+            if not (dot and field in self.score_fields):
                 field, name = "scores", key
             by_field.setdefault(field, {})[name] = f"{operator_of(rule)}{float(rule['value']):g}"
         snippet = self.output / "review-recipe.yml"

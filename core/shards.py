@@ -18,6 +18,14 @@ from typing import Any
 
 from .http import TokenBuckets
 
+SHARDS_DIR = Path(".harvest") / "shards"  # in an output: each cluster shard's own folder
+
+
+def state_dirs(output: Path) -> list[Path]:
+    """Every run-state folder of an output: its own, then each cluster shard's."""
+    shards = sorted(path for path in (output / SHARDS_DIR).glob("*/.harvest") if path.is_dir())
+    return [output / ".harvest", *shards]
+
 
 @dataclass(frozen=True)
 class Shard:
