@@ -142,6 +142,9 @@ def _parser() -> argparse.ArgumentParser:
     plugins.add_argument("--json", action="store_true", help="machine-readable output")
     plugins.add_argument("--markdown", action="store_true",
                          help="the options reference of the documentation (docs/reference.md)")
+    plugins.add_argument("--fields", action="store_true",
+                         help="the record field reference of the documentation "
+                              "(docs/record-fields.md)")
     return parser
 
 
@@ -506,6 +509,11 @@ def _main(argv: list[str] | None = None) -> int:
     recipe = None
     try:
         if args.command == "plugins":
+            if args.fields:
+                from .fields import fields_reference
+
+                print(fields_reference(), end="")
+                return 0
             if args.markdown:
                 print(options_reference(), end="")
                 return 0

@@ -19,6 +19,24 @@ def test_options_reference_is_generated_from_the_code(harvest):
         "docs/reference.md is stale: run `harvest plugins --markdown > docs/reference.md`"
 
 
+def test_record_field_reference_is_generated_from_the_code(harvest):
+    status, out, _ = harvest("plugins", "--fields")
+    assert status == 0
+    assert (REPO / "docs" / "record-fields.md").read_text(encoding="utf-8") == out, \
+        "docs/record-fields.md is stale: run `harvest plugins --fields > docs/record-fields.md`"
+
+
+def test_every_field_the_output_readers_use_is_declared():
+    from harvest.core.credits import COLUMNS
+    from harvest.core.dataset import HF_COLUMNS
+    from harvest.core.fields import BY_NAME
+    from harvest.core.review import FACETS
+    from harvest.core.takedown import OWNER_FIELDS
+
+    read = {*COLUMNS, *HF_COLUMNS, *FACETS, *OWNER_FIELDS}
+    assert sorted(read - set(BY_NAME)) == []
+
+
 def test_every_option_has_a_description():
     from harvest.core.recipe import RUN_OPTIONS
     from harvest.core.registry import load_registry
