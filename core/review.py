@@ -42,6 +42,7 @@ from .curation import (
 )
 from .dataset import read_records
 from .errors import UsageError
+from .storage import stored_file
 
 log = logging.getLogger("harvest.review")
 THUMB_SIDE = 256
@@ -78,11 +79,18 @@ class Review:
 
     def load(self, path: Path) -> None:
         self.missing = 0
+        root = self.output.resolve()
         for record in read_records(path):
             file_info = record.get("file") or {}
             if not file_info.get("sha256") or record.get("duplicate_of"):
                 continue
-            if not (self.output / file_info["path"]).is_file():
+            try:
+                image = stored_file(root, record)
+            except ValueError as refused:  # export skips it too: never served
+                log.warning("%s skipped: %s", str(record.get("id"))[:100], refused)
+                self.missing += 1
+                continue
+            if not image.is_file():
                 self.missing += 1  # export leaves it out: so does the page
                 continue
             encrypted = set((record.get(ENCRYPTED) or {}).get("fields", []))
@@ -92,7 +100,7 @@ class Review:
             record["_encrypted_fields"] = sorted(encrypted)
             self.records.append(record)
             self.by_id[record["id"]] = record
-            self.by_sha[file_info["sha256"]] = self.output / file_info["path"]
+            self.by_sha[file_info["sha256"]] = image
         self.terms = sorted({term for r in self.records for term in (r.get("scores") or {})})
         self.score_fields = score_fields(self.output)
         self.keys = self._score_keys()

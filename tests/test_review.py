@@ -640,3 +640,26 @@ def test_a_huge_body_is_refused_before_it_is_read(scored_harvest, review_server)
                              headers={"Content-Type": "application/json",
                                       "X-Harvest-Token": server.token})
     assert status == 200
+
+
+def test_review_never_serves_a_file_a_record_points_outside(scored_harvest, tmp_path,
+                                                           review_server):
+    """Records crafted to name a file outside the harvest (absolute, ``../..``): the page
+    neither serves its bytes nor a thumbnail of it, and does not list it."""
+    from test_formats import crafted_records
+
+    secret = tmp_path / "private" / "passwd.jpg"
+    secret.parent.mkdir()
+    secret.write_bytes(coloured_image((1, 2, 3), 0, (64, 48)) + b"PRIVATE-MARKER")
+    shas = crafted_records(scored_harvest, secret)
+    server = review_server(scored_harvest)
+    base, token = server.base, server.token
+    for sha in shas:
+        for kind in ("image", "thumb"):
+            status, body = request(f"{base}/{kind}/{sha}?token={token}")
+            assert b"PRIVATE-MARKER" not in body and body[:2] != b"\xff\xd8", (kind, status)
+    meta = api(base, token, "/api/meta")
+    assert meta["total"] == 12 and meta["missing"] == 3
+    listed = api(base, token, "/api/view", {"limit": 1000})["items"]
+    assert not {item["sha"] for item in listed} & set(shas)
+    assert not list((scored_harvest / ".harvest" / "thumbs").glob(f"{shas[0]}*"))
