@@ -260,9 +260,26 @@ def export_dataset(output: Path, destination: Path, *, fmt: str = "imagefolder",
                     "(records.jsonl was edited?)", skipped)
     write_credits(destination, kept_path)
     kept_path.unlink()
-    write_card(destination, output.resolve().name, tally, fmt=fmt,
+    write_card(destination, card_title(output), tally, fmt=fmt,
                metadata_file="metadata.jsonl" if fmt == "hf" else "manifest.csv")
     return counts
+
+
+NEUTRAL_TITLE = "Harvested images"
+
+
+def card_title(output: Path) -> str:
+    """The recipe's name, as the last run recorded it with its secrets replaced; a
+    neutral title when that name held a secret or is unknown. Never the folder's name:
+    an ``output: ${NAME}`` folder is named by a secret the export cannot tell."""
+    try:
+        name = json.loads((output / ".harvest" / "last-run.json").read_text(encoding="utf-8"))
+        name = name.get("recipe") if isinstance(name, dict) else None
+    except (OSError, ValueError):
+        return NEUTRAL_TITLE
+    if not isinstance(name, str) or not name.strip() or "***" in name:
+        return NEUTRAL_TITLE
+    return name
 
 
 # Columns of the hf format's metadata.jsonl besides file_name, label and the file's size:
