@@ -144,4 +144,12 @@ class RedactingFilter(logging.Filter):
             redacted = self.resolver.redact(message)
             if redacted != message:
                 record.msg, record.args = redacted, None
+            # A traceback (-v logs unexpected errors with theirs) quotes the exception's
+            # text: formatted here, redacted, and kept where Formatter looks for it first.
+            if record.exc_info and not record.exc_text:
+                record.exc_text = logging.Formatter().formatException(record.exc_info)
+            if record.exc_text:
+                record.exc_text = self.resolver.redact(record.exc_text)
+            if record.stack_info:
+                record.stack_info = self.resolver.redact(record.stack_info)
         return True

@@ -260,3 +260,34 @@ sources: [{use: folder, options: {path: "${SECRET_DIR}"}}]
         data = path.read_bytes()
         assert not [form for form in forms if form in data], path
     assert "*" not in (destination / "README.md").read_text().split("\n# ", 1)[1].splitlines()[0]
+
+
+def test_a_logged_traceback_is_redacted_too():
+    """-v logs an unexpected error with its traceback (harvest.log): the exception's text
+    quotes whatever the failing call had, a resolved secret included, in any encoding."""
+    import io
+    import logging
+    from urllib.parse import quote
+
+    from harvest.core.secrets import RedactingFilter, SecretResolver
+
+    secret = 'Pl ace é"9x'
+    resolver = SecretResolver(environ={"SECRET_DIR": secret})
+    assert resolver.lookup("SECRET_DIR") == secret
+    written = io.StringIO()
+    handler = logging.StreamHandler(written)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    handler.addFilter(RedactingFilter(resolver))
+    logger = logging.getLogger("harvest.test-redaction")
+    logger.addHandler(handler)
+    try:
+        try:
+            raise OSError(f"cannot open file:///{quote(secret)}/x ({secret!r})")
+        except OSError:
+            logger.error("unexpected error for %s", secret, exc_info=True)
+            logger.error("and once more", stack_info=True, extra={"detail": secret})
+    finally:
+        logger.removeHandler(handler)
+    text = written.getvalue()
+    assert "Traceback" in text and "OSError" in text and "***" in text
+    assert not [form for form in encodings(secret) if form in text.encode()], text
