@@ -16,7 +16,7 @@ from .card import Tally, write_card
 from .crypto import ENCRYPTED, FieldCipher, Keyring
 from .curation import Verdicts, load_saved_review, set_aside_ids
 from .errors import UsageError
-from .storage import safe_component
+from .storage import safe_component, stored_file
 
 log = logging.getLogger("harvest.export")
 
@@ -142,6 +142,7 @@ def _replace_lines(path: Path, transform) -> int:
     return left_out
 
 
+SKIPPED = "\0skipped"  # not a class: the records whose file path leaves the harvest
 MANIFEST_COLUMNS = ("path", "class", "id", "source", "term", "lang", "sha256", "width", "height",
                     "license", "attribution", "country", "city", "scores")
 
@@ -178,6 +179,7 @@ def export_dataset(output: Path, destination: Path, *, fmt: str = "imagefolder",
     judge = Verdicts(*(saved or ({}, {})), aside)
     counts: dict[str, int] = {}
     seen: set[str] = set()
+    root = output.resolve()
     kept_path = destination / ".records.jsonl"
     tally = Tally()
     with (destination / "manifest.jsonl").open("w", encoding="utf-8") as manifest_jsonl, \
@@ -195,7 +197,13 @@ def export_dataset(output: Path, destination: Path, *, fmt: str = "imagefolder",
             # same picture, kept once: the best copy), else the thresholds.
             if only_kept and not judge(record)[0]:
                 continue
-            source = output / file_info["path"]
+            try:
+                source = stored_file(root, record)
+            except ValueError as refused:
+                counts.setdefault(SKIPPED, 0)
+                counts[SKIPPED] += 1
+                log.warning("%s skipped: %s", str(record.get("id"))[:100], refused)
+                continue
             if not source.is_file():
                 continue
             if recheck is not None and (reason := recheck(record.get("url") or "")):
@@ -211,7 +219,7 @@ def export_dataset(output: Path, destination: Path, *, fmt: str = "imagefolder",
                 label = "unknown"
             folder = safe_component(str(label))
             if fmt in ("imagefolder", "hf"):
-                target = destination / folder / Path(file_info["path"]).name
+                target = destination / folder / source.name
                 target.parent.mkdir(parents=True, exist_ok=True)
                 if copy:
                     shutil.copy2(source, target)
@@ -246,11 +254,32 @@ def export_dataset(output: Path, destination: Path, *, fmt: str = "imagefolder",
     opted_out = counts.pop("\0opted out", 0)
     if opted_out:
         log.warning("%d image(s) left out: their hosts opted out since the harvest", opted_out)
+    skipped = counts.pop(SKIPPED, 0)
+    if skipped:
+        log.warning("%d record(s) skipped: their file path leaves the harvest folder "
+                    "(records.jsonl was edited?)", skipped)
     write_credits(destination, kept_path)
     kept_path.unlink()
-    write_card(destination, output.resolve().name, tally, fmt=fmt,
+    write_card(destination, card_title(output), tally, fmt=fmt,
                metadata_file="metadata.jsonl" if fmt == "hf" else "manifest.csv")
     return counts
+
+
+NEUTRAL_TITLE = "Harvested images"
+
+
+def card_title(output: Path) -> str:
+    """The recipe's name, as the last run recorded it with its secrets replaced; a
+    neutral title when that name held a secret or is unknown. Never the folder's name:
+    an ``output: ${NAME}`` folder is named by a secret the export cannot tell."""
+    try:
+        name = json.loads((output / ".harvest" / "last-run.json").read_text(encoding="utf-8"))
+        name = name.get("recipe") if isinstance(name, dict) else None
+    except (OSError, ValueError):
+        return NEUTRAL_TITLE
+    if not isinstance(name, str) or not name.strip() or "***" in name:
+        return NEUTRAL_TITLE
+    return name
 
 
 # Columns of the hf format's metadata.jsonl besides file_name, label and the file's size:

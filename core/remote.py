@@ -13,6 +13,7 @@ Credentials never come from the recipe: fsspec's packages read them from the env
 from __future__ import annotations
 
 import posixpath
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,26 @@ SECRET_WORDS = ("key", "secret", "token", "password", "credential")
 
 def is_url(text: str | None) -> bool:
     return bool(text) and "://" in text and not text.startswith("file://")
+
+
+CREDENTIALS_IN_URL = ("credentials never go in a URL (user:password@); set them in the "
+                      "environment (AWS_ACCESS_KEY_ID, AWS_PROFILE...)")
+
+
+def without_credentials(url: str) -> str | None:
+    """``url`` with its ``user:password@`` replaced by ``***@``; None when it has none.
+    A secret key often holds a ``/`` that nobody percent-encodes (``KEY:ab/cd@bucket``):
+    a colon in the host part not followed by a port counts as credentials too."""
+    scheme, separator, rest = url.partition("://")
+    authority = re.split(r"[/?#]", rest, maxsplit=1)[0]
+    if not separator:
+        return None
+    if "@" in authority:
+        return f"{scheme}://***@{rest[len(authority.rpartition('@')[0]) + 1:]}"
+    port = authority.rpartition(":")[2]
+    if ":" in authority and not port.isdigit() and not authority.endswith("]"):
+        return f"{scheme}://***@{rest.rpartition('@')[2]}" if "@" in rest else f"{scheme}://***"
+    return None
 
 
 def check_storage_options(options: Mapping[str, Any]) -> str | None:
@@ -41,6 +62,9 @@ class Remote:
 
     def __init__(self, url: str, storage_options: Mapping[str, Any] | None = None,
                  label: str = "upload_to"):
+        shown = without_credentials(url)
+        if shown is not None:
+            raise PluginConfigError(f"{label} {shown}: {CREDENTIALS_IN_URL}")
         self.url = url.rstrip("/")
         self.label = label
         try:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import math
 import re
 import secrets
 import socket
@@ -28,6 +29,7 @@ from PIL import Image
 
 from .crypto import ENCRYPTED, FieldCipher, Keyring
 from .curation import (
+    OPERATORS,
     Verdicts,
     effective,
     operator_of,
@@ -40,11 +42,15 @@ from .curation import (
 )
 from .dataset import read_records
 from .errors import UsageError
+from .storage import stored_file
 
 log = logging.getLogger("harvest.review")
 THUMB_SIDE = 256
 BINS = 20
 FACETS = ("source", "term", "lang", "license", "country", "city")
+SHOWS = ("all", "kept", "dropped", "manual", "near-duplicates")
+MAX_BODY = 1024 * 1024  # the page's largest request (every threshold, filter, sort) is < 10 kB
+SHA256 = re.compile(r"[0-9a-f]{64}")
 STATIC = Path(__file__).parent / "static"
 
 
@@ -73,11 +79,18 @@ class Review:
 
     def load(self, path: Path) -> None:
         self.missing = 0
+        root = self.output.resolve()
         for record in read_records(path):
             file_info = record.get("file") or {}
             if not file_info.get("sha256") or record.get("duplicate_of"):
                 continue
-            if not (self.output / file_info["path"]).is_file():
+            try:
+                image = stored_file(root, record)
+            except ValueError as refused:  # export skips it too: never served
+                log.warning("%s skipped: %s", str(record.get("id"))[:100], refused)
+                self.missing += 1
+                continue
+            if not image.is_file():
                 self.missing += 1  # export leaves it out: so does the page
                 continue
             encrypted = set((record.get(ENCRYPTED) or {}).get("fields", []))
@@ -87,7 +100,7 @@ class Review:
             record["_encrypted_fields"] = sorted(encrypted)
             self.records.append(record)
             self.by_id[record["id"]] = record
-            self.by_sha[file_info["sha256"]] = self.output / file_info["path"]
+            self.by_sha[file_info["sha256"]] = image
         self.terms = sorted({term for r in self.records for term in (r.get("scores") or {})})
         self.score_fields = score_fields(self.output)
         self.keys = self._score_keys()
@@ -209,14 +222,14 @@ class Review:
             self.db.execute("COMMIT")
 
     def view(self, query: dict) -> dict[str, Any]:
-        filters = {k: v for k, v in (query.get("filters") or {}).items() if v not in (None, "")}
+        filters = {k: v for k, v in query.get("filters", {}).items() if v not in (None, "")}
         thresholds = query.get("thresholds")
         if thresholds is None:
             thresholds = self.thresholds()
         elif thresholds != self.thresholds():
             self.store_thresholds(thresholds)
         show = query.get("show", "all")
-        offset, limit = max(0, int(query.get("offset", 0))), min(int(query.get("limit", 120)), 1000)
+        offset, limit = max(0, query.get("offset", 0)), max(0, min(query.get("limit", 120), 1000))
         decisions = self.decisions()
         judge = Verdicts(thresholds, decisions, self.aside, _known_score)
         histograms = {k["key"]: {"kept": [0] * BINS, "dropped": [0] * BINS} for k in self.keys}
@@ -238,7 +251,7 @@ class Review:
                     or show == "near-duplicates" and self.group_of(record["id"]) is None):
                 continue
             items.append((record, is_kept, manual, why))
-        items = self._sorted(items, query.get("sort") or {}, thresholds)
+        items = self._sorted(items, query.get("sort", {}), thresholds)
         page = [self._item(r, k, m, w) for r, k, m, w in items[offset: offset + limit]]
         return {"kept": kept, "dropped": dropped, "matching": kept + dropped,
                 "shown": len(items), "histograms": histograms, "items": page,
@@ -386,6 +399,67 @@ def _web_link(url) -> str | None:
     return url if isinstance(url, str) and re.match(r"https?://", url) else None
 
 
+class BadRequest(ValueError):
+    """A request the page would not send: answered 400 with this one line."""
+
+
+def _json_object(data: bytes) -> dict:
+    try:
+        body = json.loads(data) if data.strip() else None
+    except (ValueError, RecursionError):  # RecursionError: nesting deeper than Python's stack
+        raise BadRequest("the body is not JSON") from None
+    if body is None:
+        return {}
+    if not isinstance(body, dict):
+        raise BadRequest("the body must be a JSON object")
+    return body
+
+
+def _expect(body: dict, key: str, kinds: type | tuple, what: str, default):
+    """``body[key]`` (or ``default``) when it is of ``kinds``, else BadRequest. JSON's
+    true is a Python int: it is a number only where a bool is asked for."""
+    value = body.get(key, default)
+    if not isinstance(value, kinds) or isinstance(value, bool) and kinds is not bool:
+        raise BadRequest(f"{key} must be {what}")
+    return value
+
+
+def _rules(value, key: str = "thresholds") -> dict[str, dict]:
+    """Threshold rules as the page sends them: ``{score: {op|direction, value, enabled}}``."""
+    if not isinstance(value, dict):
+        raise BadRequest(f"{key} must be an object of score: rule")
+    for score, rule in value.items():
+        where = f"{key}.{score}"[:80]
+        if not isinstance(rule, dict):
+            raise BadRequest(f"{where} must be an object")
+        number = _expect(rule, "value", (int, float), "a number", 0)
+        if not math.isfinite(number):
+            raise BadRequest(f"{where}.value must be a finite number")
+        if rule.get("op", ">=") not in OPERATORS:
+            raise BadRequest(f"{where}.op must be one of {' '.join(OPERATORS)}")
+        if rule.get("direction", "above") not in ("above", "below"):
+            raise BadRequest(f"{where}.direction must be above or below")
+        _expect(rule, "enabled", bool, "true or false", True)
+    return value
+
+
+def view_query(body: dict) -> dict:
+    """``/api/view``'s body, each field checked: what ``Review.view`` may rely on."""
+    filters = _expect(body, "filters", dict, "an object of facet: value", {})
+    if not all(isinstance(v, (str, type(None))) for v in filters.values()):
+        raise BadRequest("filters must map each facet to a text or null")
+    sort = _expect(body, "sort", dict, "an object {key, descending}", {})
+    _expect(sort, "key", str, "a text", "")
+    _expect(sort, "descending", bool, "true or false", False)
+    if _expect(body, "show", str, "a text", "all") not in SHOWS:
+        raise BadRequest(f"show must be one of {', '.join(SHOWS)}")
+    _expect(body, "offset", int, "a whole number", 0)
+    _expect(body, "limit", int, "a whole number", 120)
+    if body.get("thresholds") is not None:
+        _rules(body["thresholds"])
+    return body
+
+
 PLACEHOLDER = (b'<svg xmlns="http://www.w3.org/2000/svg" width="256" height="256">'
                b'<rect width="256" height="256" fill="#ddd"/><text x="128" y="134" '
                b'font-size="18" text-anchor="middle" fill="#666">unreadable image</text></svg>')
@@ -402,9 +476,39 @@ def create_app(review: Review, token: str, port: int, allow_remote: bool = False
     must be JSON (which a cross-origin form cannot send without a preflight) from the
     page's own origin."""
     from flask import Flask, abort, jsonify, request, send_file
+    from werkzeug.exceptions import HTTPException
 
     app = Flask(__name__, static_folder=None)
+    # Werkzeug answers 413 from the Content-Length alone, before reading the body.
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
     hosts = {f"{name}:{port}" for name in LOOPBACK_NAMES}
+
+    def body() -> dict:
+        # A chunked body has no length to check first; its stream gives a chunk per read
+        # and raises 413 on the read past the limit.
+        pieces = []
+        while piece := request.stream.read(65536):
+            pieces.append(piece)
+        return _json_object(b"".join(pieces))
+
+    @app.errorhandler(BadRequest)
+    def bad_request(error):
+        return jsonify({"error": str(error)}), 400
+
+    @app.errorhandler(HTTPException)
+    def http_error(error):
+        return jsonify({"error": error.description}), error.code
+
+    @app.errorhandler(Exception)
+    def unexpected(error):
+        # One line here and to the page; the traceback would quote records' values.
+        log.error("review: %s: %s", request.path[:100], error.__class__.__name__)
+        return jsonify({"error": f"internal error ({error.__class__.__name__})"}), 500
+
+    def known_sha(sha: str) -> str:
+        if not SHA256.fullmatch(sha):
+            raise BadRequest("an image is named by its SHA-256 (64 hexadecimal digits)")
+        return sha
 
     @app.before_request
     def guard():
@@ -432,7 +536,7 @@ def create_app(review: Review, token: str, port: int, allow_remote: bool = False
 
     @app.post("/api/view")
     def view():
-        return jsonify(review.view(request.get_json() or {}))
+        return jsonify(review.view(view_query(body())))
 
     @app.get("/api/record/<path:record_id>")
     def detail(record_id):
@@ -442,19 +546,18 @@ def create_app(review: Review, token: str, port: int, allow_remote: bool = False
 
     @app.post("/api/decision")
     def decide():
-        body = request.get_json() or {}
-        if body.get("decision") not in ("keep", "reject", "none"):
-            return jsonify({"error": "decision must be keep, reject or none"}), 400
+        asked = body()
+        if asked.get("decision") not in ("keep", "reject", "none"):
+            raise BadRequest("decision must be keep, reject or none")
         try:
-            review.decide(str(body.get("id")), body["decision"])
+            review.decide(_expect(asked, "id", str, "a record id", ""), asked["decision"])
         except KeyError:
             return jsonify({"error": "no such record"}), 404
         return jsonify({"ok": True})
 
     @app.post("/api/save")
     def save():
-        body = request.get_json() or {}
-        return jsonify(review.save(body.get("thresholds") or {}))
+        return jsonify(review.save(_rules(body().get("thresholds") or {})))
 
     @app.get("/api/group/<path:record_id>")
     def group(record_id):
@@ -465,14 +568,14 @@ def create_app(review: Review, token: str, port: int, allow_remote: bool = False
 
     @app.get("/thumb/<sha>")
     def thumb(sha):
-        path = review.thumbnail(sha)
+        path = review.thumbnail(known_sha(sha))
         if path is None:
             return PLACEHOLDER, 200, {"Content-Type": "image/svg+xml"}
         return send_file(path, mimetype="image/jpeg", max_age=86400)
 
     @app.get("/image/<sha>")
     def image(sha):
-        path = review.by_sha.get(sha)
+        path = review.by_sha.get(known_sha(sha))
         if path is None or not path.is_file():
             return PLACEHOLDER, 200, {"Content-Type": "image/svg+xml"}
         return send_file(path)

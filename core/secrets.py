@@ -9,11 +9,12 @@ import os
 import re
 import stat
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import quote, quote_plus, urlsplit
 
 from .errors import UsageError
 
 REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+PERCENT_ESCAPE = re.compile(r"%[0-9A-F]{2}")
 CREDENTIALS_ENV = "HARVEST_CREDENTIALS"
 DEFAULT_CREDENTIALS = Path("~/.config/harvest/credentials.json")
 
@@ -88,11 +89,12 @@ class SecretResolver:
         return value or None
 
     def secrets(self) -> list[str]:
-        """Every value resolved so far that is long enough to redact, longest first (so
-        that a secret containing another is replaced whole)."""
+        """Every value resolved so far that is long enough to redact, in each encoding the
+        code writes it in, longest first (so that a secret containing another is replaced
+        whole)."""
         if self._redactable is None:  # redact runs on every record: sort once
-            self._redactable = sorted((s for s in self.revealed if len(s) >= 4), key=len,
-                                      reverse=True)
+            self._redactable = sorted({form for s in self.revealed if len(s) >= 4
+                                       for form in encodings(s)}, key=len, reverse=True)
         return self._redactable
 
     def redact(self, text: str) -> str:
@@ -116,6 +118,19 @@ class SecretResolver:
         return f"the environment or {path}"
 
 
+def encodings(secret: str) -> set[str]:
+    """``secret`` as it is written in a URL (a file:// address, a query: percent-encoded,
+    upper or lower case, ``+`` for a space), in JSON (``json.dumps``, ``\\u00e9`` or not)
+    and in a Python repr (an exception's message)."""
+    percent = {quote(secret), quote(secret, safe=""), quote_plus(secret),
+               quote_plus(secret, safe="/")}
+    lower_hex = {PERCENT_ESCAPE.sub(lambda escape: escape.group().lower(), form)
+                 for form in percent}
+    return {secret, *percent, *lower_hex,
+            json.dumps(secret)[1:-1], json.dumps(secret, ensure_ascii=False)[1:-1],
+            repr(secret)[1:-1], ascii(secret)[1:-1]}
+
+
 class RedactingFilter(logging.Filter):
     """Replaces every resolved secret in a log record's final message."""
 
@@ -129,4 +144,12 @@ class RedactingFilter(logging.Filter):
             redacted = self.resolver.redact(message)
             if redacted != message:
                 record.msg, record.args = redacted, None
+            # A traceback (-v logs unexpected errors with theirs) quotes the exception's
+            # text: formatted here, redacted, and kept where Formatter looks for it first.
+            if record.exc_info and not record.exc_text:
+                record.exc_text = logging.Formatter().formatException(record.exc_info)
+            if record.exc_text:
+                record.exc_text = self.resolver.redact(record.exc_text)
+            if record.stack_info:
+                record.stack_info = self.resolver.redact(record.stack_info)
         return True

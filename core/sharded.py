@@ -34,7 +34,7 @@ from .errors import PluginConfigError
 from .options import Bool, Int, MapOf, Option, OptionError, Str
 from .plugin import Sink
 from .record import Record, json_default
-from .remote import Remote, check_storage_options
+from .remote import CREDENTIALS_IN_URL, Remote, check_storage_options, without_credentials
 from .storage import inside, inside_check
 
 PART_BATCH = 1000
@@ -81,6 +81,8 @@ class ShardedSink(Sink):
         if secret:
             raise OptionError("storage_options", f"{secret}: credentials never go in a recipe; "
                               "set them in the environment (AWS_ACCESS_KEY_ID, AWS_PROFILE...)")
+        if options.get("upload_to") and without_credentials(options["upload_to"]):
+            raise OptionError("upload_to", CREDENTIALS_IN_URL)
         if not options.get("keep_local", True) and not options.get("upload_to"):
             raise OptionError("keep_local", "false needs upload_to: the shards must go somewhere")
 

@@ -108,3 +108,16 @@ def inside_check(relpath: str) -> None:
             or ".." in parts or ".." in relpath.replace("\\", "/").split("/"):
         raise ValueError(f"{relpath!r} leaves the output folder: expected a path inside it, "
                          f"such as records.jsonl")
+
+
+def stored_file(root: Path, record: dict) -> Path:
+    """The image file a record read back from an output names, inside ``root`` (an
+    absolute, resolved folder). A records file is text anyone may have edited: a path
+    that is not a string, absolute or climbing out raises ValueError saying so."""
+    relpath = (record.get("file") or {}).get("path")
+    if not isinstance(relpath, str) or not relpath:
+        raise ValueError("the record names no file path")
+    try:
+        return inside(root, relpath)
+    except ValueError:
+        raise ValueError(f"its file path {relpath[:200]!r} leaves the harvest folder") from None

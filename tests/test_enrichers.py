@@ -216,6 +216,21 @@ def test_ascii_values_without_a_counted_nul_keep_their_last_character(tmp_path):
     assert read_exif(normal)["tags"]["IFD0"]["Make"] == "Canon"
 
 
+def test_ascii_value_is_the_text_before_its_first_nul(tmp_path):
+    """An EXIF ASCII value ends at its first NUL, as the spec and exiftool read it: the
+    bytes after it (a writer's leftovers) are not part of the Model."""
+    path = tmp_path / "ion.jpg"
+    path.write_bytes(make_image(5))
+    piexif.insert(piexif.dump({"0th": {piexif.ImageIFD.Model: b"ION230\x00F",
+                                       piexif.ImageIFD.Make: b"ab\x00c"},
+                               "Exif": {piexif.ExifIFD.LensModel: b"\x00junk after"}}),
+                  str(path))
+    tags = read_exif(path)["tags"]
+    assert tags["IFD0"]["Model"] == "ION230"
+    assert tags["IFD0"]["Make"] == "ab"  # short values live in the entry itself
+    assert "LensModel" not in tags.get("ExifIFD", {})  # empty before its NUL: no value
+
+
 def test_verbose_logs_outcomes_not_personal_values(tmp_path, recipe_file, harvest):
     """-v logs each record's outcome; it does not turn on the libraries' DEBUG output,
     which prints EXIF values (an Artist is a person's name)."""

@@ -194,3 +194,50 @@ def test_every_export_format_has_the_card(flickr, recipe_file, harvest, tmp_path
         assert (tmp_path / fmt / "README.md").read_text().startswith("---\n")
         croissant = json.loads((tmp_path / fmt / "croissant.json").read_text())
         assert croissant["distribution"][0]["contentUrl"] == "manifest.csv"
+
+
+def crafted_records(output, outside) -> list[str]:
+    """Appends to ``output``'s records.jsonl three records whose file is ``outside`` (a
+    file of the user's beyond the harvest): by absolute path, by ``../..`` and through
+    ``images/``. Returns their SHA-256s."""
+    import hashlib
+
+    relative = __import__("os").path.relpath(outside, output)
+    shas = []
+    with (output / "records.jsonl").open("a", encoding="utf-8") as records:
+        for number, path in enumerate((str(outside), relative, f"images/../{relative}")):
+            sha = hashlib.sha256(b"crafted %d" % number).hexdigest()
+            shas.append(sha)
+            records.write(json.dumps({"id": f"crafted:{number}", "source": "flickr",
+                                      "term": "monkey", "title": "crafted",
+                                      "file": {"path": path, "sha256": sha, "bytes": 10,
+                                               "width": 8, "height": 8, "format": "JPEG"}})
+                          + "\n")
+    return shas
+
+
+def test_export_never_copies_a_file_a_record_points_outside(flickr, recipe_file, harvest,
+                                                           tmp_path):
+    """A crafted records.jsonl naming files outside the harvest (absolute, ``../..``): no
+    export format copies, links or lists them; export says how many it skipped."""
+    from imagegen import coloured_image
+
+    flickr.photos = monkey_photos(3)
+    output = tmp_path / "out"
+    assert harvest("run", recipe_file(flickr_recipe(flickr.endpoint, output)),
+                   "--no-progress")[0] == 0
+    secret = tmp_path / "private" / "passwd.jpg"
+    secret.parent.mkdir()
+    secret.write_bytes(coloured_image((1, 2, 3), 0, (16, 16)) + b"PRIVATE-MARKER")
+    crafted_records(output, secret)
+    for fmt, extra in (("imagefolder", ()), ("imagefolder", ("--copy",)), ("manifest", ()),
+                       ("hf", ())):
+        destination = tmp_path / f"{fmt}{len(extra)}"
+        status, out, err = harvest("export", output, destination, "--format", fmt, *extra)
+        assert status == 0 and "3 images in 1 class exported" in out, (out, err)
+        assert "3 record(s) skipped: their file path leaves the harvest" in err
+        for path in destination.rglob("*"):
+            if path.is_file():
+                assert b"PRIVATE-MARKER" not in path.read_bytes(), path
+                assert b"private" not in path.read_bytes(), path
+                assert not path.samefile(secret)

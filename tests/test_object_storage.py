@@ -118,3 +118,32 @@ def test_export_to_a_bucket(s3, s3_server, flickr, recipe_file, harvest, tmp_pat
     status, _, err = harvest("export", output, "s3://exports/monkeys",
                              "--storage-option", f"endpoint_url={s3_server}")
     assert status == 2 and "not empty" in err
+
+
+def test_credentials_in_a_url_are_refused_in_one_line_never_echoed(flickr, recipe_file,
+                                                                   harvest, tmp_path):
+    """``user:password@`` in an upload_to URL fails validate, naming the key; in export's
+    destination it is one line, exit 2, no traceback; neither shows the credentials."""
+    key, secret = "AKIAEXAMPLEKEY", "wJalr/SECRET+xyz"
+    recipe = recipe_file(flickr_recipe(flickr.endpoint, tmp_path / "out") + f"""
+sinks:
+  - use: webdataset
+    options: {{upload_to: "s3://{key}:{secret}@bucket/shards"}}
+""")
+    for command in ("validate", "run"):
+        status, out, err = harvest(command, recipe, "--no-progress")[:3] if command == "run" \
+            else harvest(command, recipe)
+        assert status == 2, (command, out, err)
+        assert len(err.strip().splitlines()) == 1 and "upload_to" in err, err
+        assert "credentials" in err and "environment" in err, err
+        assert key not in out + err and secret not in out + err, err
+    flickr.photos = monkey_photos(2)
+    output = tmp_path / "harvested"
+    assert harvest("run", recipe_file(flickr_recipe(flickr.endpoint, output), "ok.yml"),
+                   "--no-progress")[0] == 0
+    for destination in (f"s3://{key}:{secret}@bucket/", f"s3://{key}@bucket/x",
+                        f"gs://{key}:{secret}@bucket"):
+        status, out, err = harvest("export", output, destination)
+        assert status == 2, (destination, out, err)
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+        assert "credentials" in err and key not in out + err and secret not in out + err, err

@@ -209,3 +209,85 @@ def test_a_failed_search_makes_the_run_incomplete(recipe_file, harvest, tmp_path
     status, out, err = harvest("run", path, "--no-progress")
     assert status == 3, err
     assert out.startswith("harvest x: incomplete")
+
+
+def encodings(secret: str) -> set[bytes]:
+    """``secret`` as the code can write it: raw, percent-encoded (path and form style),
+    JSON-escaped (ASCII-only or not) and as a Python repr."""
+    import json
+    from urllib.parse import quote, quote_plus
+
+    forms = {secret, quote(secret), quote(secret, safe=""), quote_plus(secret),
+             json.dumps(secret)[1:-1], json.dumps(secret, ensure_ascii=False)[1:-1],
+             repr(secret)[1:-1], quote(secret).lower()}
+    return {form.encode() for form in forms}
+
+
+def test_a_secret_reaches_no_output_in_any_encoding(tmp_path, harvest, recipe_file,
+                                                    monkeypatch):
+    """A ${NAME} value with a space, an é and a quote, used as the folder read and as the
+    output folder: no file of the output or of its export, no printout, holds it raw,
+    percent-encoded, JSON-escaped or as a repr; the export's card is not titled by it."""
+    from imagegen import coloured_image
+
+    secret = 'Pl ace é"9x'
+    folder = tmp_path / secret
+    folder.mkdir()
+    for index in range(2):
+        (folder / f"animal-{index}.jpg").write_bytes(coloured_image((200, 30, 30), index,
+                                                                    (64, 48)))
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8 not a picture")
+    monkeypatch.setenv("SECRET_DIR", str(folder))
+    monkeypatch.setenv("SECRET_OUT", str(tmp_path / f"out-{secret}"))
+    recipe = recipe_file("""
+terms: [animal]
+output: "${SECRET_OUT}"
+sources: [{use: folder, options: {path: "${SECRET_DIR}"}}]
+""")
+    forms = encodings(secret)
+    status, out, err = harvest("-v", "run", recipe, "--no-progress")
+    printed = (out + err).encode()
+    assert status == 0, err
+    output = tmp_path / f"out-{secret}"
+    destination = tmp_path / "dataset"
+    status, export_out, export_err = harvest("export", output, destination)
+    assert status == 0, export_err
+    printed += (export_out + export_err).encode()
+    assert not [form for form in forms if form in printed], (out, err)
+    files = [p for p in [*output.rglob("*"), *destination.rglob("*")] if p.is_file()]
+    assert len(files) > 8 and any(p.name == "harvest.log" for p in files)
+    for path in files:
+        data = path.read_bytes()
+        assert not [form for form in forms if form in data], path
+    assert "*" not in (destination / "README.md").read_text().split("\n# ", 1)[1].splitlines()[0]
+
+
+def test_a_logged_traceback_is_redacted_too():
+    """-v logs an unexpected error with its traceback (harvest.log): the exception's text
+    quotes whatever the failing call had, a resolved secret included, in any encoding."""
+    import io
+    import logging
+    from urllib.parse import quote
+
+    from harvest.core.secrets import RedactingFilter, SecretResolver
+
+    secret = 'Pl ace é"9x'
+    resolver = SecretResolver(environ={"SECRET_DIR": secret})
+    assert resolver.lookup("SECRET_DIR") == secret
+    written = io.StringIO()
+    handler = logging.StreamHandler(written)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    handler.addFilter(RedactingFilter(resolver))
+    logger = logging.getLogger("harvest.test-redaction")
+    logger.addHandler(handler)
+    try:
+        try:
+            raise OSError(f"cannot open file:///{quote(secret)}/x ({secret!r})")
+        except OSError:
+            logger.error("unexpected error for %s", secret, exc_info=True)
+            logger.error("and once more", stack_info=True, extra={"detail": secret})
+    finally:
+        logger.removeHandler(handler)
+    text = written.getvalue()
+    assert "Traceback" in text and "OSError" in text and "***" in text
+    assert not [form for form in encodings(secret) if form in text.encode()], text

@@ -557,3 +557,109 @@ async function attempt(name, promise) {{
         assert status == 200 and json.loads(body)["kept"] == 12
     finally:
         evil.stop()
+
+
+def test_malformed_requests_are_one_line_400s(scored_harvest, review_server):
+    """Requests the page never sends (wrong types, deep nesting, a huge thumbnail name, not
+    JSON at all) are each answered 400 with one line naming what is wrong, never a
+    traceback; the server answers normally afterwards."""
+    server = review_server(scored_harvest)
+    base, token = server.base, server.token
+    headers = {"Content-Type": "application/json", "X-Harvest-Token": token}
+    record_id = read_jsonl(scored_harvest / "records.jsonl")[0]["id"]
+    deep = b"[" * 100_000 + b"]" * 100_000
+    posts = [("/api/view", b'{"offset": "abc"}'), ("/api/view", b'{"filters": []}'),
+             ("/api/view", b'{"limit": 1.5}'), ("/api/view", b'{"sort": "abc"}'),
+             ("/api/view", b'{"thresholds": {"monkey": {"value": "high"}}}'),
+             ("/api/view", b'{"thresholds": {"monkey": {"value": NaN}}}'),
+             ("/api/view", b'{"thresholds": []}'), ("/api/view", b'{"show": 5}'),
+             ("/api/view", b'{"filters": {"source": {"a": 1}}}'),
+             ("/api/view", b"[]"), ("/api/view", b"{not json"), ("/api/view", deep),
+             ("/api/view", b'{"a": ' + deep + b"}"),
+             ("/api/decision", json.dumps({"id": {"x": 1}, "decision": "keep"}).encode()),
+             ("/api/decision", b'"keep"'), ("/api/save", b'{"thresholds": "x"}'),
+             ("/api/save", b'{"thresholds": {"monkey": {"value": 0.5, "op": "~"}}}')]
+    for path, body in posts:
+        status, answer = request(f"{base}{path}", method="POST", body=body, headers=headers)
+        assert status == 400, (path, body[:60], status, answer[:200])
+        assert answer.count(b"\n") <= 1 and b"Traceback" not in answer, answer[:200]
+        assert json.loads(answer)["error"], answer
+    for path in (f"/thumb/{'a' * 5000}", f"/image/{'a' * 5000}", "/thumb/..x"):
+        status, answer = request(f"{base}{path}?token={token}")
+        assert status == 400, (path[:20], status, answer[:200])
+        assert answer.count(b"\n") <= 1 and json.loads(answer)["error"]
+    status, answer = request(f"{base}/api/decision", method="POST", headers=headers,
+                             body=json.dumps({"id": record_id, "decision": "keep"}).encode())
+    assert status == 200, answer
+    status, answer = request(f"{base}/api/view", method="POST", body=b"{}", headers=headers)
+    assert status == 200 and json.loads(answer)["kept"] >= 1
+    server.terminate()
+    _, err = server.communicate(timeout=10)
+    assert "Traceback" not in err, err[-2000:]
+
+
+def whole_answer(connection) -> bytes:
+    """One HTTP answer: its head, then as many bytes as its Content-Length says (the
+    server may keep the connection open, waiting for the rest of our body)."""
+    received = b""
+    while b"\r\n\r\n" not in received:
+        received += connection.recv(65536) or b"\r\n\r\n"
+    head, _, body = received.partition(b"\r\n\r\n")
+    length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
+    while len(body) < length and (piece := connection.recv(65536)):
+        body += piece
+    return head + b"\r\n\r\n" + body
+
+
+def test_a_huge_body_is_refused_before_it_is_read(scored_harvest, review_server):
+    """A 400 MB body, even with the token, is answered 413 as soon as its headers are in:
+    the server does not wait for (or hold) the body. A chunked body without a length
+    is cut at the same limit."""
+    import socket
+
+    server = review_server(scored_harvest)
+    head = (f"POST /api/view HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\n"
+            f"X-Harvest-Token: {server.token}\r\nContent-Type: application/json\r\n")
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as connection:
+        connection.sendall(f"{head}Content-Length: 400000000\r\n\r\n".encode() + b"[" * 65536)
+        answer = whole_answer(connection)
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+    assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]
+    chunk = b"[" * 262144
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as connection:
+        connection.sendall(f"{head}Transfer-Encoding: chunked\r\n\r\n".encode())
+        try:
+            for _ in range(8):  # 2 MB, twice the limit
+                connection.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            connection.sendall(b"0\r\n\r\n")
+        except OSError:
+            pass  # the server may close its side once it has answered
+        answer = whole_answer(connection)
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+    status, answer = request(f"{server.base}/api/view", method="POST", body=b"{}",
+                             headers={"Content-Type": "application/json",
+                                      "X-Harvest-Token": server.token})
+    assert status == 200
+
+
+def test_review_never_serves_a_file_a_record_points_outside(scored_harvest, tmp_path,
+                                                           review_server):
+    """Records crafted to name a file outside the harvest (absolute, ``../..``): the page
+    neither serves its bytes nor a thumbnail of it, and does not list it."""
+    from test_formats import crafted_records
+
+    secret = tmp_path / "private" / "passwd.jpg"
+    secret.parent.mkdir()
+    secret.write_bytes(coloured_image((1, 2, 3), 0, (64, 48)) + b"PRIVATE-MARKER")
+    shas = crafted_records(scored_harvest, secret)
+    server = review_server(scored_harvest)
+    base, token = server.base, server.token
+    for sha in shas:
+        for kind in ("image", "thumb"):
+            status, body = request(f"{base}/{kind}/{sha}?token={token}")
+            assert b"PRIVATE-MARKER" not in body and body[:2] != b"\xff\xd8", (kind, status)
+    meta = api(base, token, "/api/meta")
+    assert meta["total"] == 12 and meta["missing"] == 3
+    listed = api(base, token, "/api/view", {"limit": 1000})["items"]
+    assert not {item["sha"] for item in listed} & set(shas)
+    assert not list((scored_harvest / ".harvest" / "thumbs").glob(f"{shas[0]}*"))

@@ -30,9 +30,10 @@ _PRINTABLE = set(string.printable)
 
 
 class _ExifReader(piexif._load._ExifReader):
-    """piexif's reader, but an ASCII value keeps its last character when the writer did
-    not count a trailing NUL (piexif drops the last byte unconditionally, so
-    ``EASTMAN KODAK COMPANY`` with count 21 came out ``EASTMAN KODAK COMPAN``)."""
+    """piexif's reader, but an ASCII value is the text before its first NUL, as the EXIF
+    spec and exiftool read it: piexif drops the last byte unconditionally, so
+    ``EASTMAN KODAK COMPANY`` counted without its NUL came out ``EASTMAN KODAK COMPAN``,
+    and ``ION230\\0F`` kept the writer's leftover ``F``."""
 
     def convert_value(self, val):
         kind, length, value = val[0], val[1], val[2]
@@ -43,7 +44,7 @@ class _ExifReader(piexif._load._ExifReader):
             data = self.tiftag[pointer:pointer + length]
         else:
             data = value[:length]
-        return data[:-1] if data.endswith(b"\x00") else data
+        return data.partition(b"\x00")[0]
 
 
 # piexif.load with the reader above: the same function, looking its reader up here.
