@@ -298,25 +298,29 @@ def _cmd_rekey(args) -> int:
     from .crypto import Keyring
     from .dataset import rotation
     from .engine import Engine
+    from .lock import OutputLock
 
     if not (args.new_key_file or args.new_key_env):
         raise UsageError("rekey: give --new-key-file or --new-key-env")
     new = Keyring.load(args.new_key_file, args.new_key_env)
     recipe = load_recipe(args.recipe, load_registry())
     engine = Engine(recipe, progress=False)
-    for spec in recipe.sinks:
-        if spec.options.get("personal_fields") != "encrypt":
-            continue
-        old = Keyring.load(spec.options.get("key_file"), spec.options.get("key_env"))
-        sink = engine._build(spec)
-        sink.open()
-        try:
-            changed = sink.rekey(rotation(old, new))
-        except NotImplementedError as exc:
-            raise UsageError(f"{spec.key_path}: {exc}") from None
-        finally:
-            sink.close()
-        print(f"{spec.label}: {changed} record(s) re-encrypted under key id {new.current_id}")
+    # A rekey renames its rewrite over the files a run appends to: never beside a run.
+    with OutputLock(recipe.output):
+        for spec in recipe.sinks:
+            if spec.options.get("personal_fields") != "encrypt":
+                continue
+            old = Keyring.load(spec.options.get("key_file"), spec.options.get("key_env"))
+            sink = engine._build(spec)
+            sink.open()
+            try:
+                changed = sink.rekey(rotation(old, new))
+            except NotImplementedError as exc:
+                raise UsageError(f"{spec.key_path}: {exc}") from None
+            finally:
+                sink.close()
+            print(f"{spec.label}: {changed} record(s) re-encrypted under key id "
+                  f"{new.current_id}")
     print("now point the recipe's key_file/key_env at the new key")
     return 0
 
