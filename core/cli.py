@@ -299,24 +299,29 @@ def _cmd_rekey(args) -> int:
     from .dataset import rotation
     from .engine import Engine
     from .lock import OutputLock
+    from .plugin import Sink
 
     if not (args.new_key_file or args.new_key_env):
         raise UsageError("rekey: give --new-key-file or --new-key-env")
     new = Keyring.load(args.new_key_file, args.new_key_env)
     recipe = load_recipe(args.recipe, load_registry())
     engine = Engine(recipe, progress=False)
+    encrypted = [spec for spec in recipe.sinks
+                 if spec.options.get("personal_fields") == "encrypt"]
+    # Every sink must be able to re-encrypt before any is touched: half an output under
+    # the new key and half under the old is worse than either.
+    for spec in encrypted:
+        if spec.cls.rekey is Sink.rekey:
+            raise UsageError(f"{recipe.path}: {spec.key_path}: the {spec.use} sink cannot "
+                             f"re-encrypt; nothing was changed")
     # A rekey renames its rewrite over the files a run appends to: never beside a run.
     with OutputLock(recipe.output):
-        for spec in recipe.sinks:
-            if spec.options.get("personal_fields") != "encrypt":
-                continue
+        for spec in encrypted:
             old = Keyring.load(spec.options.get("key_file"), spec.options.get("key_env"))
             sink = engine._build(spec)
             sink.open()
             try:
                 changed = sink.rekey(rotation(old, new))
-            except NotImplementedError as exc:
-                raise UsageError(f"{spec.key_path}: {exc}") from None
             finally:
                 sink.close()
             print(f"{spec.label}: {changed} record(s) re-encrypted under key id "

@@ -278,3 +278,33 @@ def test_rekey_beside_a_running_harvest_loses_no_record(flickr, recipe_file, har
     assert process.wait(timeout=60) == 0, process.communicate()
     ids = [r["id"] for r in read_jsonl(output / "records.jsonl")]
     assert sorted(ids) == sorted({"flickr:" + p.id for p in flickr.photos})
+
+
+def test_rekey_re_encrypts_the_shard_sinks_too(flickr, recipe_file, harvest, tmp_path, key_file):
+    import pyarrow.parquet as pq
+    from test_takedown import shard_documents
+
+    flickr.photos = photos()
+    output = tmp_path / "out"
+    protect = f"personal_fields: encrypt, key_file: {key_file}"
+    recipe = recipe_file(flickr_recipe(flickr.endpoint, output) + f"""
+sinks:
+  - {{use: jsonl, options: {{{protect}}}}}
+  - {{use: webdataset, options: {{shard_size: 3, {protect}}}}}
+  - {{use: parquet, options: {{shard_size: 3, {protect}}}}}
+""")
+    assert harvest("run", recipe, "--no-progress")[0] == 0
+    new_key = tmp_path / "new.key"
+    generate_key_file(new_key)
+    status, out, err = harvest("rekey", recipe, "--new-key-file", new_key)
+    assert status == 0, err
+    for label in ("jsonl", "webdataset", "parquet"):
+        assert f"{label}: 4 record(s) re-encrypted" in out, out
+    new_id = Keyring.load(new_key, None).current_id
+    documents = {**shard_documents(output), "jsonl": read_jsonl(output / "records.jsonl")}
+    for label, stored in documents.items():
+        assert len(stored) == 4, label
+        assert {d[ENCRYPTED]["key_id"] for d in stored} == {new_id}, label
+    assert pq.read_table(output / "parquet").num_rows == 4
+    status, out, _ = harvest("rekey", recipe, "--new-key-file", new_key)
+    assert status == 0 and "parquet: 0 record(s) re-encrypted" in out

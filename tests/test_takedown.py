@@ -20,18 +20,23 @@ sinks:
 """
 
 
-def everywhere(output) -> dict[str, set[str]]:
+def shard_documents(output) -> dict[str, list[dict]]:
+    """The documents in the webdataset and parquet shards, as their readers see them."""
     import pyarrow.parquet as pq
     import webdataset as wds
 
     tars = sorted(str(p) for p in (output / "webdataset").glob("*.tar"))
     return {
-        "jsonl": {r["id"] for r in read_jsonl(output / "records.jsonl")},
-        "webdataset": {json.loads(s["json"])["id"]
-                       for s in wds.WebDataset(tars, shardshuffle=False)},
-        "parquet": set(pq.read_table(output / "parquet", columns=["id"]).column("id")
-                       .to_pylist()),
+        "webdataset": [json.loads(s["json"]) for s in wds.WebDataset(tars, shardshuffle=False)],
+        "parquet": [json.loads(text) for text in pq.read_table(
+            output / "parquet", columns=["record"]).column("record").to_pylist()],
     }
+
+
+def everywhere(output) -> dict[str, set[str]]:
+    found = {label: {d["id"] for d in documents}
+             for label, documents in shard_documents(output).items()}
+    return {"jsonl": {r["id"] for r in read_jsonl(output / "records.jsonl")}, **found}
 
 
 def test_takedown_removes_everywhere_and_for_good(flickr, recipe_file, harvest, tmp_path):
