@@ -16,7 +16,9 @@ import hashlib
 import json
 import os
 import re
+import signal
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -107,17 +109,39 @@ def delete_files(output: Path, paths: set[str]) -> int:
     return removed
 
 
-def audit(output: Path, action: str, chosen: Selection, reason: str | None, **what) -> None:
-    """One line in the append-only audit log; owners only as a hash."""
+def audit_entry(action: str, chosen: Selection, reason: str | None, **what) -> dict:
+    """The audit line of a takedown or purge; owners only as a hash. Its ``intent`` names
+    it, so that finishing an interrupted one never logs it twice."""
     entry = {"at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "action": action,
-             "reason": reason or "", "ids": sorted(chosen.ids),
+             "intent": uuid.uuid4().hex, "reason": reason or "", "ids": sorted(chosen.ids),
              "sha256": sorted(chosen.sha256s), **what}
     if entry.get("owner"):
         entry["owner"] = "sha256:" + hashlib.sha256(entry["owner"].encode()).hexdigest()
-    with (output / AUDIT_LOG).open("a", encoding="utf-8") as log:
+    return entry
+
+
+def write_audit(output: Path, entry: dict) -> None:
+    """Appends the line to the append-only audit log, once, synced."""
+    log_path = output / AUDIT_LOG
+    if log_path.is_file():
+        with log_path.open(encoding="utf-8") as log:
+            for line in log:
+                try:
+                    if json.loads(line).get("intent") == entry["intent"]:
+                        return
+                except (ValueError, AttributeError):
+                    continue
+    with log_path.open("a", encoding="utf-8") as log:
         log.write(json.dumps(entry, ensure_ascii=False, sort_keys=True) + "\n")
         log.flush()
         os.fsync(log.fileno())
+
+
+def crash_point(step: str) -> None:
+    """Where the crash tests kill a takedown or purge (``HARVEST_TEST_KILL_AT=<step>``), as
+    kill -9 would, to check that running it again finishes the job."""
+    if os.environ.get("HARVEST_TEST_KILL_AT") == step:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def parse_age(text: str) -> float:
