@@ -119,8 +119,8 @@ def _parser() -> argparse.ArgumentParser:
     takedown = commands.add_parser(
         "takedown", help="remove a picture an owner asks to remove, everywhere, for good")
     takedown.add_argument("target", type=Path,
-                          help="the recipe (removes from every sink) or its output folder "
-                               "(the JSONL records and images only)")
+                          help="the recipe or its output folder (every sink of the recipe "
+                               "its last run recorded; exit 3 naming those not reached)")
     what = takedown.add_mutually_exclusive_group(required=True)
     what.add_argument("--url", help="the image URL")
     what.add_argument("--sha256", help="the image's content hash")
@@ -133,7 +133,7 @@ def _parser() -> argparse.ArgumentParser:
 
     purge = commands.add_parser("purge", help="delete stored images past their retention")
     purge.add_argument("target", type=Path, help="the recipe (its retain_days, every sink) or "
-                       "its output folder")
+                       "its output folder (the recipe its last run recorded)")
     purge.add_argument("--older-than", help="e.g. 90d (default: the recipe's retain_days)")
     purge.add_argument("--keep-metadata", action="store_true",
                        help="delete the image files only, keep the records")
@@ -161,18 +161,28 @@ def _keyring(args, required: bool = True):
 
 def _open_sinks(target: Path):
     """(output folder, [(label, sink)], recipe or None, [labels of sinks not reached]) for
-    takedown and purge: with a recipe every sink is opened; with an output folder, its
-    JSONL records only."""
+    takedown and purge. A recipe opens every sink; an output folder opens those of the
+    recipe its last run recorded, or, when that recipe is gone or names another output,
+    reaches its JSONL records only and names the sinks it could not reach."""
     from .engine import Engine
     from .registry import load_registry
+    from .takedown import remembered_sinks
 
+    unreached: list[str] = []
     if target.is_dir():
         records = target / "records.jsonl"
         if not records.is_file():
             raise UsageError(f"{target}: no records.jsonl (give the recipe, or a harvest's "
                              f"output folder)")
-        return target, [], None, []
-    recipe = load_recipe(target, load_registry())
+        recipe_path, unreached = remembered_sinks(target)
+        try:
+            recipe = load_recipe(recipe_path, load_registry()) if recipe_path else None
+        except HarvestError:
+            recipe = None
+        if recipe is None or recipe.output.resolve() != target.resolve():
+            return target, [], None, unreached
+    else:
+        recipe = load_recipe(target, load_registry())
     engine = Engine(recipe, progress=False)
     sinks = []
     try:

@@ -27,6 +27,7 @@ from .errors import UsageError
 from .storage import inside
 
 AUDIT_LOG = "takedowns.jsonl"
+SINKS_FILE = ".harvest/sinks.json"
 OWNER_FIELDS = ("owner", "owner_name", "path_alias", "author")
 
 
@@ -142,6 +143,30 @@ def crash_point(step: str) -> None:
     kill -9 would, to check that running it again finishes the job."""
     if os.environ.get("HARVEST_TEST_KILL_AT") == step:
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def remember_sinks(recipe) -> None:
+    """Writes which recipe and sinks a run wrote to (no option, so no secret), so that
+    ``takedown OUTPUT`` and ``purge OUTPUT`` reach every sink, or say which they did not."""
+    path = recipe.output / SINKS_FILE
+    temp = path.with_name(f".{path.name}.tmp")
+    temp.write_text(json.dumps({
+        "recipe": str(recipe.path.resolve()),
+        "sinks": [{"name": spec.label, "use": spec.use, "default": spec.cls.is_default}
+                  for spec in recipe.sinks]}, ensure_ascii=False, indent=1) + "\n",
+        encoding="utf-8")
+    os.replace(temp, path)
+
+
+def remembered_sinks(output: Path) -> tuple[Path | None, list[str]]:
+    """The recipe the last run of ``output`` used, and the names of its sinks other than
+    the default one (the JSONL records, which a takedown reaches without a recipe)."""
+    try:
+        known = json.loads((output / SINKS_FILE).read_text(encoding="utf-8"))
+        return (Path(known["recipe"]),
+                [sink["name"] for sink in known["sinks"] if not sink.get("default")])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None, []
 
 
 def parse_age(text: str) -> float:

@@ -127,6 +127,10 @@ def test_purge_deletes_what_is_past_retention(flickr, recipe_file, harvest, tmp_
     assert not list((output / "images").rglob("*.jpg"))
     assert [json.loads(line)["action"] for line in
             (output / "takedowns.jsonl").read_text().splitlines()] == ["purge", "purge"]
+    # The output folder knows its recipe, and so its retain_days; without it, none.
+    status, out, err = harvest("purge", output)
+    assert status == 0 and "purged: 0 records, 0 image files" in out, err
+    recipe.rename(recipe.with_name("moved.yml"))
     status, _, err = harvest("purge", output)
     assert status == 2 and "--older-than" in err
 
@@ -216,3 +220,28 @@ def test_a_purge_killed_at_any_step_is_finished_by_the_next(flickr, recipe_file,
     assert [(a["action"], sorted(a["ids"])) for a in audit_lines(output)] == [
         ("purge", sorted(gone))]
 
+
+def test_takedown_of_an_output_folder_reaches_its_shard_sinks(flickr, recipe_file, harvest,
+                                                              tmp_path):
+    recipe, output = harvested(flickr, recipe_file, harvest, tmp_path)
+    first, second = ("flickr:" + photo.id for photo in flickr.photos[1:3])
+    status, out, err = harvest("takedown", output, "--source-id", first)
+    assert status == 0, err
+    assert "webdataset: 1 removed" in out and "parquet: 1 removed" in out
+    for sink, ids in everywhere(output).items():
+        assert first not in ids and len(ids) == 5, sink
+
+    # Without the recipe the run recorded, the shard sinks cannot be reached: said, not
+    # claimed, and the takedown stays pending until it is given.
+    recipe.rename(tmp_path / "moved.yml")
+    status, out, err = harvest("takedown", output, "--source-id", second)
+    assert status == 3
+    assert err.strip().startswith("harvest: error: not reached: webdataset, parquet")
+    assert err.count("\n") == 1 and "give the recipe" in err
+    assert second not in everywhere(output)["jsonl"]
+    assert second in everywhere(output)["parquet"]
+    status, out, err = harvest("takedown", tmp_path / "moved.yml", "--source-id", second)
+    assert status == 0, err
+    for sink, ids in everywhere(output).items():
+        assert not {first, second} & ids and len(ids) == 4, sink
+    assert [a["ids"] for a in audit_lines(output)] == [[first], [second]]
