@@ -119,8 +119,8 @@ def _parser() -> argparse.ArgumentParser:
     takedown = commands.add_parser(
         "takedown", help="remove a picture an owner asks to remove, everywhere, for good")
     takedown.add_argument("target", type=Path,
-                          help="the recipe (removes from every sink) or its output folder "
-                               "(the JSONL records and images only)")
+                          help="the recipe or its output folder (every sink of the recipe "
+                               "its last run recorded; exit 3 naming those not reached)")
     what = takedown.add_mutually_exclusive_group(required=True)
     what.add_argument("--url", help="the image URL")
     what.add_argument("--sha256", help="the image's content hash")
@@ -133,7 +133,7 @@ def _parser() -> argparse.ArgumentParser:
 
     purge = commands.add_parser("purge", help="delete stored images past their retention")
     purge.add_argument("target", type=Path, help="the recipe (its retain_days, every sink) or "
-                       "its output folder")
+                       "its output folder (the recipe its last run recorded)")
     purge.add_argument("--older-than", help="e.g. 90d (default: the recipe's retain_days)")
     purge.add_argument("--keep-metadata", action="store_true",
                        help="delete the image files only, keep the records")
@@ -163,98 +163,161 @@ def _keyring(args, required: bool = True):
 
 
 def _open_sinks(target: Path):
-    """(output folder, [(label, sink)], recipe or None) for takedown and purge: with a
-    recipe every sink is opened; with an output folder, its JSONL records only."""
+    """(output folder, [(label, sink)], recipe or None, [labels of sinks not reached]) for
+    takedown and purge. A recipe opens every sink; an output folder opens those of the
+    recipe its last run recorded, or, when that recipe is gone or names another output,
+    reaches its JSONL records only and names the sinks it could not reach."""
     from .engine import Engine
     from .registry import load_registry
+    from .takedown import remembered_sinks
 
+    unreached: list[str] = []
     if target.is_dir():
         records = target / "records.jsonl"
         if not records.is_file():
             raise UsageError(f"{target}: no records.jsonl (give the recipe, or a harvest's "
                              f"output folder)")
-        return target, [], None
-    recipe = load_recipe(target, load_registry())
+        recipe_path, unreached = remembered_sinks(target)
+        try:
+            recipe = load_recipe(recipe_path, load_registry()) if recipe_path else None
+        except HarvestError:
+            recipe = None
+        if recipe is None or recipe.output.resolve() != target.resolve():
+            return target, [], None, unreached
+    else:
+        recipe = load_recipe(target, load_registry())
     engine = Engine(recipe, progress=False)
     sinks = []
-    for spec in recipe.sinks:
-        sink = engine._build(spec)
-        sink.open()
-        sinks.append((spec.label, sink))
-    return recipe.output, sinks, recipe
+    try:
+        for spec in recipe.sinks:
+            sink = engine._build(spec)
+            sink.open()
+            sinks.append((spec.label, sink))
+    except BaseException:
+        _close_sinks(sinks)
+        raise
+    return recipe.output, sinks, recipe, []
 
 
-def _remove_everywhere(output: Path, sinks, ids: set[str], records_path: Path) -> list[str]:
+def _close_sinks(sinks) -> None:
+    for _, sink in sinks:
+        sink.close()
+
+
+class _Carried:
+    """What takedown or purge removals did: records, files, each sink's count."""
+
+    def __init__(self):
+        from collections import Counter
+
+        self.intents = self.records = self.files = 0
+        self.removed: Counter = Counter()
+        self.unreached: list[str] = []
+
+    def report(self, heading: str, with_records: bool = True) -> int:
+        parts = [_count(self.files, "image file")]
+        if with_records:
+            parts.insert(0, _count(self.records, "record"))
+        print(f"{heading}: {', '.join(parts)}; "
+              + "; ".join(f"{label}: {count} removed" for label, count in self.removed.items()))
+        if not self.unreached:
+            return 0
+        print(f"harvest: error: not reached: {', '.join(self.unreached)} (the recipe the last "
+              f"run recorded is gone or does not load); give the recipe instead of the output "
+              f"folder to finish", file=sys.stderr)
+        return EXIT_STATUS["incomplete"]
+
+
+def _carry_out_removals(output: Path, sinks, unreached: list[str], carried: _Carried) -> None:
+    """Carries out every takedown and purge recorded in the run state and not yet done
+    (the one just decided, and any a crash interrupted): its audit line, the records out
+    of each sink, the image files deleted. Each step can be done again, so a crash at any
+    point is finished by the next takedown or purge; one that could not reach every sink
+    stays pending."""
     from .dataset import filter_jsonl
     from .state import RunState
+    from .takedown import crash_point, delete_files, write_audit
 
-    lines = []
-    if not sinks and records_path.is_file():
-        lines.append(f"records.jsonl: {filter_jsonl(records_path, ids)} removed")
     state = RunState(output / ".harvest" / "state.sqlite")
     try:
-        for label, sink in sinks:
-            try:
-                lines.append(f"{label}: {sink.remove(ids)} removed")
-                state.set_checkpoint(label, None)  # the file changed under its offset
-            except NotImplementedError as exc:
-                lines.append(f"{label}: not removed ({exc}); remove them by hand")
-        state.commit()
+        for intent, entry, paths, with_records in state.removals():
+            write_audit(output, entry)
+            crash_point("audited")
+            ids = set(entry["ids"])
+            if with_records:
+                if not sinks:
+                    carried.removed["records.jsonl"] += filter_jsonl(output / "records.jsonl",
+                                                                     ids)
+                for label, sink in sinks:
+                    carried.removed[label] += sink.remove(ids)
+                    crash_point(f"removed:{label}")
+                carried.records += len(ids)
+            carried.files += delete_files(output, set(paths))
+            carried.intents += 1
+            crash_point("deleted")
+            if with_records and unreached:
+                carried.unreached = unreached
+            else:
+                state.finish_removal(intent)
     finally:
         state.close()
-    return lines
 
 
 def _cmd_takedown(args) -> int:
     from .crypto import FieldCipher
     from .lock import OutputLock
     from .state import RunState
-    from .takedown import audit, delete_files, select
+    from .takedown import audit_entry, crash_point, select
 
-    output, sinks, _ = _open_sinks(args.target)
+    output, sinks, _, unreached = _open_sinks(args.target)
+    carried = _Carried()
     try:
         with OutputLock(output):
             keyring = _keyring(args, required=False)
-            records_path = output / "records.jsonl"
-            chosen = select(records_path, url=args.url, sha256=args.sha256,
+            # A takedown a crash interrupted is finished first: its records may be gone
+            # from records.jsonl already, and must not be chosen (and logged) twice.
+            _carry_out_removals(output, sinks, unreached, carried)
+            chosen = select(output / "records.jsonl", url=args.url, sha256=args.sha256,
                             source_id=args.source_id, owner=args.owner,
                             near_duplicates=args.near_duplicates,
                             cipher=FieldCipher(keyring) if keyring else None)
             if args.sha256:
                 chosen.sha256s.add(args.sha256.lower())
             if not chosen.ids and not chosen.sha256s:
+                if carried.intents:
+                    return carried.report("finished an interrupted takedown or purge")
                 hint = (" (owner fields are not stored in clear: give --key-file for an "
                         "encrypted harvest; an omitted field cannot be matched)"
                         if args.owner else "")
                 raise UsageError(f"takedown: no record matches{hint}")
-            reason = args.reason or "takedown request"
-            lines = _remove_everywhere(output, sinks, chosen.ids, records_path)
-            files = delete_files(output, chosen.paths)
+            entry = audit_entry("takedown", chosen, args.reason,
+                                **{k: v for k, v in (("url", args.url),
+                                                     ("source_id", args.source_id),
+                                                     ("owner", args.owner)) if v})
             state = RunState(output / ".harvest" / "state.sqlite")
             try:
-                state.take_down(chosen.ids, chosen.sha256s, reason)
+                state.take_down(chosen.ids, chosen.sha256s, args.reason or "takedown request",
+                                intent=entry["intent"], audit=entry, paths=chosen.paths)
             finally:
                 state.close()
-            audit(output, "takedown", chosen, args.reason,
-                  **{k: v for k, v in (("url", args.url), ("source_id", args.source_id),
-                                       ("owner", args.owner)) if v})
+            crash_point("decided")
+            _carry_out_removals(output, sinks, unreached, carried)
     finally:
-        for _, sink in sinks:
-            sink.close()
-    print(f"taken down: {_count(len(chosen.ids), 'record')}, {_count(files, 'image file')}; "
-          + "; ".join(lines))
+        _close_sinks(sinks)
+    status = carried.report("taken down")
     print("no later run stores them again; exports and credits made before this are not "
           "changed: make them again")
-    return 0
+    return status
 
 
 def _cmd_purge(args) -> int:
     from .dataset import read_records
     from .lock import OutputLock
     from .state import RunState
-    from .takedown import Selection, audit, delete_files, parse_age
+    from .takedown import Selection, audit_entry, crash_point, parse_age
 
-    output, sinks, recipe = _open_sinks(args.target)
+    output, sinks, recipe, unreached = _open_sinks(args.target)
+    carried = _Carried()
     try:
         if args.older_than:
             age = parse_age(args.older_than)
@@ -263,6 +326,9 @@ def _cmd_purge(args) -> int:
         else:
             raise UsageError("purge: give --older-than (or a recipe with retain_days)")
         with OutputLock(output):
+            # An interrupted purge first: its files are gone, so it would not be chosen
+            # again by their age, while its records may still be in the sinks.
+            _carry_out_removals(output, sinks, unreached, carried)
             cutoff = time.time() - age
             chosen = Selection()
             for record in read_records(output / "records.jsonl"):
@@ -276,50 +342,57 @@ def _cmd_purge(args) -> int:
                 if stored < cutoff:
                     chosen.paths.add(path)
                     chosen.ids.add(record["id"])
-            files = delete_files(output, chosen.paths)
-            lines = []
-            if not args.keep_metadata and chosen.ids:
-                lines = _remove_everywhere(output, sinks, chosen.ids, output / "records.jsonl")
+            if chosen.ids or not carried.intents:
+                reason = (f"older than {args.older_than}" if args.older_than
+                          else f"older than {recipe.retain_days} days")
+                entry = audit_entry("purge", chosen, reason, keep_metadata=args.keep_metadata)
                 state = RunState(output / ".harvest" / "state.sqlite")
                 try:  # final, so that a re-run does not collect them again unasked
-                    state.take_down(chosen.ids, set(), "purged: past retention",
-                                    status="purged")
+                    state.take_down(set() if args.keep_metadata else chosen.ids, set(),
+                                    "purged: past retention", status="purged",
+                                    intent=entry["intent"], audit=entry, paths=chosen.paths,
+                                    records=bool(chosen.ids) and not args.keep_metadata)
                 finally:
                     state.close()
-            audit(output, "purge", chosen, f"older than {args.older_than or recipe.retain_days}"
-                  + (" days" if not args.older_than else ""), keep_metadata=args.keep_metadata)
+                crash_point("decided")
+                _carry_out_removals(output, sinks, unreached, carried)
     finally:
-        for _, sink in sinks:
-            sink.close()
-    print(f"purged: {_count(files, 'image file')}"
-          + ("" if args.keep_metadata else f", {_count(len(chosen.ids), 'record')}; ")
-          + "; ".join(lines))
-    return 0
+        _close_sinks(sinks)
+    return carried.report("purged", with_records=not args.keep_metadata)
 
 
 def _cmd_rekey(args) -> int:
     from .crypto import Keyring
     from .dataset import rotation
     from .engine import Engine
+    from .lock import OutputLock
+    from .plugin import Sink
 
     if not (args.new_key_file or args.new_key_env):
         raise UsageError("rekey: give --new-key-file or --new-key-env")
     new = Keyring.load(args.new_key_file, args.new_key_env)
     recipe = load_recipe(args.recipe, load_registry())
     engine = Engine(recipe, progress=False)
-    for spec in recipe.sinks:
-        if spec.options.get("personal_fields") != "encrypt":
-            continue
-        old = Keyring.load(spec.options.get("key_file"), spec.options.get("key_env"))
-        sink = engine._build(spec)
-        sink.open()
-        try:
-            changed = sink.rekey(rotation(old, new))
-        except NotImplementedError as exc:
-            raise UsageError(f"{spec.key_path}: {exc}") from None
-        finally:
-            sink.close()
-        print(f"{spec.label}: {changed} record(s) re-encrypted under key id {new.current_id}")
+    encrypted = [spec for spec in recipe.sinks
+                 if spec.options.get("personal_fields") == "encrypt"]
+    # Every sink must be able to re-encrypt before any is touched: half an output under
+    # the new key and half under the old is worse than either.
+    for spec in encrypted:
+        if spec.cls.rekey is Sink.rekey:
+            raise UsageError(f"{recipe.path}: {spec.key_path}: the {spec.use} sink cannot "
+                             f"re-encrypt; nothing was changed")
+    # A rekey renames its rewrite over the files a run appends to: never beside a run.
+    with OutputLock(recipe.output):
+        for spec in encrypted:
+            old = Keyring.load(spec.options.get("key_file"), spec.options.get("key_env"))
+            sink = engine._build(spec)
+            sink.open()
+            try:
+                changed = sink.rekey(rotation(old, new))
+            finally:
+                sink.close()
+            print(f"{spec.label}: {changed} record(s) re-encrypted under key id "
+                  f"{new.current_id}")
     print("now point the recipe's key_file/key_env at the new key")
     return 0
 

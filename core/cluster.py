@@ -42,6 +42,7 @@ from .secrets import RedactingFilter, SecretResolver
 from .shards import SHARDS_DIR, Coordinator, Shard, state_dirs
 from .state import RunState
 from .summary import Progress, Summary
+from .takedown import remember_sinks
 
 PLUGIN_NAME = "harvest-coordinator"
 MAIN_OWNER = "-"  # claims held by records already in the output (an earlier run)
@@ -345,6 +346,7 @@ class ClusterRun:
 
     def _run(self) -> Summary:
         write_scoring(self.output, [(spec.cls, spec.options) for spec in self.recipe.enrichers])
+        remember_sinks(self.recipe)
         from .engine import STATE_DIR, Engine
 
         self.check_sinks()

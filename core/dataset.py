@@ -16,6 +16,7 @@ from .card import Tally, write_card
 from .crypto import ENCRYPTED, FieldCipher, Keyring
 from .curation import Verdicts, load_saved_review, set_aside_ids
 from .errors import UsageError
+from .record import json_default
 from .storage import safe_component, stored_file
 
 log = logging.getLogger("harvest.export")
@@ -88,12 +89,8 @@ def rotation(old: Keyring, new: Keyring):
 
 def filter_jsonl(path: Path, drop: set[str]) -> int:
     """Removes the records with these ids from a JSONL file (``harvest takedown``)."""
-    def keep(line: bytes) -> bool:
-        try:
-            return json.loads(line).get("id") not in drop
-        except (ValueError, AttributeError):
-            return True  # not a record: not ours to remove
-    return _replace_lines(path, lambda line: line if keep(line) else None)
+    return rewrite_documents(path, lambda document: None if isinstance(document, dict)
+                             and document.get("id") in drop else document)
 
 
 def rewrite_jsonl(path: Path, rotate) -> int:
@@ -116,6 +113,28 @@ def rewrite_jsonl(path: Path, rotate) -> int:
         changed += 1
         return (json.dumps(new, ensure_ascii=False) + "\n").encode()
     _replace_lines(path, rotated)
+    return changed
+
+
+def rewrite_documents(path: Path, change) -> int:
+    """Applies ``change`` (a document -> the same document, a new one, or None to leave it
+    out) to each line of a JSONL file, atomically; returns how many changed or went.
+    Lines that are not JSON stay as they are."""
+    changed = 0
+
+    def line_of(line: bytes) -> bytes | None:
+        nonlocal changed
+        try:
+            document = json.loads(line)
+        except ValueError:
+            return line
+        new = change(document)
+        if new is document:
+            return line
+        changed += 1
+        return None if new is None else (
+            json.dumps(new, ensure_ascii=False, default=json_default) + "\n").encode()
+    _replace_lines(path, line_of)
     return changed
 
 

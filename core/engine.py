@@ -39,6 +39,7 @@ from .stopping import DaemonPool, Interrupted, StopSignals
 from .storage import image_relpath
 from .storing import BatchStore
 from .summary import Progress, Summary
+from .takedown import remember_sinks
 
 STATE_DIR = ".harvest"
 SOURCE_READ_AHEAD = 1000
@@ -117,6 +118,7 @@ class Engine:
         run_id = self.state.start_run()
         if self.part_dir is None:  # what the review page starts from (a cluster's client writes it)
             write_scoring(self.output, [(spec.cls, spec.options) for spec in self.recipe.enrichers])
+            remember_sinks(self.recipe)
         self.state.tombstones |= self.tombstones
         if self.reconsider:
             count = self.state.reconsider(self.reconsider)

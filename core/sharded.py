@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from .crypto import PROTECTION_OPTIONS, Protection, check_protection
-from .dataset import filter_jsonl
+from .dataset import rewrite_documents
 from .errors import PluginConfigError
 from .options import Bool, Int, MapOf, Option, OptionError, Str
 from .plugin import Sink
@@ -211,35 +211,52 @@ class ShardedSink(Sink):
         return set(record_ids) - present
 
     def remove(self, record_ids: set[str]) -> int:
-        """Rebuilds every shard that holds one of these records without it (under a
-        temporary name, renamed over, uploaded again), and cuts them from the staging."""
-        removed = 0
+        """Rebuilds every shard that holds one of these records without it, and cuts them
+        from the staging."""
+        return self._rewrite(lambda document: None if document["id"] in record_ids
+                             else document)
+
+    def rekey(self, rotate) -> int:
+        """Rebuilds every shard that holds a document under an old key, re-encrypted; a
+        shard is replaced whole, so an interrupted rekey leaves each shard under one key
+        or the other, and a rerun skips those already under the new one."""
+        return self._rewrite(lambda document: rotate(document) or document)
+
+    def _rewrite(self, change) -> int:
+        """Applies ``change`` (a document -> the same document, a new one, or None to leave
+        it out) to the staging files and to every finished shard, rebuilding (under a
+        temporary name, renamed over, uploaded again) only the shards it changes; returns
+        how many documents changed or went. Each shard is judged by its own content, so
+        a rerun after a crash between a staging file and its shard finishes the shard."""
         if self.staging is not None:
             self.staging.close()
+        changed: dict[int, int] = {}
         for number in self._numbers(self.staging_dir, ".jsonl"):
-            removed += filter_jsonl(self._staging_path(number), record_ids)
-        staged = set(self._numbers(self.staging_dir, ".jsonl"))
+            changed[number] = rewrite_documents(self._staging_path(number), change)
+        staged = set(changed)
         for number in self._finished():
-            with self._open_shard(number) as handle:
-                hit = self.ids_in(handle) & record_ids
-            if not hit:
+            documents, hits = [], 0
+            for document in self.documents_in(number):
+                new = change(document)
+                hits += new is not document
+                if new is not None:
+                    documents.append(new)
+            if not hits:
                 continue
-            if number in staged:  # its staging file (already cut) is the whole shard
+            changed[number] = max(changed.get(number, 0), hits)
+            if number in staged:  # its staging file (already changed) is the whole shard
                 self._finish(number)
                 continue
-            # A shard whose staging file is gone: its documents come from the shard itself.
-            documents = [d for d in self.documents_in(number) if d["id"] not in record_ids]
             temp = self._staging_path(number)
             with temp.open("w", encoding="utf-8") as out:
                 for document in documents:
                     out.write(json.dumps(document, ensure_ascii=False, default=json_default) + "\n")
             self._finish(number)
             temp.unlink()
-            removed += len(hit)
         if self.staging is not None:
             self.staging = _Appender(self._staging_path(self.current), self.config["fsync"])
             self.count = sum(1 for _ in _documents(self._staging_path(self.current)))
-        return removed
+        return sum(changed.values())
 
     def documents_in(self, number: int) -> Iterator[dict]:
         """The documents of a finished shard, as written (a format that keeps them)."""

@@ -55,6 +55,12 @@ CREATE TABLE IF NOT EXISTS tombstones (  -- taken down: never stored again
     reason TEXT,
     at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS removals (  -- takedowns and purges decided, not yet done everywhere
+    intent TEXT PRIMARY KEY,
+    audit TEXT NOT NULL,  -- its line in the audit log (JSON), written once
+    paths TEXT NOT NULL,  -- the image files to delete (JSON list)
+    records INTEGER NOT NULL  -- 1: the records leave the sinks too
+);
 CREATE TABLE IF NOT EXISTS runs (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     started REAL NOT NULL,
@@ -295,22 +301,50 @@ class RunState:
 
     @_writes
     def take_down(self, record_ids: set[str], sha256s: set[str], reason: str,
-                  status: str = "taken_down") -> None:
-        """Marks records taken down (final: never fetched again) and their pictures
-        tombstoned (never stored again, whichever record brings them)."""
+                  status: str = "taken_down", *, intent: str, audit: dict,
+                  paths: set[str], records: bool = True) -> None:
+        """Records a takedown or purge before any of it is carried out, in one durable
+        transaction: the records marked final (never fetched again), their pictures
+        tombstoned (never stored again, whichever record brings them), and the removal
+        itself pending (``removals``) until every sink and file is done, so that a crash
+        at any later point is finished by the next takedown or purge. The sinks'
+        checkpoints are forgotten with it: their files are about to change under them."""
         now = time.time()
         self.commit()
-        with self.db:
-            self.db.executemany(
-                "INSERT INTO records (id, source, term, status, reason, updated) "
-                "VALUES (?, ?, NULL, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET "
-                "status = excluded.status, reason = excluded.reason, updated = excluded.updated",
-                [(record_id, record_id.split(":", 1)[0], status, reason, now)
-                 for record_id in record_ids])
-            self.db.executemany("INSERT OR REPLACE INTO tombstones VALUES (?, ?, ?)",
-                                [(sha, reason, now) for sha in sha256s])
-            self.db.executemany("DELETE FROM files WHERE sha256 = ?", [(sha,) for sha in sha256s])
+        self.db.execute("PRAGMA synchronous=FULL")  # this commit must survive a power cut
+        try:
+            with self.db:
+                self.db.executemany(
+                    "INSERT INTO records (id, source, term, status, reason, updated) "
+                    "VALUES (?, ?, NULL, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET "
+                    "status = excluded.status, reason = excluded.reason, "
+                    "updated = excluded.updated",
+                    [(record_id, record_id.split(":", 1)[0], status, reason, now)
+                     for record_id in record_ids])
+                self.db.executemany("INSERT OR REPLACE INTO tombstones VALUES (?, ?, ?)",
+                                    [(sha, reason, now) for sha in sha256s])
+                self.db.executemany("DELETE FROM files WHERE sha256 = ?",
+                                    [(sha,) for sha in sha256s])
+                if records:
+                    self.db.execute("UPDATE checkpoints SET value = NULL")
+                self.db.execute("INSERT INTO removals VALUES (?, ?, ?, ?)",
+                                (intent, json.dumps(audit, ensure_ascii=False, sort_keys=True),
+                                 json.dumps(sorted(paths)), int(records)))
+        finally:
+            self.db.execute("PRAGMA synchronous=NORMAL")
         self.tombstones |= sha256s
+
+    def removals(self) -> list[tuple[str, dict, list[str], bool]]:
+        """The pending takedowns and purges: (intent, audit line, paths, records too)."""
+        return [(intent, json.loads(audit), json.loads(paths), bool(records))
+                for intent, audit, paths, records in self.db.execute(
+                    "SELECT intent, audit, paths, records FROM removals ORDER BY rowid")]
+
+    @_writes
+    def finish_removal(self, intent: str) -> None:
+        self.commit()
+        with self.db:
+            self.db.execute("DELETE FROM removals WHERE intent = ?", (intent,))
 
     @_writes
     def reconsider(self, statuses: set[str]) -> int:

@@ -16,7 +16,9 @@ import hashlib
 import json
 import os
 import re
+import signal
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +27,7 @@ from .errors import UsageError
 from .storage import inside
 
 AUDIT_LOG = "takedowns.jsonl"
+SINKS_FILE = ".harvest/sinks.json"
 OWNER_FIELDS = ("owner", "owner_name", "path_alias", "author")
 
 
@@ -107,17 +110,63 @@ def delete_files(output: Path, paths: set[str]) -> int:
     return removed
 
 
-def audit(output: Path, action: str, chosen: Selection, reason: str | None, **what) -> None:
-    """One line in the append-only audit log; owners only as a hash."""
+def audit_entry(action: str, chosen: Selection, reason: str | None, **what) -> dict:
+    """The audit line of a takedown or purge; owners only as a hash. Its ``intent`` names
+    it, so that finishing an interrupted one never logs it twice."""
     entry = {"at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "action": action,
-             "reason": reason or "", "ids": sorted(chosen.ids),
+             "intent": uuid.uuid4().hex, "reason": reason or "", "ids": sorted(chosen.ids),
              "sha256": sorted(chosen.sha256s), **what}
     if entry.get("owner"):
         entry["owner"] = "sha256:" + hashlib.sha256(entry["owner"].encode()).hexdigest()
-    with (output / AUDIT_LOG).open("a", encoding="utf-8") as log:
+    return entry
+
+
+def write_audit(output: Path, entry: dict) -> None:
+    """Appends the line to the append-only audit log, once, synced."""
+    log_path = output / AUDIT_LOG
+    if log_path.is_file():
+        with log_path.open(encoding="utf-8") as log:
+            for line in log:
+                try:
+                    if json.loads(line).get("intent") == entry["intent"]:
+                        return
+                except (ValueError, AttributeError):
+                    continue
+    with log_path.open("a", encoding="utf-8") as log:
         log.write(json.dumps(entry, ensure_ascii=False, sort_keys=True) + "\n")
         log.flush()
         os.fsync(log.fileno())
+
+
+def crash_point(step: str) -> None:
+    """Where the crash tests kill a takedown or purge (``HARVEST_TEST_KILL_AT=<step>``), as
+    kill -9 would, to check that running it again finishes the job."""
+    if os.environ.get("HARVEST_TEST_KILL_AT") == step:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def remember_sinks(recipe) -> None:
+    """Writes which recipe and sinks a run wrote to (no option, so no secret), so that
+    ``takedown OUTPUT`` and ``purge OUTPUT`` reach every sink, or say which they did not."""
+    path = recipe.output / SINKS_FILE
+    temp = path.with_name(f".{path.name}.tmp")
+    temp.write_text(json.dumps({
+        "recipe": str(recipe.path.resolve()),
+        "sinks": [{"name": spec.label, "use": spec.use, "default": spec.cls.is_default}
+                  for spec in recipe.sinks]}, ensure_ascii=False, indent=1) + "\n",
+        encoding="utf-8")
+    os.replace(temp, path)
+
+
+def remembered_sinks(output: Path) -> tuple[Path | None, list[str]]:
+    """The recipe the last run of ``output`` used, and the names of its sinks other than
+    the default one (the JSONL records, which a takedown reaches without a recipe)."""
+    try:
+        known = json.loads((output / SINKS_FILE).read_text(encoding="utf-8"))
+        return (Path(known["recipe"]),
+                [sink["name"] for sink in known["sinks"] if not sink.get("default")])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None, []
 
 
 def parse_age(text: str) -> float:

@@ -213,3 +213,98 @@ def test_the_default_key_file_is_the_default_everywhere(flickr, recipe_file, har
     status, _, err = harvest("decrypt", output / "records.jsonl", "-o", tmp_path / "clear.jsonl")
     assert status == 0, err
     assert OWNER in (tmp_path / "clear.jsonl").read_text(encoding="utf-8")
+
+
+def hold_lock(output):
+    """Another process holding the output's lock, as a run does, until it is killed."""
+    import subprocess
+    import sys
+
+    lock = output / ".harvest" / "lock"
+    holder = subprocess.Popen([sys.executable, "-c", f"""
+import fcntl, os, sys, time
+fd = os.open({str(lock)!r}, os.O_RDWR | os.O_CREAT)
+fcntl.flock(fd, fcntl.LOCK_EX)
+os.ftruncate(fd, 0); os.write(fd, b"%d\\n" % os.getpid())
+print("held", flush=True)
+time.sleep(60)
+"""], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline() == "held\n"
+    return holder
+
+
+def test_rekey_and_takedown_refuse_an_output_another_process_writes(
+        flickr, recipe_file, harvest, tmp_path, key_file):
+    flickr.photos = photos()
+    output = tmp_path / "out"
+    status, _, _, recipe = run(harvest, recipe_file, flickr, output,
+                               f"{{personal_fields: encrypt, key_file: {key_file}}}")
+    assert status == 0
+    before = (output / "records.jsonl").read_bytes()
+    new_key = tmp_path / "new.key"
+    generate_key_file(new_key)
+    holder = hold_lock(output)
+    try:
+        for command in (("rekey", recipe, "--new-key-file", new_key),
+                        ("takedown", recipe, "--source-id", "flickr:" + flickr.photos[0].id)):
+            status, out, err = harvest(*command)
+            assert status == 2, (command, out, err)
+            assert err.count("\n") == 1 and f"(pid {holder.pid})" in err, err
+            assert (output / "records.jsonl").read_bytes() == before
+    finally:
+        holder.kill()
+        holder.wait()
+    assert harvest("rekey", recipe, "--new-key-file", new_key)[0] == 0
+
+
+def test_rekey_beside_a_running_harvest_loses_no_record(flickr, recipe_file, harvest, tmp_path,
+                                                        key_file, isolated_home):
+    from test_resume import start_run, wait_for_lines, wait_for_lock
+
+    flickr.photos = monkey_photos(40)
+    flickr.image_latency = 0.05
+    output = tmp_path / "out"
+    recipe = recipe_file(flickr_recipe(flickr.endpoint, output,
+                                       run="concurrency: 2\nbatch_size: 4\nlimit_per_term: 40")
+                         + f"sinks: [{{use: jsonl, options: {{personal_fields: encrypt, "
+                           f"key_file: {key_file}}}}}]\n")
+    new_key = tmp_path / "new.key"
+    generate_key_file(new_key)
+    process = start_run(recipe, isolated_home)
+    wait_for_lock(output, process)
+    wait_for_lines(output / "records.jsonl", 4, process)
+    status, _, err = harvest("rekey", recipe, "--new-key-file", new_key)
+    assert status == 2 and f"(pid {process.pid})" in err, err
+    assert process.wait(timeout=60) == 0, process.communicate()
+    ids = [r["id"] for r in read_jsonl(output / "records.jsonl")]
+    assert sorted(ids) == sorted({"flickr:" + p.id for p in flickr.photos})
+
+
+def test_rekey_re_encrypts_the_shard_sinks_too(flickr, recipe_file, harvest, tmp_path, key_file):
+    import pyarrow.parquet as pq
+    from test_takedown import shard_documents
+
+    flickr.photos = photos()
+    output = tmp_path / "out"
+    protect = f"personal_fields: encrypt, key_file: {key_file}"
+    recipe = recipe_file(flickr_recipe(flickr.endpoint, output) + f"""
+sinks:
+  - {{use: jsonl, options: {{{protect}}}}}
+  - {{use: webdataset, options: {{shard_size: 3, {protect}}}}}
+  - {{use: parquet, options: {{shard_size: 3, {protect}}}}}
+""")
+    assert harvest("run", recipe, "--no-progress")[0] == 0
+    new_key = tmp_path / "new.key"
+    generate_key_file(new_key)
+    status, out, err = harvest("rekey", recipe, "--new-key-file", new_key)
+    assert status == 0, err
+    for label in ("jsonl", "webdataset", "parquet"):
+        assert f"{label}: 4 record(s) re-encrypted" in out, out
+    new_id = Keyring.load(new_key, None).current_id
+    documents = {**shard_documents(output), "jsonl": read_jsonl(output / "records.jsonl")}
+    for label, stored in documents.items():
+        assert len(stored) == 4, label
+        assert {d[ENCRYPTED]["key_id"] for d in stored} == {new_id}, label
+    assert pq.read_table(output / "parquet").num_rows == 4
+    status, out, _ = harvest("rekey", recipe, "--new-key-file", new_key)
+    assert status == 0 and "parquet: 0 record(s) re-encrypted" in out

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
 import time
 
+import pytest
 from conftest import FakePhoto, flickr_recipe, monkey_photos, read_jsonl
 from imagegen import make_image
 
@@ -20,18 +23,23 @@ sinks:
 """
 
 
-def everywhere(output) -> dict[str, set[str]]:
+def shard_documents(output) -> dict[str, list[dict]]:
+    """The documents in the webdataset and parquet shards, as their readers see them."""
     import pyarrow.parquet as pq
     import webdataset as wds
 
     tars = sorted(str(p) for p in (output / "webdataset").glob("*.tar"))
     return {
-        "jsonl": {r["id"] for r in read_jsonl(output / "records.jsonl")},
-        "webdataset": {json.loads(s["json"])["id"]
-                       for s in wds.WebDataset(tars, shardshuffle=False)},
-        "parquet": set(pq.read_table(output / "parquet", columns=["id"]).column("id")
-                       .to_pylist()),
+        "webdataset": [json.loads(s["json"]) for s in wds.WebDataset(tars, shardshuffle=False)],
+        "parquet": [json.loads(text) for text in pq.read_table(
+            output / "parquet", columns=["record"]).column("record").to_pylist()],
     }
+
+
+def everywhere(output) -> dict[str, set[str]]:
+    found = {label: {d["id"] for d in documents}
+             for label, documents in shard_documents(output).items()}
+    return {"jsonl": {r["id"] for r in read_jsonl(output / "records.jsonl")}, **found}
 
 
 def test_takedown_removes_everywhere_and_for_good(flickr, recipe_file, harvest, tmp_path):
@@ -119,6 +127,10 @@ def test_purge_deletes_what_is_past_retention(flickr, recipe_file, harvest, tmp_
     assert not list((output / "images").rglob("*.jpg"))
     assert [json.loads(line)["action"] for line in
             (output / "takedowns.jsonl").read_text().splitlines()] == ["purge", "purge"]
+    # The output folder knows its recipe, and so its retain_days; without it, none.
+    status, out, err = harvest("purge", output)
+    assert status == 0 and "purged: 0 records, 0 image files" in out, err
+    recipe.rename(recipe.with_name("moved.yml"))
     status, _, err = harvest("purge", output)
     assert status == 2 and "--older-than" in err
 
@@ -139,3 +151,97 @@ def test_takedown_reaches_mongodb(flickr, mongo, recipe_file, harvest, tmp_path,
     assert collection.count_documents({}) == 3 and not collection.find_one({"id": target})
     assert harvest("run", recipe, "--no-progress")[0] == 0
     assert collection.count_documents({}) == 3
+
+
+def harvested(flickr, recipe_file, harvest, tmp_path, sinks=SINKS):
+    """A finished harvest of six pictures."""
+    flickr.photos = monkey_photos(6)
+    output = tmp_path / "out"
+    recipe = recipe_file(flickr_recipe(flickr.endpoint, output) + sinks)
+    assert harvest("run", recipe, "--no-progress")[0] == 0
+    return recipe, output
+
+
+def killed_at(step: str, *args) -> None:
+    from test_resume import HARVEST
+
+    process = subprocess.run([HARVEST, *map(str, args)], capture_output=True, text=True,
+                             env=dict(os.environ, HARVEST_TEST_KILL_AT=step), timeout=60)
+    assert process.returncode == -signal.SIGKILL, (step, process.stdout, process.stderr)
+
+
+def audit_lines(output) -> list[dict]:
+    log = output / "takedowns.jsonl"
+    return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+
+@pytest.mark.parametrize("step", ["decided", "audited", "removed:jsonl", "removed:webdataset",
+                                  "removed:parquet", "deleted"])
+def test_a_takedown_killed_at_any_step_is_finished_by_the_next(flickr, recipe_file, harvest,
+                                                               tmp_path, step):
+    recipe, output = harvested(flickr, recipe_file, harvest, tmp_path)
+    target = "flickr:" + flickr.photos[2].id
+    path = next(r["file"]["path"] for r in read_jsonl(output / "records.jsonl")
+                if r["id"] == target)
+    killed_at(step, "takedown", recipe, "--source-id", target, "--reason", "owner asked")
+    # A run in between, even one told to check its sinks, never puts the picture back.
+    assert harvest("run", recipe, "--no-progress", "--verify-sinks")[0] == 0
+    for sink, ids in everywhere(output).items():
+        assert len(ids) in (5, 6), (step, sink)
+
+    status, out, err = harvest("takedown", recipe, "--source-id", target)
+    assert status == 0, err
+    for sink, ids in everywhere(output).items():
+        assert target not in ids and len(ids) == 5, (step, sink)
+    assert not (output / path).exists()
+    assert [(a["action"], a["ids"], a["reason"]) for a in audit_lines(output)] == [
+        ("takedown", [target], "owner asked")]
+    assert harvest("run", recipe, "--no-progress", "--verify-sinks")[0] == 0
+    for sink, ids in everywhere(output).items():
+        assert target not in ids and len(ids) == 5, (step, sink)
+
+
+@pytest.mark.parametrize("step", ["decided", "audited", "removed:webdataset", "deleted"])
+def test_a_purge_killed_at_any_step_is_finished_by_the_next(flickr, recipe_file, harvest,
+                                                            tmp_path, step):
+    recipe, output = harvested(flickr, recipe_file, harvest, tmp_path)
+    old = read_jsonl(output / "records.jsonl")[:3]
+    past = time.time() - 40 * 86400
+    for record in old:
+        os.utime(output / record["file"]["path"], (past, past))
+    killed_at(step, "purge", recipe, "--older-than", "30d")
+
+    status, out, err = harvest("purge", recipe, "--older-than", "30d")
+    assert status == 0, err
+    gone = {r["id"] for r in old}
+    for sink, ids in everywhere(output).items():
+        assert not ids & gone and len(ids) == 3, (step, sink)
+    assert not any((output / r["file"]["path"]).exists() for r in old)
+    assert [(a["action"], sorted(a["ids"])) for a in audit_lines(output)] == [
+        ("purge", sorted(gone))]
+
+
+def test_takedown_of_an_output_folder_reaches_its_shard_sinks(flickr, recipe_file, harvest,
+                                                              tmp_path):
+    recipe, output = harvested(flickr, recipe_file, harvest, tmp_path)
+    first, second = ("flickr:" + photo.id for photo in flickr.photos[1:3])
+    status, out, err = harvest("takedown", output, "--source-id", first)
+    assert status == 0, err
+    assert "webdataset: 1 removed" in out and "parquet: 1 removed" in out
+    for sink, ids in everywhere(output).items():
+        assert first not in ids and len(ids) == 5, sink
+
+    # Without the recipe the run recorded, the shard sinks cannot be reached: said, not
+    # claimed, and the takedown stays pending until it is given.
+    recipe.rename(tmp_path / "moved.yml")
+    status, out, err = harvest("takedown", output, "--source-id", second)
+    assert status == 3
+    assert err.strip().startswith("harvest: error: not reached: webdataset, parquet")
+    assert err.count("\n") == 1 and "give the recipe" in err
+    assert second not in everywhere(output)["jsonl"]
+    assert second in everywhere(output)["parquet"]
+    status, out, err = harvest("takedown", tmp_path / "moved.yml", "--source-id", second)
+    assert status == 0, err
+    for sink, ids in everywhere(output).items():
+        assert not {first, second} & ids and len(ids) == 4, sink
+    assert [a["ids"] for a in audit_lines(output)] == [[first], [second]]
