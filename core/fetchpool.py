@@ -194,8 +194,32 @@ class SharedSpacing:
         return start - now
 
 
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _die_with_parent(parent: int) -> None:
+    """The kernel kills this worker when the engine's process dies (kill -9 included),
+    whatever the worker is doing: the flusher's own check needs the GIL, which a thread
+    stuck in C code (a decoder, a pathological pattern) may never give back. The signal
+    comes when the thread that started the worker ends; the engine's thread and the
+    result collector, which start them, live as long as the pool. Elsewhere than Linux
+    only the flusher's check remains."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:
+        os._exit(0)  # the parent died before prctl: no signal will ever come
+
+
 def _worker(settings, temp_dir: str, share: int, threads: int, jobs, results,
             parent: int, spacing: SharedSpacing) -> None:
+    _die_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
     fetcher = Fetcher.for_run(settings, Path(temp_dir), share=share, threads=threads,

@@ -4,6 +4,9 @@ well-known file and the header), X-Robots-Tag noindex; hosts on 127.0.0.1 ports.
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -11,6 +14,9 @@ import pytest
 from conftest import read_jsonl
 from fakes import QuietHandler, serve_in_thread
 from imagegen import make_image
+from test_resume import HARVEST, _alive
+
+from harvest.core.optouts import location_matches  # noqa
 
 
 class Host:
@@ -153,3 +159,89 @@ def test_export_rechecks_opt_outs_made_since_the_harvest(host, harvest, recipe_f
     kept = [r for r in read_jsonl(output / "records.jsonl") if r["url"].endswith("/a.jpg")]
     assert [p.name for p in (tmp_path / "rechecked").rglob("*.jpg")] == \
         [Path(kept[0]["file"]["path"]).name]
+
+
+PATHOLOGICAL_LOCATION = "*" * 40 + "x$"
+
+
+def test_location_patterns_match_in_linear_time():
+    """A tdmrep.json location of forty ``*`` then ``x$`` sent a regex into hours of
+    backtracking; patterns are matched without one, in milliseconds however they look."""
+    path = "/" + "a" * 5000 + ".jpg"
+    started = time.monotonic()
+    assert not location_matches(PATHOLOGICAL_LOCATION, path)
+    assert location_matches(PATHOLOGICAL_LOCATION, path + "x")
+    assert not location_matches("*a" * 2000 + "b$", "a" * 5000)
+    assert time.monotonic() - started < 0.1
+    cases = [("/images/*", "/images/a.jpg", True), ("/images/*", "/other/a.jpg", False),
+             ("/images/", "/images/a.jpg", True), ("/a.jpg$", "/a.jpg", True),
+             ("/a.jpg$", "/a.jpgx", False), ("/*.jpg$", "/x/y.jpg", True),
+             ("/*.jpg$", "/x/y.jpg.png", False), ("/*a*b$", "/xaab", True),
+             ("/*ab*ab$", "/ab", False), ("*", "/", True), ("/x$", "/", False),
+             ("/a*b*c", "/a-c-b-c", True), ("/a.b", "/aXb", False)]
+    assert [location_matches(p, s) for p, s, _ in cases] == [want for _, _, want in cases]
+
+
+def test_a_pathological_location_pattern_does_not_hang_the_run(host, harvest, recipe_file,
+                                                               tmp_path):
+    host.tdmrep = (200, json.dumps([{"location": PATHOLOGICAL_LOCATION, "tdm-reservation": 1},
+                                    {"location": "/reserved/*", "tdm-reservation": 1}]))
+    started = time.monotonic()
+    status, out, err, stored = run(harvest, recipe_file, tmp_path,
+                                   ["/" + "a" * 60 + ".jpg", "/b.jpgx", "/reserved/c.jpg"],
+                                   host, ", workers: 2")
+    assert time.monotonic() - started < 20
+    assert status == 0, err
+    assert stored == {"/" + "a" * 60 + ".jpg"}
+    assert "2  urls download: TDM rights reserved by 127.0.0.1" in out
+
+
+SPIN_IN_WORKERS = """
+import re, sys, threading, time
+if "--multiprocessing-fork" in sys.orig_argv:
+    def spin():
+        while threading.active_count() < 4:  # until the worker's own threads run
+            time.sleep(0.02)
+        re.match(r"(a|aa)*c", "a" * 60)  # C code that never gives back the GIL
+    threading.Thread(target=spin, daemon=True).start()
+"""
+
+
+def test_download_workers_die_with_harvest_even_holding_the_gil(host, recipe_file, tmp_path,
+                                                                 isolated_home):
+    """kill -9 of harvest while every download worker is stuck in C code holding the GIL
+    (as a backtracking regex did): the flusher's check of the parent never runs, yet no
+    worker outlives harvest (the kernel kills them: PR_SET_PDEATHSIG)."""
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(SPIN_IN_WORKERS)
+    (tmp_path / "list.txt").write_text(f"{host.base}/a.jpg\n")
+    recipe = recipe_file(f"""
+terms: [x]
+output: {tmp_path / "out"}
+run: {{allow_private_addresses: true, workers: 2}}
+sources: [{{use: urls, options: {{path: list.txt}}}}]
+""")
+    env = dict(os.environ, HOME=str(isolated_home), PYTHONPATH=str(tmp_path / "site"))
+    process = subprocess.Popen([HARVEST, "run", str(recipe), "--no-progress"], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        workers: list[int] = []
+        while len(workers) < 2:
+            assert time.monotonic() < deadline and process.poll() is None
+            time.sleep(0.05)
+            workers = [int(pid) for pid in subprocess.run(
+                ["pgrep", "-f", "-P", str(process.pid), "spawn_main"], capture_output=True,
+                text=True).stdout.split()]
+        time.sleep(0.5)  # the workers are spinning now
+        process.kill()
+        process.wait(timeout=10)
+        deadline = time.monotonic() + 5
+        while any(_alive(pid) for pid in workers):
+            assert time.monotonic() < deadline, [pid for pid in workers if _alive(pid)]
+            time.sleep(0.05)
+    finally:
+        process.kill()
+        for pid in workers:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
