@@ -339,7 +339,8 @@ class Fetcher:
             DEADLINES.finish()
 
     def _small_file(self, url: str) -> tuple[int, bytes]:
-        """A host's robots.txt or tdmrep.json: (status, first MAX_FILE_BYTES bytes)."""
+        """A host's robots.txt or tdmrep.json: (status, body), the body cut one byte past
+        MAX_FILE_BYTES (so that a file too large to be read whole can be told apart)."""
         if not self.allow_private:
             refuse_private(url)
         self.http.limiter.wait(urlsplit(url).netloc)
@@ -350,17 +351,17 @@ class Fetcher:
         body = b""
         for chunk in response.stream(CHUNK):
             body += chunk
-            if len(body) >= MAX_FILE_BYTES:
+            if len(body) > MAX_FILE_BYTES:
                 response.close()  # the rest is not read: the connection cannot be reused
                 break
         response.release_conn()
         declared = response.headers.get("Content-Length", "")
-        cut = declared.isdigit() and len(body) < min(int(declared), MAX_FILE_BYTES)
+        cut = declared.isdigit() and len(body) < min(int(declared), MAX_FILE_BYTES + 1)
         if DEADLINES.passed() is not None or cut:
             # A file cut off (the watchdog closed a dripping socket) is not an empty one:
             # an empty robots.txt would allow everything.
             return None, b"cut off before its end"
-        return response.status, body[:MAX_FILE_BYTES]
+        return response.status, body[:MAX_FILE_BYTES + 1]
 
     def opted_out(self, url: str) -> str | None:
         """Why the image's host now refuses it (robots.txt, TDMRep, X-Robots-Tag), asked

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,7 @@ class Host:
 
     def __init__(self):
         self.robots: tuple[int, str] = (404, "")
-        self.tdmrep: tuple[int, str] = (404, "")
+        self.tdmrep: tuple[int, str] | Callable = (404, "")  # or a function answering
         self.headers: dict[str, dict[str, str]] = {}  # image path -> extra headers
         self.log: list[tuple[float, str]] = []
         host = self
@@ -35,6 +36,8 @@ class Host:
                 if self.path == "/robots.txt":
                     status, body = host.robots
                     self.reply(status, body.encode(), "text/plain")
+                elif self.path == "/.well-known/tdmrep.json" and callable(host.tdmrep):
+                    host.tdmrep(self)
                 elif self.path == "/.well-known/tdmrep.json":
                     status, body = host.tdmrep
                     self.reply(status, body.encode(), "application/json")
@@ -245,3 +248,59 @@ sources: [{{use: urls, options: {{path: list.txt}}}}]
         for pid in workers:
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+def tdmrep_dripping(handler):
+    handler.send_response(200)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", "1000")
+    handler.end_headers()
+    for byte in b'[{"location": "/*", "tdm-reservation": 1}]':
+        handler.wfile.write(bytes([byte]))
+        time.sleep(0.2)
+
+
+def tdmrep_cut_off(handler):
+    handler.send_response(200)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", "1000")
+    handler.end_headers()
+    handler.wfile.write(b'[{"location": "/*", "tdm-reser')
+    handler.close_connection = True
+
+
+def tdmrep_of_60_mb(handler):
+    handler.send_response(200)
+    handler.send_header("Content-Type", "application/json")
+    handler.end_headers()
+    entry = b'{"location": "/*", "tdm-reservation": 1},' * 1000
+    handler.wfile.write(b"[")
+    for _ in range(60_000_000 // len(entry)):
+        handler.wfile.write(entry)
+
+
+@pytest.mark.parametrize("tdmrep, why", [
+    ((503, "busy"), "HTTP 503"),
+    (tdmrep_dripping, "took longer than"),
+    (tdmrep_cut_off, "connection broken before the end"),
+    (tdmrep_of_60_mb, "larger than 512 KiB"),
+    ((200, "[" * 150_000 + "]" * 150_000), "nested too deep"),
+    ((200, '[{"location": "/*", "tdm-reservation": 1'), "not JSON"),
+])
+def test_an_unreadable_tdmrep_disallows_for_now(tdmrep, why, host, harvest, recipe_file,
+                                                tmp_path):
+    """A tdmrep.json that cannot be read was taken for "no reservation" (and cached for a
+    day): three images stored from a host that reserves them, exit 0. Unreadable now
+    means disallowed for now, as for robots.txt: not stored, exit 3, asked again."""
+    host.tdmrep = tdmrep
+    paths = ["/a.jpg", "/b.jpg", "/c.jpg"]
+    status, out, err, stored = run(harvest, recipe_file, tmp_path, paths, host,
+                                   ", download_deadline: 2, workers: 1")
+    assert status == 3 and stored == set(), out + err
+    assert why in out and "127.0.0.1" in out, out
+    assert not any(host.requests(path) for path in paths)
+    host.tdmrep = (200, json.dumps([{"location": "/b.jpg", "tdm-reservation": 1}]))
+    status, out, err = harvest("run", tmp_path / "r.yml", "--no-progress")
+    assert status == 0, out + err
+    assert host.requests("/a.jpg") == host.requests("/c.jpg") == 1
+    assert host.requests("/b.jpg") == 0
