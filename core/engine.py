@@ -85,6 +85,7 @@ class Engine:
         self.search_failures = 0
         self.fetcher = Fetcher.for_run(self.settings, self.temp_dir,
                                        reserve=self.coordinator.reserve)
+        self.fetcher.on_notice = self.summary.note
         self.http = self.fetcher.http  # plugins' sessions share its per-host pacing
 
     def _context(self, spec: PluginSpec) -> Context:
@@ -282,7 +283,7 @@ class Engine:
         if self.shards is not None or workers <= 1:
             pool = DaemonPool(self.settings.concurrency, "download")
             return pool, lambda record: pool.submit(self._fetch, record)
-        pool = ProcessFetchPool(self.settings, self.temp_dir, workers)
+        pool = ProcessFetchPool(self.settings, self.temp_dir, workers, self.summary.note)
         return pool, lambda record: pool.submit(record.url, record.local_file_ok,
                                                 record.expect_sha1)
 

@@ -176,8 +176,10 @@ class Fetcher:
                  deadline: float = 120.0, allow_file_urls: bool = False,
                  decode_memory: int | None = None, images: ImageSettings | None = None,
                  respect_robots: bool = False, respect_tdmrep: bool = False,
-                 respect_noindex: bool = False, share: int = 1):
+                 respect_noindex: bool = False, share: int = 1, max_crawl_delay: float = 60.0):
         self.deadline = deadline
+        self.max_crawl_delay = max_crawl_delay
+        self.on_notice = None  # set by the engine: a line for the run's summary
         self.images = images if images is not None and images.active else None
         self.respect_noindex = respect_noindex
         self.respect_tdmrep = respect_tdmrep
@@ -187,8 +189,8 @@ class Fetcher:
             self.opt_outs = OptOuts(
                 self._small_file, Path(temp_dir).parent / "opt-outs.sqlite", self.agent,
                 robots=respect_robots, tdmrep=respect_tdmrep,
-                on_crawl_delay=lambda host, delay: http.limiter.slow_down(host,
-                                                                          1 / delay / share))
+                on_crawl_delay=lambda host, delay: http.limiter.slow_down(
+                    host, 1 / self._crawl_delay(host, delay) / share))
         self.budget = DecodeBudget(decode_memory) if decode_memory else None
         _prepare_process()
         self.allow_file_urls = allow_file_urls
@@ -225,7 +227,8 @@ class Fetcher:
                    decode_memory=max(1, settings.decode_memory // share),
                    images=settings.images, respect_robots=settings.respect_robots,
                    respect_tdmrep=settings.respect_tdmrep,
-                   respect_noindex=settings.respect_noindex, share=rate_share)
+                   respect_noindex=settings.respect_noindex, share=rate_share,
+                   max_crawl_delay=settings.max_crawl_delay)
 
     def fetch(self, url: str, *, local_files: bool = False,
               expect_sha1: str | None = None) -> Fetched:
@@ -337,6 +340,16 @@ class Fetcher:
             raise
         finally:
             DEADLINES.finish()
+
+    def _crawl_delay(self, host: str, asked: float) -> float:
+        """The seconds between requests to ``host``: its robots.txt Crawl-delay, but no
+        more than ``run.max_crawl_delay`` (99999 s would park the run for a day)."""
+        if asked <= self.max_crawl_delay:  # also false for NaN
+            return asked
+        if self.on_notice is not None:
+            self.on_notice(f"robots.txt of {host} asks for Crawl-delay {asked:g} s; "
+                           f"waiting run.max_crawl_delay ({self.max_crawl_delay:g} s) instead")
+        return self.max_crawl_delay
 
     def _small_file(self, url: str) -> tuple[int, bytes]:
         """A host's robots.txt or tdmrep.json: (status, body), the body cut one byte past

@@ -41,9 +41,11 @@ WORKER_CHECK_SECONDS = 0.5
 class ProcessFetchPool:
     """``submit(url, local_files) -> Future[Fetched]``, served by worker processes."""
 
-    def __init__(self, settings, temp_dir: Path, workers: int):
+    def __init__(self, settings, temp_dir: Path, workers: int, on_notice=None):
         """``settings``: the run's ``RunSettings``; each worker builds its downloader from
-        them with its share of the decode memory, and all pace each host together."""
+        them with its share of the decode memory, and all pace each host together.
+        ``on_notice(text)``: the workers' lines for the run's summary."""
+        self.on_notice = on_notice or (lambda text: None)
         context = multiprocessing.get_context("spawn")
         self.jobs = context.Queue()
         self.results = context.Queue()
@@ -99,6 +101,9 @@ class ProcessFetchPool:
             if batch is None:
                 return
             for job, outcome, payload in batch:
+                if outcome == "notice":
+                    self.on_notice(payload)
+                    continue
                 with self.lock:
                     future = self.futures.pop(job, None)
                 if future is None:
@@ -230,6 +235,8 @@ def _worker(settings, temp_dir: str, share: int, threads: int, jobs, results,
     def send(item) -> None:
         with outbox_lock:
             outbox.append(item)
+
+    fetcher.on_notice = lambda text: send((None, "notice", text))
 
     def flusher() -> None:
         # Results go back in small batches: one pickle and one pipe write for several.

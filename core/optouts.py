@@ -120,7 +120,7 @@ class OptOuts:
 
             rules.robots = Protego.parse(robots_body[:MAX_FILE_BYTES].decode("utf-8", "replace"))
             delay = rules.robots.crawl_delay(self.agent)
-            if delay and self.on_crawl_delay is not None:
+            if delay and delay > 0 and self.on_crawl_delay is not None:
                 self.on_crawl_delay(urlsplit(origin).netloc, float(delay))
         if fresh:
             if rules.robots_unreachable or rules.tdm_unreadable:

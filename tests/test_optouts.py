@@ -304,3 +304,22 @@ def test_an_unreadable_tdmrep_disallows_for_now(tdmrep, why, host, harvest, reci
     assert status == 0, out + err
     assert host.requests("/a.jpg") == host.requests("/c.jpg") == 1
     assert host.requests("/b.jpg") == 0
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_huge_crawl_delay_is_capped_and_named_in_the_summary(workers, host, harvest,
+                                                               recipe_file, tmp_path):
+    """``Crawl-delay: 99999`` parked a run for about 27 hours; it is cut to
+    run.max_crawl_delay, and the summary names the host and what it asked for."""
+    host.robots = (200, "User-agent: *\nCrawl-delay: 99999\n")
+    paths = [f"/{i}.jpg" for i in range(3)]
+    started = time.monotonic()
+    status, out, err, stored = run(harvest, recipe_file, tmp_path, paths, host,
+                                   f", max_crawl_delay: 0.3, workers: {workers}")
+    assert time.monotonic() - started < 15
+    assert status == 0 and len(stored) == 3, out + err
+    netloc = host.base.split("//")[1]
+    assert out.count(f"robots.txt of {netloc} asks for Crawl-delay 99999 s; waiting "
+                     f"run.max_crawl_delay (0.3 s) instead") == 1, out
+    times = sorted(t for t, p in host.log if p.endswith(".jpg"))
+    assert min(b - a for a, b in zip(times, times[1:], strict=False)) >= 0.25
