@@ -28,6 +28,7 @@ from .curation import write_scoring
 from .errors import DiskFull, PluginConfigError, RecordError, disk_full, one_line
 from .fetch import Fetched, Fetcher
 from .fetchpool import ProcessFetchPool
+from .http import SearchBudget
 from .lock import OutputLock
 from .placing import ImagePlacer
 from .plugin import Context, Plugin
@@ -93,7 +94,10 @@ class Engine:
                        output_dir=self.images_root, terms=self.recipe.terms, http=self.http,
                        log=logging.getLogger(f"harvest.{spec.kind}.{spec.label}"),
                        hints=self.hints, name=spec.label, part_dir=self.part_dir,
-                       coordinator=self.coordinator)
+                       coordinator=self.coordinator,
+                       budget=SearchBudget(self.settings.max_api_calls,
+                                           self.settings.search_deadline)
+                       if spec.kind == "sources" else None)
 
     def _build(self, spec: PluginSpec) -> Plugin:
         try:
@@ -420,6 +424,9 @@ class Engine:
     def _candidates(self, sources) -> Iterator[Record]:
         found = 0
         for spec, source, query, limit in self._streams(sources):
+            budget = source.context.budget
+            if budget is not None:
+                budget.start()
             try:
                 for record in islice(source.records(query), limit):
                     if record.query is None and query is not None and source.uses_terms:

@@ -217,7 +217,8 @@ class Fetcher:
             retries=settings.retries, backoff=settings.backoff,
             user_agent=settings.user_agent, pool_size=threads or settings.concurrency,
             reserve=reserve, max_retry_after=settings.max_retry_after,
-            check_peer=not settings.allow_private_addresses)
+            check_peer=not settings.allow_private_addresses,
+            api_deadline=settings.api_deadline, max_api_answer=settings.max_api_answer)
         return cls(http, temp_dir, max_bytes=settings.max_bytes,
                    max_pixels=settings.max_pixels, verify=settings.verify_images,
                    allow_private=settings.allow_private_addresses,

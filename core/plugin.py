@@ -18,7 +18,7 @@ from .shards import Coordinator, state_dirs
 if TYPE_CHECKING:
     import requests
 
-    from .http import HttpClient
+    from .http import HttpClient, SearchBudget
 
 hookimpl = pluggy.HookimplMarker("harvest")
 
@@ -41,6 +41,8 @@ class Context:
     # there (see ``Sink.part_documents``). None on one machine.
     part_dir: Path | None = None
     coordinator: Coordinator = field(default_factory=Coordinator)
+    # A source's: the API calls and waiting time each of its searches may spend.
+    budget: SearchBudget | None = None
 
     @property
     def state_dir(self) -> Path:
@@ -62,7 +64,7 @@ class Context:
 
     def session(self, *, retry_post: bool = False) -> "requests.Session":
         """A polite HTTP session: per-host rate limit, retries with backoff, timeouts."""
-        return self.http.session(retry_post=retry_post)
+        return self.http.session(retry_post=retry_post, budget=self.budget)
 
 
 class Plugin:

@@ -5,6 +5,7 @@ sub-categories, continuation, maxlag errors, imageinfo with extmetadata and SHA-
 from __future__ import annotations
 
 import hashlib
+import time
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
@@ -140,3 +141,55 @@ def test_contact_is_required(commons, recipe_file, harvest, tmp_path):
                                                    'contact: "me"')
     status, _, err = harvest("validate", recipe_file(text))
     assert status == 2 and "contact" in err and "e-mail" in err
+
+
+class EndlessCommons:
+    """An API that never ends a listing: ``continue`` with no pages, forever, or one more
+    level of sub-categories at every call."""
+
+    def __init__(self):
+        self.calls = 0
+        fake = self
+
+        class Handler(QuietHandler):
+            def do_GET(self):  # noqa: N802
+                params = {k: v[0] for k, v in parse_qs(urlsplit(self.path).query).items()}
+                if urlsplit(self.path).path != "/w/api.php":
+                    return self.reply(404)
+                fake.calls += 1
+                time.sleep(fake.latency)
+                if params.get("list") == "categorymembers":
+                    self.reply_json({"continue": {"cmcontinue": str(fake.calls)}, "query": {
+                        "categorymembers": [{"ns": 14, "title": f"Category:C{fake.calls}"}]}})
+                else:
+                    self.reply_json({"continue": {"gsroffset": fake.calls, "continue": "-||"},
+                                     "query": {}})
+
+        self.latency = 0.0
+        self.server, self.base = serve_in_thread(Handler)
+
+
+@pytest.mark.parametrize("options, run, why", [
+    ("", "max_api_calls: 40", "search cut short after 40 API calls (run.max_api_calls)"),
+    (", categories: [Macaca], depth: 10", "max_api_calls: 40",
+     "search cut short after 40 API calls (run.max_api_calls)"),
+    ("", "search_deadline: 1", "waiting on the API (run.search_deadline 1 s)"),
+])
+def test_an_endless_listing_is_cut_short_as_a_failed_search(options, run, why, recipe_file,
+                                                            harvest, tmp_path):
+    """``continue`` with no pages answered 1,845 times in 85 s, with no end; sub-categories
+    without end likewise. Each search has a call cap and a deadline for its API time; a
+    search cut short is a failed one (exit 3), with one line saying why."""
+    endless = EndlessCommons()
+    endless.latency = 0.05 if "deadline" in run else 0.0
+    output = tmp_path / "out"
+    text = recipe(endless, output, options).replace("rate_per_host: 1000}",
+                                                    f"rate_per_host: 1000, {run}}}")
+    started = time.monotonic()
+    status, out, err = harvest("run", recipe_file(text), "--no-progress")
+    endless.server.shutdown()
+    assert time.monotonic() - started < 15
+    assert status == 3, out + err
+    assert why in out, out
+    if "calls" in run:
+        assert endless.calls == 40
