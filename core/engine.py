@@ -97,7 +97,10 @@ class Engine:
                        coordinator=self.coordinator,
                        budget=SearchBudget(self.settings.max_api_calls,
                                            self.settings.search_deadline)
-                       if spec.kind == "sources" else None)
+                       if spec.kind == "sources" else None,
+                       on_bad_item=lambda reason, query: self.summary.fail(
+                           spec.label, query.term if query else None, "source", reason,
+                           "rejected"))
 
     def _build(self, spec: PluginSpec) -> Plugin:
         try:

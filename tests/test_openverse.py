@@ -194,3 +194,19 @@ def test_a_dripping_or_huge_answer_is_bounded(answer, why, openverse, recipe_fil
     assert status == 3, out + err
     assert why in out, out
     assert len(read_jsonl(output / "records.jsonl")) == 20
+
+
+def test_bad_results_are_skipped_with_their_reason(openverse, recipe_file, harvest, tmp_path):
+    """A result that is not an object, a url that is a number or tags that are not a list
+    ended the whole search; each is now skipped with its reason and the rest stored."""
+    good = openverse.result
+    bad = {0: "not an object", 1: {**good(1), "url": 5}, 2: {**good(2), "tags": 7}}
+    openverse.result = lambda i: bad.get(i) or good(i)
+    output = tmp_path / "out"
+    status, out, err = harvest("run", recipe_file(recipe(openverse, output)), "--no-progress")
+    assert status == 0, out + err
+    records = read_jsonl(output / "records.jsonl")
+    assert len(records) == 50 and "Monkey 1" not in {r["title"] for r in records}
+    for reason in ("AttributeError: 'str' object has no attribute 'get'",
+                   "TypeError: url is a int", "TypeError: 'int' object is not iterable"):
+        assert f"bad item in the answer ({reason})" in out, out

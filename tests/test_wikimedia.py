@@ -193,3 +193,43 @@ def test_an_endless_listing_is_cut_short_as_a_failed_search(options, run, why, r
     assert why in out, out
     if "calls" in run:
         assert endless.calls == 40
+
+
+def test_bad_items_are_skipped_with_their_reason(commons, recipe_file, harvest, tmp_path):
+    """One bad item (not an object, imageinfo of the wrong type, a sha1 that is a number)
+    or a negative maxlag lag ended the whole search with "unexpected AttributeError".
+    Each bad item is now skipped with its reason, counted, and the rest are stored."""
+    answer = commons.answer
+
+    def hostile(params):
+        body = answer(params)
+        pages = body["query"]["pages"]
+        if params.get("gsroffset", "0") == "0":
+            pages[1]["imageinfo"][0]["sha1"] = 1234
+            pages[2]["imageinfo"] = {"url": "x"}
+            pages.insert(0, "File:Not an object.jpg")
+            pages.append({"pageid": 1, "index": "first", "title": 5, "imageinfo": [None]})
+        return body
+
+    commons.answer = hostile
+    commons.lagged = 0
+    commons.corrupt_sha1 = set()
+    calls = []
+    original = commons.answer
+
+    def lagging_once(params):
+        calls.append(params)
+        if len(calls) == 1:
+            return {"error": {"code": "maxlag", "info": "lagged", "lag": -5}}
+        return original(params)
+
+    commons.answer = lagging_once
+    output = tmp_path / "out"
+    status, out, err = harvest("run", recipe_file(recipe(commons, output)), "--no-progress")
+    assert status == 0, out + err  # the bad items are rejected, as a page with no URL
+    stored = {r["source_id"] for r in read_jsonl(output / "records.jsonl")}
+    assert stored == {str(9000 + i) for i in range(11) if i not in (1, 2)}
+    assert "bad item in the answer (ValueError: sha1 is not 40 hexadecimal digits)" in out
+    assert "bad item in the answer (KeyError: 0)" in out
+    assert "bad item in the answer (AttributeError: 'str' object has no attribute 'get')" in out
+    assert "unexpected" not in out
