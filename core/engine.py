@@ -28,6 +28,7 @@ from .curation import write_scoring
 from .errors import DiskFull, PluginConfigError, RecordError, disk_full, one_line
 from .fetch import Fetched, Fetcher
 from .fetchpool import ProcessFetchPool
+from .http import SearchBudget
 from .lock import OutputLock
 from .placing import ImagePlacer
 from .plugin import Context, Plugin
@@ -86,6 +87,7 @@ class Engine:
         self.search_failures = 0
         self.fetcher = Fetcher.for_run(self.settings, self.temp_dir,
                                        reserve=self.coordinator.reserve)
+        self.fetcher.on_notice = self.summary.note
         self.http = self.fetcher.http  # plugins' sessions share its per-host pacing
 
     def _context(self, spec: PluginSpec) -> Context:
@@ -93,7 +95,13 @@ class Engine:
                        output_dir=self.images_root, terms=self.recipe.terms, http=self.http,
                        log=logging.getLogger(f"harvest.{spec.kind}.{spec.label}"),
                        hints=self.hints, name=spec.label, part_dir=self.part_dir,
-                       coordinator=self.coordinator)
+                       coordinator=self.coordinator,
+                       budget=SearchBudget(self.settings.max_api_calls,
+                                           self.settings.search_deadline)
+                       if spec.kind == "sources" else None,
+                       on_bad_item=lambda reason, query: self.summary.fail(
+                           spec.label, query.term if query else None, "source", reason,
+                           "rejected"))
 
     def _build(self, spec: PluginSpec) -> Plugin:
         try:
@@ -284,7 +292,7 @@ class Engine:
         if self.shards is not None or workers <= 1:
             pool = DaemonPool(self.settings.concurrency, "download")
             return pool, lambda record: pool.submit(self._fetch, record)
-        pool = ProcessFetchPool(self.settings, self.temp_dir, workers)
+        pool = ProcessFetchPool(self.settings, self.temp_dir, workers, self.summary.note)
         return pool, lambda record: pool.submit(record.url, record.local_file_ok,
                                                 record.expect_sha1)
 
@@ -421,6 +429,9 @@ class Engine:
     def _candidates(self, sources) -> Iterator[Record]:
         found = 0
         for spec, source, query, limit in self._streams(sources):
+            budget = source.context.budget
+            if budget is not None:
+                budget.start()
             try:
                 for record in islice(source.records(query), limit):
                     if record.query is None and query is not None and source.uses_terms:

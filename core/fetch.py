@@ -176,8 +176,10 @@ class Fetcher:
                  deadline: float = 120.0, allow_file_urls: bool = False,
                  decode_memory: int | None = None, images: ImageSettings | None = None,
                  respect_robots: bool = False, respect_tdmrep: bool = False,
-                 respect_noindex: bool = False, share: int = 1):
+                 respect_noindex: bool = False, share: int = 1, max_crawl_delay: float = 60.0):
         self.deadline = deadline
+        self.max_crawl_delay = max_crawl_delay
+        self.on_notice = None  # set by the engine: a line for the run's summary
         self.images = images if images is not None and images.active else None
         self.respect_noindex = respect_noindex
         self.respect_tdmrep = respect_tdmrep
@@ -187,8 +189,8 @@ class Fetcher:
             self.opt_outs = OptOuts(
                 self._small_file, Path(temp_dir).parent / "opt-outs.sqlite", self.agent,
                 robots=respect_robots, tdmrep=respect_tdmrep,
-                on_crawl_delay=lambda host, delay: http.limiter.slow_down(host,
-                                                                          1 / delay / share))
+                on_crawl_delay=lambda host, delay: http.limiter.slow_down(
+                    host, 1 / self._crawl_delay(host, delay) / share))
         self.budget = DecodeBudget(decode_memory) if decode_memory else None
         _prepare_process()
         self.allow_file_urls = allow_file_urls
@@ -215,7 +217,8 @@ class Fetcher:
             retries=settings.retries, backoff=settings.backoff,
             user_agent=settings.user_agent, pool_size=threads or settings.concurrency,
             reserve=reserve, max_retry_after=settings.max_retry_after,
-            check_peer=not settings.allow_private_addresses)
+            check_peer=not settings.allow_private_addresses,
+            api_deadline=settings.api_deadline, max_api_answer=settings.max_api_answer)
         return cls(http, temp_dir, max_bytes=settings.max_bytes,
                    max_pixels=settings.max_pixels, verify=settings.verify_images,
                    allow_private=settings.allow_private_addresses,
@@ -225,7 +228,8 @@ class Fetcher:
                    decode_memory=max(1, settings.decode_memory // share),
                    images=settings.images, respect_robots=settings.respect_robots,
                    respect_tdmrep=settings.respect_tdmrep,
-                   respect_noindex=settings.respect_noindex, share=rate_share)
+                   respect_noindex=settings.respect_noindex, share=rate_share,
+                   max_crawl_delay=settings.max_crawl_delay)
 
     def fetch(self, url: str, *, local_files: bool = False,
               expect_sha1: str | None = None) -> Fetched:
@@ -338,8 +342,19 @@ class Fetcher:
         finally:
             DEADLINES.finish()
 
+    def _crawl_delay(self, host: str, asked: float) -> float:
+        """The seconds between requests to ``host``: its robots.txt Crawl-delay, but no
+        more than ``run.max_crawl_delay`` (99999 s would park the run for a day)."""
+        if asked <= self.max_crawl_delay:  # also false for NaN
+            return asked
+        if self.on_notice is not None:
+            self.on_notice(f"robots.txt of {host} asks for Crawl-delay {asked:g} s; "
+                           f"waiting run.max_crawl_delay ({self.max_crawl_delay:g} s) instead")
+        return self.max_crawl_delay
+
     def _small_file(self, url: str) -> tuple[int, bytes]:
-        """A host's robots.txt or tdmrep.json: (status, first MAX_FILE_BYTES bytes)."""
+        """A host's robots.txt or tdmrep.json: (status, body), the body cut one byte past
+        MAX_FILE_BYTES (so that a file too large to be read whole can be told apart)."""
         if not self.allow_private:
             refuse_private(url)
         self.http.limiter.wait(urlsplit(url).netloc)
@@ -350,17 +365,17 @@ class Fetcher:
         body = b""
         for chunk in response.stream(CHUNK):
             body += chunk
-            if len(body) >= MAX_FILE_BYTES:
+            if len(body) > MAX_FILE_BYTES:
                 response.close()  # the rest is not read: the connection cannot be reused
                 break
         response.release_conn()
         declared = response.headers.get("Content-Length", "")
-        cut = declared.isdigit() and len(body) < min(int(declared), MAX_FILE_BYTES)
+        cut = declared.isdigit() and len(body) < min(int(declared), MAX_FILE_BYTES + 1)
         if DEADLINES.passed() is not None or cut:
             # A file cut off (the watchdog closed a dripping socket) is not an empty one:
             # an empty robots.txt would allow everything.
             return None, b"cut off before its end"
-        return response.status, body[:MAX_FILE_BYTES]
+        return response.status, body[:MAX_FILE_BYTES + 1]
 
     def opted_out(self, url: str) -> str | None:
         """Why the image's host now refuses it (robots.txt, TDMRep, X-Robots-Tag), asked

@@ -41,9 +41,11 @@ WORKER_CHECK_SECONDS = 0.5
 class ProcessFetchPool:
     """``submit(url, local_files) -> Future[Fetched]``, served by worker processes."""
 
-    def __init__(self, settings, temp_dir: Path, workers: int):
+    def __init__(self, settings, temp_dir: Path, workers: int, on_notice=None):
         """``settings``: the run's ``RunSettings``; each worker builds its downloader from
-        them with its share of the decode memory, and all pace each host together."""
+        them with its share of the decode memory, and all pace each host together.
+        ``on_notice(text)``: the workers' lines for the run's summary."""
+        self.on_notice = on_notice or (lambda text: None)
         context = multiprocessing.get_context("spawn")
         self.jobs = context.Queue()
         self.results = context.Queue()
@@ -99,6 +101,9 @@ class ProcessFetchPool:
             if batch is None:
                 return
             for job, outcome, payload in batch:
+                if outcome == "notice":
+                    self.on_notice(payload)
+                    continue
                 with self.lock:
                     future = self.futures.pop(job, None)
                 if future is None:
@@ -194,8 +199,32 @@ class SharedSpacing:
         return start - now
 
 
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _die_with_parent(parent: int) -> None:
+    """The kernel kills this worker when the engine's process dies (kill -9 included),
+    whatever the worker is doing: the flusher's own check needs the GIL, which a thread
+    stuck in C code (a decoder, a pathological pattern) may never give back. The signal
+    comes when the thread that started the worker ends; the engine's thread and the
+    result collector, which start them, live as long as the pool. Elsewhere than Linux
+    only the flusher's check remains."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:
+        os._exit(0)  # the parent died before prctl: no signal will ever come
+
+
 def _worker(settings, temp_dir: str, share: int, threads: int, jobs, results,
             parent: int, spacing: SharedSpacing) -> None:
+    _die_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
     fetcher = Fetcher.for_run(settings, Path(temp_dir), share=share, threads=threads,
@@ -206,6 +235,8 @@ def _worker(settings, temp_dir: str, share: int, threads: int, jobs, results,
     def send(item) -> None:
         with outbox_lock:
             outbox.append(item)
+
+    fetcher.on_notice = lambda text: send((None, "notice", text))
 
     def flusher() -> None:
         # Results go back in small batches: one pickle and one pipe write for several.

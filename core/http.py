@@ -1,7 +1,11 @@
 """Polite HTTP: per-host rate limits, retries with exponential backoff, default timeouts.
 
 Retries are urllib3's ``Retry`` (it already honours ``Retry-After`` and backs off
-exponentially); this module adds the per-host pacing urllib3 does not have.
+exponentially); this module adds the per-host pacing urllib3 does not have, and the
+bounds on every API call a plugin's session makes: a deadline for the whole answer (a
+read timeout restarts on each byte, so a server dripping one byte a second never trips
+it), a cap on the answer's size (read in chunks, never whole into memory first), and for
+a source, a cap on the calls and on the time one search may spend waiting on them.
 """
 
 from __future__ import annotations
@@ -16,9 +20,53 @@ import urllib3
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
-from .netguard import BoundedRetry, pool_classes
+from .netguard import DEADLINES, BoundedRetry, pool_classes
 
 RETRY_STATUSES = (429, 500, 502, 503, 504)
+ANSWER_CHUNK = 64 * 1024
+
+
+class ApiLimitReached(requests.exceptions.RequestException):
+    """An API call or a search went past one of the run's bounds (the reason says which)."""
+
+
+class SearchBudget:
+    """One search's share of an API: at most ``max_calls`` calls, and at most ``seconds``
+    spent waiting on their answers (not on the downloads the search feeds, which may
+    hold it back for hours). The engine starts it at each search of its source."""
+
+    def __init__(self, max_calls: int, seconds: float):
+        self.max_calls = max_calls
+        self.seconds = seconds
+        self.calls = 0
+        self.waited = 0.0
+        self.active = False
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        with self._lock:
+            self.calls, self.waited, self.active = 0, 0.0, True
+
+    def stop(self) -> None:
+        with self._lock:
+            self.active = False
+
+    def charge(self) -> None:
+        """Counts a call about to go out; raises when the search has had its share."""
+        with self._lock:
+            if not self.active:
+                return
+            if self.calls >= self.max_calls:
+                raise ApiLimitReached(f"search cut short after {self.calls} API calls "
+                                      f"(run.max_api_calls)")
+            if self.waited >= self.seconds:
+                raise ApiLimitReached(f"search cut short after {self.waited:.0f} s waiting "
+                                      f"on the API (run.search_deadline {self.seconds:g} s)")
+            self.calls += 1
+
+    def waited_for(self, seconds: float) -> None:
+        with self._lock:
+            self.waited += seconds
 
 
 class TokenBuckets:
@@ -63,16 +111,66 @@ class HostRateLimiter:
 
 
 class PoliteAdapter(HTTPAdapter):
-    def __init__(self, limiter: HostRateLimiter, timeout: float, retry: Retry, pool_size: int):
+    def __init__(self, limiter: HostRateLimiter, timeout: float, retry: Retry, pool_size: int,
+                 *, deadline: float = 120.0, max_answer: int = 32_000_000,
+                 budget: SearchBudget | None = None):
         self.limiter = limiter
         self.timeout = timeout
+        self.deadline = deadline
+        self.max_answer = max_answer
+        self.budget = budget
         super().__init__(max_retries=retry, pool_connections=pool_size, pool_maxsize=pool_size)
 
+    def init_poolmanager(self, *args, **kwargs):
+        super().init_poolmanager(*args, **kwargs)
+        # Connections the deadline watchdog can shut (API endpoints are the recipe's own:
+        # no check of the peer's address).
+        self.poolmanager.pool_classes_by_scheme = pool_classes(False)
+
     def send(self, request, **kwargs):
+        """The answer whole (unless ``stream``), within ``deadline`` seconds from the first
+        byte sent to the last received, retries included, and at most ``max_answer`` bytes."""
         if kwargs.get("timeout") is None:
             kwargs["timeout"] = self.timeout
+        if self.budget is not None:
+            self.budget.charge()
         self.limiter.wait(urlsplit(request.url).netloc)
-        return super().send(request, **kwargs)
+        started = time.monotonic()
+        own_deadline = DEADLINES.remaining() is None  # else a download's deadline governs
+        if own_deadline:
+            DEADLINES.start(self.deadline)
+        try:
+            response = super().send(request, **{**kwargs, "stream": True})
+            if not kwargs.get("stream"):
+                self._read_answer(response)
+            return response
+        except (requests.exceptions.RequestException, urllib3.exceptions.HTTPError, OSError):
+            if own_deadline and DEADLINES.passed() is not None:
+                raise ApiLimitReached(f"API answer took longer than run.api_deadline "
+                                      f"({self.deadline:g} s)") from None
+            raise
+        finally:
+            if own_deadline:
+                DEADLINES.finish()
+            if self.budget is not None:
+                self.budget.waited_for(time.monotonic() - started)
+
+    def _read_answer(self, response) -> None:
+        declared = response.headers.get("Content-Length", "")
+        if declared.isdigit() and int(declared) > self.max_answer:
+            response.close()
+            raise self._too_large()
+        body = bytearray()
+        for chunk in response.iter_content(ANSWER_CHUNK):  # decoded: a gzip bomb counts
+            body += chunk
+            if len(body) > self.max_answer:
+                response.close()
+                raise self._too_large()
+        response._content = bytes(body)  # what requests' own read would have set
+
+    def _too_large(self) -> ApiLimitReached:
+        return ApiLimitReached(f"API answer larger than run.max_api_answer "
+                               f"({self.max_answer:,} bytes)")
 
 
 class HttpClient:
@@ -80,9 +178,13 @@ class HttpClient:
 
     def __init__(self, *, rate_per_host: float, timeout: float, retries: int, backoff: float,
                  user_agent: str, pool_size: int = 16, reserve=None,
-                 max_retry_after: float = 300.0, check_peer: bool = True):
+                 max_retry_after: float = 300.0, check_peer: bool = True,
+                 api_deadline: float = 120.0, max_api_answer: int = 32_000_000):
         """``check_peer``: refuse connections whose address turns out not to be public
-        (the downloader's pools; API sessions go to the recipe's own endpoints)."""
+        (the downloader's pools; API sessions go to the recipe's own endpoints).
+        ``api_deadline``, ``max_api_answer``: the bounds of each call of a session."""
+        self.api_deadline = api_deadline
+        self.max_api_answer = max_api_answer
         self.max_retry_after = max_retry_after
         self.check_peer = check_peer
         self.limiter = HostRateLimiter(rate_per_host, reserve)
@@ -129,10 +231,13 @@ class HttpClient:
                             respect_retry_after_header=True, raise_on_status=False,
                             max_retry_after=self.max_retry_after)
 
-    def session(self, *, retry_post: bool = False) -> requests.Session:
+    def session(self, *, retry_post: bool = False,
+                budget: SearchBudget | None = None) -> requests.Session:
+        """``budget``: the calls and waiting time the current search may still spend."""
         session = requests.Session()
         adapter = PoliteAdapter(self.limiter, self.timeout, self.retry(retry_post=retry_post),
-                                self.pool_size)
+                                self.pool_size, deadline=self.api_deadline,
+                                max_answer=self.max_api_answer, budget=budget)
         session.mount("http://", adapter)
         session.mount("https://", adapter)
         session.headers["User-Agent"] = self.user_agent

@@ -7,14 +7,15 @@ Each host's files are fetched once, before the first download from it, and cache
 TTL in ``.harvest/opt-outs.sqlite`` (every download worker shares it). As RFC 9309 says:
 a robots.txt that is missing or refused (4xx) allows everything; a server error (5xx), a
 429 or no answer disallows everything for now, and the download fails transiently, so
-that the next run asks again. ``Crawl-delay`` for harvest's user-agent token becomes that
-host's request rate when it is slower than the recipe's.
+that the next run asks again. A tdmrep.json is read the same way, and one that cannot be
+read (cut off, over 512 KiB, not JSON, nested too deep) disallows for now too: a
+reservation nobody could read is still a reservation. ``Crawl-delay`` for harvest's
+user-agent token becomes that host's request rate when it is slower than the recipe's.
 """
 
 from __future__ import annotations
 
 import json
-import re
 import sqlite3
 import threading
 import time
@@ -34,7 +35,8 @@ UNREACHABLE_TTL_SECONDS = 600
 class HostRules:
     robots: object | None  # a protego.Protego, or None: allow all
     robots_unreachable: str | None  # why robots.txt could not be read: disallow for now
-    tdm: list[tuple[re.Pattern, int]]  # (location pattern, tdm-reservation)
+    tdm: list[tuple[str, int]]  # (location pattern, tdm-reservation)
+    tdm_unreadable: str | None = None  # why tdmrep.json could not be read: disallow for now
 
 
 class OptOuts:
@@ -70,9 +72,13 @@ class OptOuts:
             if rules.robots is not None and not rules.robots.can_fetch(url, self.agent):
                 raise RecordError(f"robots.txt of {host} disallows it for {self.agent}")
         if self.tdmrep_on:
+            if rules.tdm_unreadable:
+                raise RecordError(f"tdmrep.json of {host} could not be read "
+                                  f"({rules.tdm_unreadable}): disallowed for now",
+                                  permanent=False)
             path = parts.path or "/"
-            for pattern, reservation in rules.tdm:
-                if pattern.match(path):
+            for location, reservation in rules.tdm:
+                if location_matches(location, path):
                     if reservation == 1:
                         raise RecordError(f"TDM rights reserved by {host} "
                                           f"(/.well-known/tdmrep.json)")
@@ -99,29 +105,28 @@ class OptOuts:
 
     def _load(self, origin: str, now: float) -> tuple[float, HostRules]:
         stored = self._cached(origin, now)
-        if stored is None:
+        fresh = stored is None
+        if fresh:
             robots = self._get(f"{origin}/robots.txt") if self.robots_on else (404, b"")
             tdm = self._get(f"{origin}/.well-known/tdmrep.json") if self.tdmrep_on else (404, b"")
-            unreachable = robots[0] is None or robots[0] == 429 or robots[0] >= 500
-            if unreachable:  # asked again in a while in this run, and by the next run
-                stored = (now + UNREACHABLE_TTL_SECONDS, robots, tdm)
-            else:
-                stored = (now + TTL_SECONDS, robots, tdm)
-                self._store(origin, *stored)
+            stored = (now + TTL_SECONDS, robots, tdm)
         expires, (robots_status, robots_body), (tdm_status, tdm_body) = stored
-        rules = HostRules(None, None, [])
-        if robots_status is None or robots_status == 429 or robots_status >= 500:
+        rules = HostRules(None, None, *_tdm_rules(tdm_status, tdm_body))
+        if _unanswered(robots_status):
             rules.robots_unreachable = (robots_body.decode("utf-8", "replace")[:100]
                                         if robots_status is None else f"HTTP {robots_status}")
         elif 200 <= robots_status < 300:
             from protego import Protego
 
-            rules.robots = Protego.parse(robots_body.decode("utf-8", "replace"))
+            rules.robots = Protego.parse(robots_body[:MAX_FILE_BYTES].decode("utf-8", "replace"))
             delay = rules.robots.crawl_delay(self.agent)
-            if delay and self.on_crawl_delay is not None:
+            if delay and delay > 0 and self.on_crawl_delay is not None:
                 self.on_crawl_delay(urlsplit(origin).netloc, float(delay))
-        if tdm_status is not None and 200 <= tdm_status < 300:
-            rules.tdm = _tdm_rules(tdm_body)
+        if fresh:
+            if rules.robots_unreachable or rules.tdm_unreadable:
+                expires = now + UNREACHABLE_TTL_SECONDS  # asked again soon, and by the next run
+            else:
+                self._store(origin, *stored)
         return expires, rules
 
     def _get(self, url: str) -> tuple[int | None, bytes]:
@@ -129,6 +134,8 @@ class OptOuts:
             return self.fetch(url)
         except RecordError as exc:
             return None, exc.reason.encode()
+        except urllib3.exceptions.ProtocolError:
+            return None, b"connection broken before the end"
         except (urllib3.exceptions.HTTPError, OSError) as exc:
             return None, str(exc).splitlines()[0][:100].encode() if str(exc) else b"no answer"
 
@@ -170,27 +177,60 @@ class OptOuts:
             pass
 
 
-def _tdm_rules(body: bytes) -> list[tuple[re.Pattern, int]]:
+def _unanswered(status: int | None) -> bool:
+    """No answer, a 429 or a server error: the host's file is not known, not absent."""
+    return status is None or status == 429 or status >= 500
+
+
+def _tdm_rules(status: int | None, body: bytes) -> tuple[list[tuple[str, int]], str | None]:
     """TDMRep's JSON: ``[{"location": "/images/*", "tdm-reservation": 1, ...}, ...]``;
-    the first matching location wins, as in the specification."""
+    the first matching location wins, as in the specification. Returns the rules and
+    why the file could not be read (None when it was, or when there is none)."""
+    if _unanswered(status):
+        return [], body.decode("utf-8", "replace")[:100] if status is None else f"HTTP {status}"
+    if not 200 <= status < 300:
+        return [], None  # missing or refused: no reservation declared
+    if len(body) > MAX_FILE_BYTES:
+        return [], f"larger than {MAX_FILE_BYTES // 1024} KiB"
     try:
         entries = json.loads(body.decode("utf-8", "replace"))
+    except RecursionError:
+        return [], "nested too deep"
     except ValueError:
-        return []
+        return [], "not JSON"
     rules = []
     for entry in entries if isinstance(entries, list) else []:
         if not isinstance(entry, dict) or not isinstance(entry.get("location"), str):
             continue
-        location = entry["location"]
-        pattern = re.compile("".join(".*" if c == "*" else re.escape(c)
-                                     for c in location.rstrip("$")) + ("$" if location.endswith("$")
-                                                                        else ""))
         try:
             reservation = int(entry.get("tdm-reservation", 0))
         except (TypeError, ValueError):
             reservation = 0
-        rules.append((pattern, reservation))
-    return rules
+        rules.append((entry["location"], reservation))
+    return rules, None
+
+
+def location_matches(location: str, path: str) -> bool:
+    """Whether ``path`` starts with TDMRep's ``location`` pattern (``*``: any characters;
+    a final ``$``: the path ends there). Not a regular expression built from the host's
+    text: a pattern such as forty ``*`` then ``x$`` made the regex engine backtrack for
+    hours, holding the GIL. Each literal piece is placed leftmost with ``str.find``
+    (placing it any later never helps the pieces after it), so this is linear time."""
+    anchored = location.endswith("$")
+    first, *rest = (location[:-1] if anchored else location).split("*")
+    if not path.startswith(first):
+        return False
+    if not rest:
+        return path == first or not anchored
+    position = len(first)
+    for piece in rest[:-1]:
+        found = path.find(piece, position)
+        if found < 0:
+            return False
+        position = found + len(piece)
+    if anchored:
+        return len(path) - len(rest[-1]) >= position and path.endswith(rest[-1])
+    return path.find(rest[-1], position) >= 0
 
 
 def tdm_reserved(headers) -> bool:

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import pluggy
 
+from .errors import one_line
 from .options import Option
 from .record import Query, Record, Term
 from .shards import Coordinator, state_dirs
@@ -18,7 +19,7 @@ from .shards import Coordinator, state_dirs
 if TYPE_CHECKING:
     import requests
 
-    from .http import HttpClient
+    from .http import HttpClient, SearchBudget
 
 hookimpl = pluggy.HookimplMarker("harvest")
 
@@ -41,6 +42,10 @@ class Context:
     # there (see ``Sink.part_documents``). None on one machine.
     part_dir: Path | None = None
     coordinator: Coordinator = field(default_factory=Coordinator)
+    # A source's: the API calls and waiting time each of its searches may spend.
+    budget: SearchBudget | None = None
+    # Where a source's skipped items are counted: (reason, query) -> None.
+    on_bad_item: Callable[[str, Query | None], None] | None = None
 
     @property
     def state_dir(self) -> Path:
@@ -60,9 +65,16 @@ class Context:
         if delay > 0:
             time.sleep(delay)
 
+    def bad_item(self, reason: str, query: Query | None = None) -> None:
+        """An item of an API's answer that cannot be read: logged and counted (rejected,
+        with ``reason``), while the search goes on with the rest."""
+        self.log.warning("%s: skipped an item of the API's answer: %s", self.name, reason)
+        if self.on_bad_item is not None:
+            self.on_bad_item(reason, query)
+
     def session(self, *, retry_post: bool = False) -> "requests.Session":
         """A polite HTTP session: per-host rate limit, retries with backoff, timeouts."""
-        return self.http.session(retry_post=retry_post)
+        return self.http.session(retry_post=retry_post, budget=self.budget)
 
 
 class Plugin:
@@ -114,6 +126,22 @@ class Source(Plugin):
     def records(self, query: Query | None) -> Iterator[Record]:
         """Records for ``query`` (for the part of it in ``query.part``, when set)."""
         raise NotImplementedError
+
+    def each_item(self, items: Any, convert: Callable[[Any], Record | None],
+                  query: Query | None = None) -> Iterator[Record]:
+        """``convert(item)`` for each item of a list from an API's answer, or of an
+        iterator of such items (anything else, a dict or a string, is no items). An item
+        it cannot read (a wrong type, a missing key: the exceptions reading one raises)
+        is skipped with its reason, and the rest go on, instead of one bad item ending
+        the whole search."""
+        for item in items if isinstance(items, (list, Iterator)) else ():
+            try:
+                record = convert(item)
+            except (AttributeError, KeyError, IndexError, TypeError, ValueError) as exc:
+                self.context.bad_item(f"bad item in the answer ({one_line(exc)})", query)
+                continue
+            if record is not None:
+                yield record
 
     def partitions(self, query: Query, limit: int | None) -> list[tuple[Any, int | None]]:
         """Splits a query into disjoint parts that workers can search apart, each with its

@@ -69,6 +69,15 @@ RUN_OPTIONS: tuple[Option, ...] = (
            help="most seconds one download may take, retries and slow servers included"),
     Option("max_retry_after", Float(0, 21600), 300.0,
            help="longest Retry-After honoured; a longer one fails the record until next run"),
+    Option("api_deadline", Float(1, 86400), 120.0,
+           help="most seconds one API call may take, retries and a dripping answer included"),
+    Option("max_api_answer", Size(), "32MB", help="largest API answer read"),
+    Option("max_api_calls", Int(1), 5000, help="most API calls one search may make"),
+    Option("search_deadline", Float(1, 604800), 3600.0,
+           help="most seconds one search may spend waiting on API answers"),
+    Option("max_crawl_delay", Float(0.01, 86400), 60.0,
+           help="longest robots.txt Crawl-delay honoured; a longer one is cut to this, and "
+                "the summary names the host and what it asked for"),
     Option("decode_memory", Size(), "1GB",
            help="memory all image decodes may take at once (checking images)"),
     Option("allow_file_urls", Bool(), False,
@@ -98,6 +107,11 @@ class RunSettings:
     respect_noindex: bool = False
     download_deadline: float = 120.0
     max_retry_after: float = 300.0
+    max_crawl_delay: float = 60.0
+    api_deadline: float = 120.0
+    max_api_answer: int = 32_000_000
+    max_api_calls: int = 5000
+    search_deadline: float = 3600.0
     allow_file_urls: bool = False
     decode_memory: int = 1_000_000_000
     images: ImageSettings = ImageSettings()  # the recipe's ``images:`` section

@@ -35,6 +35,13 @@ class Summary:
         self.count(source, term, outcome)
         self.note_reason(source, stage, reason)
 
+    def note(self, text: str) -> None:
+        """A line for the end of the printout, once however often it is said."""
+        text = self.redact(text)
+        with self._lock:
+            if text not in self.notes:
+                self.notes.append(text)
+
     def note_reason(self, source: str, stage: str, reason: str) -> None:
         reason = self.redact(reason)
         with self._lock:

@@ -154,3 +154,29 @@ def test_delay_holds_across_a_clusters_workers(bing, recipe_file, harvest, tmp_p
     assert len(pages) >= 4
     gaps = [b - a for a, b in zip(pages, pages[1:], strict=False)]
     assert min(gaps) >= 0.27, gaps  # not two workers' pages at once
+
+
+def test_v7_bad_items_are_skipped_with_their_reason(bing, recipe_file, harvest, tmp_path,
+                                                    monkeypatch):
+    """An item that is not an object or whose contentUrl is a number ended the search;
+    each is now skipped with its reason, and the rest are stored."""
+    answer = bing.api
+
+    def hostile(params):
+        body = answer(params)
+        if params.get("offset") == "0":
+            body["value"][1]["contentUrl"] = 12345
+            body["value"].insert(0, "not an object")
+        return body
+
+    monkeypatch.setattr(bing, "api", hostile)
+    monkeypatch.setenv("BING_KEY", bing.api_key)
+    output = tmp_path / "out"
+    recipe = recipe_file(bing_recipe(bing, output, """      mode: api
+      api_key: ${BING_KEY}
+      count: 30"""))
+    status, out, err = harvest("run", recipe, "--no-progress")
+    assert status == 0, out + err
+    assert len(read_jsonl(output / "records.jsonl")) == 30
+    assert "bad item in the answer (AttributeError: 'str' object has no attribute 'get')" in out
+    assert "bad item in the answer (AttributeError: 'int' object has no attribute" in out

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import time
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
@@ -17,6 +18,7 @@ class FakeOpenverse:
         self.total = total
         self.queries: list[dict] = []
         self.tokens_issued = 0
+        self.second_page = None  # a function answering page 2 instead, when set
         fake = self
 
         class Handler(QuietHandler):
@@ -44,6 +46,8 @@ class FakeOpenverse:
                 if size > 20 and query["authorization"] != "Bearer tok-1":
                     return self.reply_json({"detail": "page_size over 20 needs auth"}, 401)
                 page = int(query.get("page", 1))
+                if page == 2 and fake.second_page is not None:
+                    return fake.second_page(self)
                 if page > 20:
                     return self.reply_json({"detail": "page depth"}, 400)
                 first = (page - 1) * size
@@ -142,3 +146,67 @@ def test_bad_openverse_options_are_one_line_errors(openverse, recipe_file, harve
     status, _, err = harvest("run", recipe_file(text, "r2.yml"), "--no-progress")
     assert status == 2 and "refused the client credentials" in err
     assert "wrong" not in err
+
+
+def drip(handler):
+    body = b'{"results": [], "page_count": 3}' + b" " * 10_000
+    handler.send_response(200)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", str(len(body)))
+    handler.end_headers()
+    for byte in body:
+        handler.wfile.write(bytes([byte]))
+        handler.wfile.flush()
+        time.sleep(0.05)
+
+
+def huge(handler, declared: bool):
+    results = b'{"results": [' + b",".join([b'{"id": "x", "title": "' + b"m" * 1000 + b'"}'] * 40_000)
+    body = results + b'], "page_count": 3}'
+    handler.send_response(200)
+    handler.send_header("Content-Type", "application/json")
+    if declared:
+        handler.send_header("Content-Length", str(len(body)))
+    else:
+        handler.close_connection = True
+    handler.end_headers()
+    handler.wfile.write(body)
+
+
+@pytest.mark.parametrize("answer, why", [
+    (drip, "API answer took longer than run.api_deadline (2 s)"),
+    (lambda handler: huge(handler, True), "API answer larger than run.max_api_answer"),
+    (lambda handler: huge(handler, False), "API answer larger than run.max_api_answer"),
+])
+def test_a_dripping_or_huge_answer_is_bounded(answer, why, openverse, recipe_file, harvest,
+                                              tmp_path):
+    """An answer dripping a byte at a time never tripped the read timeout (it restarts on
+    each byte), and a 400 MB answer took 1.35 GB of memory: each API call now has a
+    deadline for the whole answer and a size cap. The search is reported as failed (exit
+    3, one line why); what page 1 found is stored."""
+    openverse.second_page = answer
+    output = tmp_path / "out"
+    text = recipe(openverse, output).replace(
+        "rate_per_host: 1000}", "rate_per_host: 1000, api_deadline: 2, max_api_answer: 1MB}")
+    started = time.monotonic()
+    status, out, err = harvest("run", recipe_file(text), "--no-progress")
+    assert time.monotonic() - started < 20
+    assert status == 3, out + err
+    assert why in out, out
+    assert len(read_jsonl(output / "records.jsonl")) == 20
+
+
+def test_bad_results_are_skipped_with_their_reason(openverse, recipe_file, harvest, tmp_path):
+    """A result that is not an object, a url that is a number or tags that are not a list
+    ended the whole search; each is now skipped with its reason and the rest stored."""
+    good = openverse.result
+    bad = {0: "not an object", 1: {**good(1), "url": 5}, 2: {**good(2), "tags": 7}}
+    openverse.result = lambda i: bad.get(i) or good(i)
+    output = tmp_path / "out"
+    status, out, err = harvest("run", recipe_file(recipe(openverse, output)), "--no-progress")
+    assert status == 0, out + err
+    records = read_jsonl(output / "records.jsonl")
+    assert len(records) == 50 and "Monkey 1" not in {r["title"] for r in records}
+    for reason in ("AttributeError: 'str' object has no attribute 'get'",
+                   "TypeError: url is a int", "TypeError: 'int' object is not iterable"):
+        assert f"bad item in the answer ({reason})" in out, out

@@ -5,6 +5,7 @@ sub-categories, continuation, maxlag errors, imageinfo with extmetadata and SHA-
 from __future__ import annotations
 
 import hashlib
+import time
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
@@ -140,3 +141,95 @@ def test_contact_is_required(commons, recipe_file, harvest, tmp_path):
                                                    'contact: "me"')
     status, _, err = harvest("validate", recipe_file(text))
     assert status == 2 and "contact" in err and "e-mail" in err
+
+
+class EndlessCommons:
+    """An API that never ends a listing: ``continue`` with no pages, forever, or one more
+    level of sub-categories at every call."""
+
+    def __init__(self):
+        self.calls = 0
+        fake = self
+
+        class Handler(QuietHandler):
+            def do_GET(self):  # noqa: N802
+                params = {k: v[0] for k, v in parse_qs(urlsplit(self.path).query).items()}
+                if urlsplit(self.path).path != "/w/api.php":
+                    return self.reply(404)
+                fake.calls += 1
+                time.sleep(fake.latency)
+                if params.get("list") == "categorymembers":
+                    self.reply_json({"continue": {"cmcontinue": str(fake.calls)}, "query": {
+                        "categorymembers": [{"ns": 14, "title": f"Category:C{fake.calls}"}]}})
+                else:
+                    self.reply_json({"continue": {"gsroffset": fake.calls, "continue": "-||"},
+                                     "query": {}})
+
+        self.latency = 0.0
+        self.server, self.base = serve_in_thread(Handler)
+
+
+@pytest.mark.parametrize("options, run, why", [
+    ("", "max_api_calls: 40", "search cut short after 40 API calls (run.max_api_calls)"),
+    (", categories: [Macaca], depth: 10", "max_api_calls: 40",
+     "search cut short after 40 API calls (run.max_api_calls)"),
+    ("", "search_deadline: 1", "waiting on the API (run.search_deadline 1 s)"),
+])
+def test_an_endless_listing_is_cut_short_as_a_failed_search(options, run, why, recipe_file,
+                                                            harvest, tmp_path):
+    """``continue`` with no pages answered 1,845 times in 85 s, with no end; sub-categories
+    without end likewise. Each search has a call cap and a deadline for its API time; a
+    search cut short is a failed one (exit 3), with one line saying why."""
+    endless = EndlessCommons()
+    endless.latency = 0.05 if "deadline" in run else 0.0
+    output = tmp_path / "out"
+    text = recipe(endless, output, options).replace("rate_per_host: 1000}",
+                                                    f"rate_per_host: 1000, {run}}}")
+    started = time.monotonic()
+    status, out, err = harvest("run", recipe_file(text), "--no-progress")
+    endless.server.shutdown()
+    assert time.monotonic() - started < 15
+    assert status == 3, out + err
+    assert why in out, out
+    if "calls" in run:
+        assert endless.calls == 40
+
+
+def test_bad_items_are_skipped_with_their_reason(commons, recipe_file, harvest, tmp_path):
+    """One bad item (not an object, imageinfo of the wrong type, a sha1 that is a number)
+    or a negative maxlag lag ended the whole search with "unexpected AttributeError".
+    Each bad item is now skipped with its reason, counted, and the rest are stored."""
+    answer = commons.answer
+
+    def hostile(params):
+        body = answer(params)
+        pages = body["query"]["pages"]
+        if params.get("gsroffset", "0") == "0":
+            pages[1]["imageinfo"][0]["sha1"] = 1234
+            pages[2]["imageinfo"] = {"url": "x"}
+            pages.insert(0, "File:Not an object.jpg")
+            pages.append({"pageid": 1, "index": "first", "title": 5, "imageinfo": [None]})
+        return body
+
+    commons.answer = hostile
+    commons.lagged = 0
+    commons.corrupt_sha1 = set()
+    calls = []
+    original = commons.answer
+
+    def lagging_once(params):
+        calls.append(params)
+        if len(calls) == 1:
+            return {"error": {"code": "maxlag", "info": "lagged", "lag": -5}}
+        return original(params)
+
+    commons.answer = lagging_once
+    output = tmp_path / "out"
+    status, out, err = harvest("run", recipe_file(recipe(commons, output)), "--no-progress")
+    assert status == 0, out + err  # the bad items are rejected, as a page with no URL
+    stored = {r["source_id"] for r in read_jsonl(output / "records.jsonl")}
+    assert stored == {str(9000 + i) for i in range(11) if i not in (1, 2)}
+    assert "bad item in the answer (ValueError: sha1 is not 40 hexadecimal digits)" in out
+    assert "bad item in the answer (KeyError: 0)" in out
+    assert "bad item in the answer (AttributeError: 'str' object has no attribute 'get')" in out
+    assert "unexpected" not in out

@@ -177,6 +177,19 @@ class BingSource(Source):
 
     # -- v7 API ------------------------------------------------------------------------------
 
+    def _api_record(self, query: Query, item: dict, seen: set[str]) -> Record | None:
+        url = item.get("contentUrl")
+        if not url or url in seen:
+            return None
+        record = self._record(query, url, title=item.get("name"),
+                              page_url=item.get("hostPageUrl"),
+                              thumbnail_url=item.get("thumbnailUrl"),
+                              image_width=item.get("width"), image_height=item.get("height"),
+                              image_format=item.get("encodingFormat"),
+                              date_published=item.get("datePublished"))
+        seen.add(url)
+        return record
+
     def _api_records(self, query: Query) -> Iterator[Record]:
         c = self.config
         offset, seen = 0, set()
@@ -191,17 +204,8 @@ class BingSource(Source):
             reply = self._get(f"{self.endpoint}/v7.0/images/search", params=params,
                               headers=headers).json()
             values = reply.get("value") or []
-            for item in values:
-                url = item.get("contentUrl")
-                if not url or url in seen:
-                    continue
-                seen.add(url)
-                yield self._record(query, url, title=item.get("name"),
-                                   page_url=item.get("hostPageUrl"),
-                                   thumbnail_url=item.get("thumbnailUrl"),
-                                   image_width=item.get("width"), image_height=item.get("height"),
-                                   image_format=item.get("encodingFormat"),
-                                   date_published=item.get("datePublished"))
+            yield from self.each_item(values, lambda item: self._api_record(query, item, seen),
+                                      query)
             next_offset = reply.get("nextOffset", offset + len(values))
             total = reply.get("totalEstimatedMatches", 0)
             if not values or next_offset <= offset or next_offset >= total:

@@ -240,11 +240,15 @@ class FlickrSource(Source):
             if query.part.get("bbox"):
                 params["bbox"] = _bbox_param(query.part["bbox"])
         seen: set[str] = set()
-        for photo in self._search(params, low, high):
+
+        def fresh(photo: dict) -> Record | None:
             if photo["id"] in seen:
-                continue
+                return None
+            record = self._record(photo, query)
             seen.add(photo["id"])
-            yield self._record(photo, query)
+            return record
+
+        yield from self.each_item(self._search(params, low, high), fresh, query)
 
     def partitions(self, query: Query, limit: int | None) -> list[tuple[Any, int | None]]:
         """Date slices (and bbox tiles) that together give what ``records`` gives.

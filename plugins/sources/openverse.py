@@ -127,16 +127,20 @@ class OpenverseSource(Source):
                                         f"(HTTP 401): page_size over 20 needs client credentials")
             response.raise_for_status()
             answer = response.json()
-            for result in answer.get("results") or []:
-                record = self._record(result, query)
-                if record is not None:
-                    yield record
-            if page >= int(answer.get("page_count") or 0) or not answer.get("results"):
+            if not isinstance(answer, dict):
+                raise RuntimeError("the API's answer is not a JSON object")
+            results = answer.get("results")
+            yield from self.each_item(results, lambda result: self._record(result, query), query)
+            page_count = answer.get("page_count")
+            if not isinstance(page_count, int) or page >= page_count or not results:
                 return
 
     def _record(self, result: dict, query: Query) -> Record | None:
+        """Raises (AttributeError, TypeError...) on a result that cannot be read."""
         if not result.get("id") or not result.get("url"):
             return None
+        if not isinstance(result["url"], str):
+            raise TypeError(f"url is a {type(result['url']).__name__}")
         tags = [t.get("name") for t in result.get("tags") or [] if isinstance(t, dict)]
         fields = {
             "title": result.get("title"),

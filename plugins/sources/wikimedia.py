@@ -115,10 +115,11 @@ class WikimediaSource(Source):
                                         "(HTTP 403): check the contact in the User-Agent")
             response.raise_for_status()
             answer = response.json()
-            error = answer.get("error") or {}
+            if not isinstance(answer, dict):
+                raise RuntimeError("the API's answer is not a JSON object")
+            error = answer.get("error") if isinstance(answer.get("error"), dict) else {}
             if error.get("code") == "maxlag":
-                wait = float(response.headers.get("Retry-After") or error.get("lag") or 5)
-                time.sleep(min(wait, 60))
+                time.sleep(_lag_wait(response.headers.get("Retry-After"), error.get("lag")))
                 continue
             if error:
                 raise RuntimeError(f"MediaWiki API error {error.get('code')}: "
@@ -126,35 +127,32 @@ class WikimediaSource(Source):
             return answer
         raise RuntimeError("the API stayed lagged (maxlag) through every retry")
 
-    def _pages(self, generator: dict) -> Iterator[dict]:
+    def _pages(self, generator: dict) -> Iterator[list]:
+        """The pages of each answer in turn, in the search's order."""
         params = {**generator, "prop": "imageinfo", "iiprop": "url|size|sha1|mime|extmetadata",
                   "iiextmetadatafilter": EXTMETADATA}
         cont: dict = {}
         while True:
             answer = self._call({**params, **cont})
-            pages = sorted((answer.get("query") or {}).get("pages") or [],
-                           key=lambda p: p.get("index", 0))
-            yield from pages
-            if "continue" not in answer:
+            yield sorted(_listed(answer, "pages"), key=_index)
+            cont = _continuation(answer)
+            if cont is None:
                 return
-            cont = answer["continue"]
 
     def records(self, query: Query | None) -> Iterator[Record]:
         if self.config["categories"]:
             seen: set[str] = set()
             for category in self._categories():
-                for page in self._pages({"generator": "categorymembers", "gcmtitle": category,
-                                         "gcmtype": "file", "gcmlimit": self.config["batch"]}):
-                    record = self._record(page, None)
-                    if record is not None and record.source_id not in seen:
-                        seen.add(record.source_id)
-                        yield record
+                for pages in self._pages({"generator": "categorymembers", "gcmtitle": category,
+                                          "gcmtype": "file", "gcmlimit": self.config["batch"]}):
+                    for record in self.each_item(pages, lambda page: self._record(page, None)):
+                        if record.source_id not in seen:
+                            seen.add(record.source_id)
+                            yield record
             return
-        for page in self._pages({"generator": "search", "gsrsearch": query.text,
-                                 "gsrnamespace": 6, "gsrlimit": self.config["batch"]}):
-            record = self._record(page, query)
-            if record is not None:
-                yield record
+        for pages in self._pages({"generator": "search", "gsrsearch": query.text,
+                                  "gsrnamespace": 6, "gsrlimit": self.config["batch"]}):
+            yield from self.each_item(pages, lambda page: self._record(page, query), query)
 
     def _categories(self) -> Iterator[str]:
         """The recipe's categories and their sub-categories to ``depth``, each once."""
@@ -167,23 +165,32 @@ class WikimediaSource(Source):
                 return
             below = []
             for category in level:
-                cont: dict = {}
-                while True:
+                cont: dict | None = {}
+                while cont is not None:
                     answer = self._call({"list": "categorymembers", "cmtitle": category,
                                          "cmtype": "subcat", "cmlimit": 500, **cont})
-                    for member in (answer.get("query") or {}).get("categorymembers") or []:
-                        if member["title"] not in seen:
-                            seen.add(member["title"])
-                            below.append(member["title"])
-                    if "continue" not in answer:
-                        break
-                    cont = answer["continue"]
+                    for member in _listed(answer, "categorymembers"):
+                        title = member.get("title") if isinstance(member, dict) else None
+                        if not isinstance(title, str):
+                            self.context.bad_item("bad item in the answer (a sub-category "
+                                                  "without a title)")
+                        elif title not in seen:
+                            seen.add(title)
+                            below.append(title)
+                    cont = _continuation(answer)
             level = below
 
     def _record(self, page: dict, query: Query | None) -> Record | None:
+        """Raises (AttributeError, TypeError, ValueError...) on an item that cannot be read."""
         info = (page.get("imageinfo") or [None])[0]
         if not info or not info.get("url") or info.get("mime") not in self.config["mime"]:
             return None
+        if not isinstance(info["url"], str):
+            raise TypeError(f"url is a {type(info['url']).__name__}")
+        sha1 = info.get("sha1")
+        if sha1 is not None and not (isinstance(sha1, str) and len(sha1) == 40
+                                     and all(c in "0123456789abcdefABCDEF" for c in sha1)):
+            raise ValueError("sha1 is not 40 hexadecimal digits")
         meta = {k: (v or {}).get("value") for k, v in (info.get("extmetadata") or {}).items()}
         fields = {
             "title": re.sub(r"^File:|\.\w+$", "", page.get("title", "")),
@@ -200,8 +207,44 @@ class WikimediaSource(Source):
         fields = {k: v for k, v in fields.items() if v not in (None, "")}
         record = Record(source="wikimedia", source_id=str(page.get("pageid") or page["title"]),
                         url=info["url"], query=query, fields=fields, personal={"author"})
-        record.expect_sha1 = info.get("sha1")
+        record.expect_sha1 = sha1
         return record
+
+
+def _listed(answer: dict, key: str) -> list:
+    """``answer.query[key]`` when it is a list; anything else is nothing listed."""
+    query = answer.get("query")
+    listed = query.get(key) if isinstance(query, dict) else None
+    return listed if isinstance(listed, list) else []
+
+
+def _index(page) -> int:
+    """A page's place in the search's order (sorted before each page is read)."""
+    index = page.get("index") if isinstance(page, dict) else None
+    return index if isinstance(index, int) else 0
+
+
+def _continuation(answer: dict) -> dict | None:
+    """The parameters of the next call, None when the listing is complete."""
+    if "continue" not in answer:
+        return None
+    cont = answer["continue"]
+    if not isinstance(cont, dict) or not cont:
+        raise RuntimeError("the API's answer has a continue that is not an object")
+    return {str(k): v for k, v in cont.items() if isinstance(v, (str, int))}
+
+
+def _lag_wait(retry_after, lag) -> float:
+    """Seconds to wait out a lagged server: its Retry-After, else its lag, within 0 to 60
+    s (a lag of -5 made time.sleep raise); 5 s when neither can be read."""
+    for value in (retry_after, lag):
+        try:
+            seconds = float(value)
+        except (TypeError, ValueError):
+            continue
+        if seconds == seconds:  # not NaN
+            return max(0.0, min(seconds, 60.0))
+    return 5.0
 
 
 @hookimpl
