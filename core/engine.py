@@ -132,6 +132,10 @@ class Engine:
             count = self.state.reconsider(self.reconsider)
             log.info("%d record(s) %s before: reconsidered", count,
                      " or ".join(sorted(self.reconsider)))
+        if self.part_dir is None and self.state.removals():
+            log.warning("a takedown or purge was interrupted and is not finished: its "
+                        "pictures are not stored again, but may still be in the sinks; run "
+                        "`harvest takedown` or `harvest purge` again to finish it")
         if self.recipe.retain_days and self.part_dir is None:
             past = self.state.stored_before(time.time() - self.recipe.retain_days * 86400)
             if past:

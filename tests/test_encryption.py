@@ -308,3 +308,27 @@ sinks:
     assert pq.read_table(output / "parquet").num_rows == 4
     status, out, _ = harvest("rekey", recipe, "--new-key-file", new_key)
     assert status == 0 and "parquet: 0 record(s) re-encrypted" in out
+
+
+def test_rekey_touches_no_sink_when_one_cannot_re_encrypt(flickr, recipe_file, harvest,
+                                                           tmp_path, key_file, monkeypatch):
+    import harvest.plugins as builtin_plugins
+
+    monkeypatch.setattr(builtin_plugins, "BUILTIN_MODULES",
+                        builtin_plugins.BUILTIN_MODULES + ("enricher_plugins",))
+    flickr.photos = photos()
+    output = tmp_path / "out"
+    protect = f"personal_fields: encrypt, key_file: {key_file}"
+    recipe = recipe_file(flickr_recipe(flickr.endpoint, output) + f"""
+sinks:
+  - {{use: jsonl, options: {{{protect}}}}}
+  - {{use: forgetful, options: {{{protect}}}}}
+""")
+    assert harvest("run", recipe, "--no-progress")[0] == 0
+    before = (output / "records.jsonl").read_bytes()
+    new_key = tmp_path / "new.key"
+    generate_key_file(new_key)
+    status, out, err = harvest("rekey", recipe, "--new-key-file", new_key)
+    assert status == 2 and out == ""
+    assert err.count("\n") == 1 and "sinks[1]" in err and "cannot re-encrypt" in err, err
+    assert (output / "records.jsonl").read_bytes() == before
