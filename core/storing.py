@@ -116,6 +116,7 @@ class BatchStore:
         """Writes a batch to each sink that does not have it yet; True when all have it."""
         ids = [record.id for record in batch]
         waiting = []
+        written = []
         for spec, sink in sinks:
             already = self.state.delivered(spec.label, ids)
             todo = [record for record in batch if record.id not in already]
@@ -125,6 +126,10 @@ class BatchStore:
                 raise
             except Exception as exc:
                 if disk_full(exc):
+                    # The sinks before this one have the batch, and their checkpoints
+                    # say so: the next run must not give it to them again.
+                    for label in written:
+                        self.state.mark_delivered(label, ids)
                     raise DiskFull(self.output) from None
                 reason = one_line(exc)
                 log.warning("sink %s failed a batch of %d; keeping it to retry: %s",
@@ -134,6 +139,7 @@ class BatchStore:
                 continue
             if todo:
                 self.state.set_checkpoint(spec.label, checkpoint)
+            written.append(spec.label)
         if waiting:
             waiting_labels = {spec.label for spec, _ in waiting}
             for spec, _ in sinks:

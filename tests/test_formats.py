@@ -194,3 +194,46 @@ def test_every_export_format_has_the_card(flickr, recipe_file, harvest, tmp_path
         assert (tmp_path / fmt / "README.md").read_text().startswith("---\n")
         croissant = json.loads((tmp_path / fmt / "croissant.json").read_text())
         assert croissant["distribution"][0]["contentUrl"] == "manifest.csv"
+
+
+def test_a_full_disk_stops_shard_sinks_in_one_line_and_resume_stores_each_record_once(
+        flickr, recipe_file, harvest, small_disk):
+    """The disk fills while the shards are built, mid-run or when the run closes them, at
+    a different moment each run: each run stops in one line (exit 1), and the run that
+    finally has room leaves every record once in the JSONL, the tars and the Parquet."""
+    import io
+    import random
+    import subprocess
+
+    import pyarrow.parquet as pq
+    from conftest import FakePhoto
+    from PIL import Image
+
+    photos = []
+    for index in range(80):  # ~30 KB of noise each, and two more copies in the shards
+        noise = random.Random(index).randbytes(120 * 120 * 3)
+        buffer = io.BytesIO()
+        Image.frombytes("RGB", (120, 120), noise).save(buffer, "JPEG", quality=95)
+        photos.append(FakePhoto(id=str(3000 + index), title="monkey", image=buffer.getvalue()))
+    flickr.photos = photos
+    output = small_disk / "out"
+    recipe = recipe_file(recipe_text(flickr, output,
+                                     run="concurrency: 4\nbatch_size: 4\nlimit_per_term: 80"))
+    for size in ("1M", "1500K", "2M", "2500K", "3M"):
+        subprocess.run(["mount", "-o", f"remount,size={size}", str(small_disk)], check=True)
+        status, out, err = harvest("run", recipe, "--no-progress")
+        if status == 0:
+            break
+        assert status == 1, out + err
+        assert err.splitlines() == [f"harvest: error: no space left on the device of {output}; "
+                                    f"free some space and run again to resume"], err
+    else:
+        subprocess.run(["mount", "-o", "remount,size=40M", str(small_disk)], check=True)
+        status, out, err = harvest("run", recipe, "--no-progress")
+    assert status == 0, out + err
+    expected = {f"flickr:{photo.id}" for photo in photos}
+    for ids in ([r["id"] for r in read_jsonl(output / "records.jsonl")],
+                [json.loads(s["json"])["id"] for s in tar_samples(output / "webdataset")],
+                pq.read_table(output / "parquet", columns=["id"]).column("id").to_pylist()):
+        counts = Counter(ids)
+        assert set(counts) == expected and max(counts.values()) == 1, counts.most_common(3)
