@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from .crypto import PROTECTION_OPTIONS, Protection, check_protection
+from .curation import copy_reason, set_aside_ids
 from .dataset import filter_jsonl
 from .errors import PluginConfigError
 from .options import Bool, Int, MapOf, Option, OptionError, Str
@@ -49,6 +50,10 @@ def shard_options(default_path: str, *, images_default: bool) -> tuple[Option, .
                help="folder for the shard files, inside the output folder"),
         Option("shard_size", Int(1, None), 10_000, help="samples per shard file"),
         Option("images", Bool(), images_default, help="put the image bytes in the shards"),
+        Option("keep_copies", Bool(), False,
+               help="also make a sample of each record that is a copy of another picture "
+                    "(duplicate_of, near_duplicate_of, or set aside for a better copy); "
+                    "without it each picture is in the shards once, as in export"),
         Option("strip_exif", Bool(), True,
                help="remove EXIF (camera serials, GPS position, owner names) from the image "
                     "bytes written to the shards"),
@@ -148,8 +153,7 @@ class ShardedSink(Sink):
             current = staged[-1] if staged else (finished[-1] + 1 if finished else 0)
             for number in self._finished():
                 if number != current:
-                    with self._open_shard(number) as handle:
-                        self.known_ids |= self.ids_in(handle)
+                    self.known_ids |= self._held_ids(number)
                 else:
                     self._remove_shard(number)
             self.staging = _Appender(self._staging_path(current), self.config["fsync"])
@@ -202,8 +206,7 @@ class ShardedSink(Sink):
     def missing(self, record_ids: list[str]) -> set[str]:
         present: set[str] = set()
         for number in self._finished():
-            with self._open_shard(number) as handle:
-                present |= self.ids_in(handle)
+            present |= self._held_ids(number)
         for number in self._numbers(self.staging_dir, ".jsonl"):
             present |= {d["id"] for d in _documents(self.staging_dir / f"{number:05d}.jsonl")}
         return set(record_ids) - present
@@ -282,17 +285,48 @@ class ShardedSink(Sink):
 
     # -- files --------------------------------------------------------------------------------
 
+    def _samples(self, documents: Iterator[dict], copies: list[str]) -> Iterator[dict]:
+        """The documents that make a sample: a copy of another picture is one only with
+        ``keep_copies`` (its id goes to ``copies``)."""
+        aside = {} if self.config["keep_copies"] else set_aside_ids(self.context.output_dir)
+        for document in documents:
+            if not self.config["keep_copies"] and copy_reason(document, aside):
+                copies.append(document["id"])
+                continue
+            yield document
+
+    def _held_ids(self, number: int) -> set[str]:
+        """The records a finished shard stands for: its samples, and the copies its build
+        left out (stored all the same: not to be written again)."""
+        with self._open_shard(number) as handle:
+            return self.ids_in(handle) | self._copies(number)
+
+    def _copies(self, number: int) -> set[str]:
+        try:
+            return set(json.loads(self._copies_path(number).read_text(encoding="utf-8")))
+        except (OSError, ValueError, TypeError):
+            return set()
+
     def _finish(self, number: int) -> None:
         staging = self._staging_path(number)
         final = self._shard_path(number)
         temp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
+        copies: list[str] = []
         try:
-            stats = self.build(_documents(staging), temp, number)
+            stats = self.build(self._samples(_documents(staging), copies), temp, number)
             with temp.open("rb+") as handle:
                 os.fsync(handle.fileno())
             os.replace(temp, final)
         finally:
             temp.unlink(missing_ok=True)
+        if copies:
+            # Added to the earlier build's: a shard rebuilt from itself (remove) no longer
+            # has its copies' documents.
+            copies_path = self._copies_path(number)
+            copies_temp = copies_path.with_name(f".{copies_path.name}.tmp")
+            copies_temp.write_text(json.dumps(sorted(set(copies) | self._copies(number))),
+                                   encoding="utf-8")
+            os.replace(copies_temp, copies_path)
         stats_path = None
         if self.stats_name:
             stats_path = self.folder / self.stats_name.format(number)
@@ -313,6 +347,7 @@ class ShardedSink(Sink):
         names = [self._shard_path(number).name]
         if self.stats_name:
             names.append(self.stats_name.format(number))
+        self._copies_path(number).unlink(missing_ok=True)
         for name in names:
             (self.folder / name).unlink(missing_ok=True)
             if self.remote is not None:
@@ -336,6 +371,9 @@ class ShardedSink(Sink):
 
     def _staging_path(self, number: int) -> Path:
         return self.staging_dir / f"{number:05d}.jsonl"
+
+    def _copies_path(self, number: int) -> Path:
+        return self.staging_dir / f"{number:05d}.copies.json"
 
     @classmethod
     def _numbers(cls, folder: Path, suffix: str) -> list[int]:

@@ -237,3 +237,56 @@ def test_a_full_disk_stops_shard_sinks_in_one_line_and_resume_stores_each_record
                 pq.read_table(output / "parquet", columns=["id"]).column("id").to_pylist()):
         counts = Counter(ids)
         assert set(counts) == expected and max(counts.values()) == 1, counts.most_common(3)
+
+
+def test_the_shards_have_each_picture_once_as_export_does(recipe_file, harvest, tmp_path):
+    """Exact copies, near duplicates and a smaller copy set aside when the larger one came
+    are no samples: the tars and the Parquet hold what `harvest export` holds; the copies
+    still count as stored (`--verify-sinks` finds nothing lacking)."""
+    import pyarrow.parquet as pq
+    from imagegen import make_image
+    from test_cleaning import variant
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    originals = {i: make_image(200 + i, size=(320, 240)) for i in range(4)}
+    for i, data in originals.items():
+        (photos / f"{i}-a.jpg").write_bytes(data)
+    (photos / "0-b-same.jpg").write_bytes(originals[0])
+    (photos / "1-b-q40.jpg").write_bytes(variant(originals[1], "q40"))
+    (photos / "2-a.jpg").write_bytes(variant(originals[2], "half"))
+    (photos / "2-b-big.jpg").write_bytes(originals[2])
+    output = tmp_path / "out"
+    text = f"""
+name: copies
+terms: [x]
+output: {output}
+sources: [{{use: folder, options: {{path: {photos}}}}}]
+enrichers: [{{use: near_duplicates, options: {{action: mark}}}}]
+sinks:
+  - jsonl
+  - webdataset
+  - {{use: parquet, options: {{images: true, shard_size: 2}}}}
+"""
+    recipe = recipe_file(text)
+    status, _, err = harvest("run", recipe, "--no-progress")
+    assert status == 0, err
+    assert len(read_jsonl(output / "records.jsonl")) == 7
+    assert harvest("export", output, tmp_path / "dataset")[0] == 0
+    exported = sorted(json.loads(line)["id"] for line in
+                      (tmp_path / "dataset" / "manifest.jsonl").read_text().splitlines())
+    assert len(exported) == 4
+    assert sorted(json.loads(s["json"])["id"] for s in tar_samples(output / "webdataset")) \
+        == exported
+    assert sorted(pq.read_table(output / "parquet").column("id").to_pylist()) == exported
+    # A later run (which clears the staging of finished shards), then a check that finds
+    # the copies stored though they are no samples.
+    (photos / "4-a.jpg").write_bytes(make_image(300, size=(320, 240)))
+    assert harvest("run", recipe, "--no-progress")[0] == 0
+    status, out, err = harvest("run", recipe, "--no-progress", "--verify-sinks")
+    assert status == 0, err
+    assert "verify: every sink has every stored record" in out
+    exported.append("folder:4-a.jpg")
+    assert sorted(json.loads(s["json"])["id"] for s in tar_samples(output / "webdataset")) \
+        == exported
+    assert sorted(pq.read_table(output / "parquet").column("id").to_pylist()) == exported
