@@ -164,6 +164,10 @@ class Engine:
                 except (KeyboardInterrupt, Interrupted):
                     self.summary.outcome = "interrupted"
                     log.warning("interrupted: progress is saved; run again to resume")
+            # The sinks are closed: a shard built at the end may have left records out.
+            self.store.take_refusals()
+            if self.summary.outcome == "complete" and self.summary.total("failed"):
+                self.summary.outcome = "incomplete"
         except (DiskFull, OSError) as exc:
             # Also a sink that meets the full disk when it closes (a shard built at the end).
             if not (isinstance(exc, DiskFull) or disk_full(exc)):

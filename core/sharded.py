@@ -33,10 +33,10 @@ from .curation import copy_reason, set_aside_ids
 from .dataset import filter_jsonl
 from .errors import PluginConfigError
 from .options import Bool, Int, MapOf, Option, OptionError, Str
-from .plugin import Sink
+from .plugin import Refusal, Sink
 from .record import Record, json_default
 from .remote import Remote, check_storage_options
-from .storage import inside, inside_check
+from .storage import inside, inside_check, read_inside
 
 PART_BATCH = 1000
 # Extensions by Pillow format name, for the image member of a sample.
@@ -104,7 +104,7 @@ class ShardedSink(Sink):
     def open(self) -> None:
         self.protection = Protection(self.config)
         self.known_ids: set[str] = set()
-        self.skipped_images = 0
+        self.refusals: list[Refusal] = []
         label = self.context.name or type(self).__name__.lower()
         try:
             if self.context.part_dir is not None:
@@ -199,9 +199,6 @@ class ShardedSink(Sink):
             self._finish(self.current)
         else:
             self._staging_path(self.current).unlink(missing_ok=True)
-        if self.skipped_images:
-            self.log.warning("%d samples left out of the shards: their image file is gone "
-                             "or unreadable", self.skipped_images)
 
     def missing(self, record_ids: list[str]) -> set[str]:
         present: set[str] = set()
@@ -269,27 +266,43 @@ class ShardedSink(Sink):
         says so; None when the file is gone."""
         info = document.get("file") or {}
         try:
-            path = inside(self.context.output_dir.resolve(), info.get("path") or "")
-            data = path.read_bytes()
-        except (ValueError, OSError):
-            self.skipped_images += 1
-            return None
+            # Opened folder by folder without following a link: a folder swapped for a
+            # link since the record was stored is refused here, not read through.
+            data = read_inside(self.context.output_dir.resolve(), info.get("path") or "")
+        except ValueError as exc:
+            return self._refuse(document, str(exc))
+        except OSError as exc:
+            return self._refuse(document, f"image file {info.get('path')!r}: "
+                                          f"{exc.strerror or exc}")
         extension = IMAGE_EXTENSIONS.get(info.get("format") or "", "bin")
         if self.config["strip_exif"] and extension in ("jpg", "webp"):
             try:
                 data = strip_exif(data)
             except Exception:  # neither piexif nor Pillow can read it: never write it
-                self.skipped_images += 1
-                return None
+                return self._refuse(document, f"image file {info.get('path')!r}: unreadable, "
+                                              f"its EXIF cannot be removed")
         return data, extension
+
+    def _refuse(self, document: dict, reason: str) -> None:
+        self.refusals.append(Refusal(document["id"], str(document.get("source") or ""),
+                                     document.get("term"), f"left out of the shards: {reason}"))
+
+    def refused(self) -> list[Refusal]:
+        refusals, self.refusals = self.refusals, []
+        return refusals
 
     # -- files --------------------------------------------------------------------------------
 
     def _samples(self, documents: Iterator[dict], copies: list[str]) -> Iterator[dict]:
         """The documents that make a sample: a copy of another picture is one only with
-        ``keep_copies`` (its id goes to ``copies``)."""
+        ``keep_copies`` (its id goes to ``copies``); a record written again after a
+        refusal (``refused``) is in the staging twice, and a sample once."""
         aside = {} if self.config["keep_copies"] else set_aside_ids(self.context.output_dir)
+        seen: set[str] = set()
         for document in documents:
+            if document["id"] in seen:
+                continue
+            seen.add(document["id"])
             if not self.config["keep_copies"] and copy_reason(document, aside):
                 copies.append(document["id"])
                 continue
