@@ -16,7 +16,7 @@ _HOME = {
     "options": ["BBox", "Bool", "Choice", "Date", "Float", "Int", "ListOf", "MapOf", "Option",
                 "OptionError", "OptionType", "Path", "Secret", "SecretValue", "Size", "Str",
                 "Thresholds"],
-    "plugin": ["Context", "Enricher", "Sink", "Source", "hookimpl"],
+    "plugin": ["Context", "Enricher", "Refusal", "Sink", "Source", "hookimpl"],
     "record": ["FileInfo", "Query", "Record", "Term", "json_default", "license_family"],
     "scoring": ["LabelScorer", "ScoringError"],
     "sharded": ["ShardedSink", "shard_options", "strip_exif"],

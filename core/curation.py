@@ -46,6 +46,19 @@ def score_of(record: dict, key: str) -> float | None:
     return float(value)
 
 
+def copy_reason(record: dict, aside: dict[str, str]) -> str | None:
+    """Why a record is left out as a copy of another picture (None: it is not one): a
+    byte-for-byte copy, a near duplicate, or a record set aside for a better copy. The
+    review page, ``harvest export`` and the training shards agree on this."""
+    if record.get("duplicate_of"):
+        return f"copy of {record['duplicate_of']}"
+    if record.get("near_duplicate_of"):
+        return f"near duplicate of {record['near_duplicate_of']}"
+    if record["id"] in aside:
+        return f"set aside: {aside[record['id']]}"
+    return None
+
+
 class Verdicts:
     """The one rule the review page and ``harvest export`` share, for many records: a
     manual decision wins; then a near-duplicate or set-aside copy is left out; then the
@@ -67,10 +80,9 @@ class Verdicts:
         if decision in ("keep", "reject"):
             return decision == "keep", True, ("kept by hand" if decision == "keep"
                                               else "rejected by hand")
-        if record.get("near_duplicate_of"):
-            return False, False, f"near duplicate of {record['near_duplicate_of']}"
-        if record["id"] in self.aside:
-            return False, False, f"set aside: {self.aside[record['id']]}"
+        copy = copy_reason(record, self.aside)
+        if copy:
+            return False, False, copy
         if not self.rules:
             if record.get("keep") is False:
                 failures = "; ".join(map(str, record.get("keep_failures") or [])) or "failed"

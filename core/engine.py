@@ -178,9 +178,16 @@ class Engine:
                 except (KeyboardInterrupt, Interrupted):
                     self.summary.outcome = "interrupted"
                     log.warning("interrupted: progress is saved; run again to resume")
-                except DiskFull as exc:
-                    self.summary.outcome = "failed"
-                    self.summary.error = str(exc)  # the CLI's one line; the log is full too
+            # The sinks are closed: a shard built at the end may have left records out.
+            self.store.take_refusals()
+            if self.summary.outcome == "complete" and self.summary.total("failed"):
+                self.summary.outcome = "incomplete"
+        except (DiskFull, OSError) as exc:
+            # Also a sink that meets the full disk when it closes (a shard built at the end).
+            if not (isinstance(exc, DiskFull) or disk_full(exc)):
+                raise
+            self.summary.outcome = "failed"
+            self.summary.error = str(exc if isinstance(exc, DiskFull) else DiskFull(self.output))
         finally:
             progress.close()
             if self.summary.outcome == "running":

@@ -34,6 +34,7 @@ from .netguard import (
 from .optouts import MAX_FILE_BYTES, OptOuts, noindex, tdm_reserved
 from .shaping import ImageSettings, check_size, reencodes, shape_in_memory
 from .shaping import shape as shape_image
+from .storage import folder_fd
 
 CHUNK = 64 * 1024
 PERMANENT_STATUSES = {400, 401, 403, 404, 410, 451}
@@ -261,7 +262,7 @@ class Fetcher:
                 check_size(self.images, width, height)
                 if reencodes(self.images, width, height, image_format):
                     shaped = shape_image(temp_path, self.images, width, height, image_format,
-                                         size, digest, self._room)
+                                         size, digest, self._room, opener=self._open_temp)
                 elif self.verify:
                     inspect_image(temp_path, self.max_pixels, True, self.budget)
         except BaseException:
@@ -277,8 +278,22 @@ class Fetcher:
         from a counter, not mkstemp's random tries (a tenth of a download's CPU); O_EXCL
         still refuses to reuse anything already there."""
         name = os.path.join(self.temp_dir, f"{self.temp_prefix}{next(self.temp_names)}.part")
-        return Path(name), os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL
-                                   | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        return Path(name), self._open_temp(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+
+    def _open_temp(self, path: str, flags: int) -> int:
+        """Opens a file of the temporary folder for writing, reached folder by folder
+        from the output folder without following a link (the folder swapped for a link
+        mid-run must not take a download elsewhere); an ``open`` opener."""
+        root = self.temp_dir.parent.parent
+        try:
+            folder = folder_fd(root, f"{self.temp_dir.parent.name}/{self.temp_dir.name}")
+        except ValueError as exc:
+            raise RecordError(str(exc), permanent=False) from None
+        try:
+            return os.open(os.path.basename(path), flags | getattr(os, "O_NOFOLLOW", 0), 0o644,
+                           dir_fd=folder)
+        finally:
+            os.close(folder)
 
     def _fetch_in_memory(self, url: str, scheme: str, expect_sha1: str | None) -> Fetched:
         """For ``blur_faces``: the download is held in memory (``max_bytes`` bounds it),
@@ -559,7 +574,13 @@ def inspect_image(path: Path | bytes, max_pixels: int, full_decode: bool = True,
         raise RecordError(f"decompression-bomb guard: {exc}") from None
     except Image.UnidentifiedImageError:
         raise RecordError("not an image: Pillow cannot identify it") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+    except OSError as exc:
+        if exc.errno is None:  # Pillow's own (a truncated file): the image is at fault
+            raise RecordError(f"corrupt image: {exc}") from None
+        # The file system's: the download is sound, the folder was tampered with.
+        raise RecordError(f"cannot read the download back: {exc.strerror}",
+                          permanent=False) from None
+    except (SyntaxError, ValueError, EOFError) as exc:
         raise RecordError(f"corrupt image: {exc}") from None
     return width, height, image_format
 

@@ -18,7 +18,7 @@ from .fetch import Fetched
 from .record import FileInfo, Record
 from .shards import Coordinator
 from .state import RunState
-from .storage import image_relpath, inside
+from .storage import image_relpath, move_inside, open_inside
 from .summary import Summary
 
 
@@ -30,8 +30,6 @@ class ImagePlacer:
         self.state = state
         self.coordinator = coordinator
         self.summary = summary
-        self.made_dirs: set[Path] = set()  # one per term folder: bounded
-        self.checked_folders: set[str] = set()  # likewise
 
     def place(self, record: Record, fetched: Fetched, early=None) -> None:
         """Stores the file once per content; a second record with the same bytes points at
@@ -54,11 +52,13 @@ class ImagePlacer:
                 record.duplicate_of = owner
                 self.summary.count(record.source, record.term, "duplicate")
             else:
-                target = self._target(relpath)
-                if target.parent not in self.made_dirs:
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    self.made_dirs.add(target.parent)
-                os.replace(fetched.temp_path, target)
+                try:
+                    move_inside(fetched.temp_path, self.output_root, relpath)
+                except ValueError as exc:  # a link planted in the output folder during the run
+                    raise RecordError(str(exc), permanent=False) from None
+                except FileNotFoundError:  # the temporary folder was swapped meanwhile
+                    raise RecordError("the download vanished from the temporary folder before "
+                                      "it was stored", permanent=False) from None
             record.file = FileInfo(relpath, fetched.bytes, fetched.sha256, fetched.width,
                                    fetched.height, fetched.format)
             self.state.add_file(record.file, owner or record.id)
@@ -83,9 +83,8 @@ class ImagePlacer:
         owner = self.state.path_owner(relpath)
         # A file at a path the committed state does not know was left by a batch that
         # never committed; no stored record points at it, so it may be replaced.
-        target = self._target(relpath)
         if owner not in (None, fetched.sha256) or (
-                owner is not None and target.exists() and _sha256(target) != fetched.sha256):
+                owner is not None and self._sha256(relpath) not in (None, fetched.sha256)):
             relpath = suffixed()
         claim = early[1] if early is not None and early[0] == relpath else \
             self.coordinator.claim_file(fetched.sha256, record.id, relpath)
@@ -98,18 +97,19 @@ class ImagePlacer:
         # record included: where its first try put it).
         return claim.get("path", relpath), claim.get("owner")
 
-    def _target(self, relpath: str) -> Path:
-        """Where ``relpath`` goes, checked against links once per folder: files are put
-        in place with a rename, which replaces a link rather than following it."""
-        folder = relpath.rpartition("/")[0]
-        if folder in self.checked_folders:
-            return self.output_root / relpath
+    def _sha256(self, relpath: str) -> str | None:
+        """The hash of the file at ``relpath``; None when there is none."""
         try:
-            target = inside(self.output_root, relpath)
+            fd = open_inside(self.output_root, relpath)
+        except FileNotFoundError:
+            return None
         except ValueError as exc:  # a link planted in the output folder during the run
             raise RecordError(str(exc), permanent=False) from None
-        self.checked_folders.add(folder)
-        return target
+        digest = hashlib.sha256()
+        with os.fdopen(fd, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+        return digest.hexdigest()
 
     def reuse(self, record: Record, known) -> bool:
         """A record downloaded by an earlier, interrupted run: use its file, skip the network."""
@@ -124,10 +124,3 @@ class ImagePlacer:
         self.summary.count(record.source, record.term, "downloaded")
         return True
 
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()

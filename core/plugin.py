@@ -174,6 +174,16 @@ class Enricher(Plugin):
         return {}
 
 
+@dataclass(frozen=True)
+class Refusal:
+    """A record a sink could not store: see ``Sink.refused``."""
+
+    record_id: str
+    source: str
+    term: str | None
+    reason: str
+
+
 class Sink(Plugin):
     """Stores records. ``write`` must be idempotent by ``record.id``.
 
@@ -195,6 +205,14 @@ class Sink(Plugin):
 
     def resume(self, checkpoint: Any) -> None:
         """Called after ``open`` with the last committed checkpoint (None on a first run)."""
+
+    def refused(self) -> list[Refusal]:
+        """Records this sink accepted in a ``write`` but could not store after all (a
+        shard sink that finds an image file gone or swapped for a link when it builds the
+        shard), each given once. The engine fails them for this sink with the reason (the
+        run is then incomplete) and writes them again when their sources yield them. Asked
+        after each ``write`` and after ``close``."""
+        return []
 
     def write(self, records: list[Record]) -> Any:
         raise NotImplementedError

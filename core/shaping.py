@@ -154,15 +154,15 @@ def reencodes(settings: ImageSettings, width: int, height: int, image_format: st
 
 
 def shape(path: Path, settings: ImageSettings, width: int, height: int, image_format: str,
-          size: int, sha256: str, reserve) -> Shaped:
+          size: int, sha256: str, reserve, opener=None) -> Shaped:
     """Resizes/re-encodes the image at ``path`` in place (its decode is also its check:
     a truncated or corrupt file fails). ``reserve(bytes)``: a context manager bounding
-    decode memory."""
+    decode memory; ``opener``: how to open the file written beside ``path``."""
     data, shaped = _checked_render(path, settings, width, height, image_format, size, sha256,
                                    reserve)
     temp = path.with_name(path.name + ".shaped")
     try:
-        with open(temp, "wb") as out:
+        with open(temp, "wb", opener=opener) as out:
             out.write(data)
         os.replace(temp, path)
     except BaseException:

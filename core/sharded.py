@@ -29,13 +29,14 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from .crypto import PROTECTION_OPTIONS, Protection, check_protection
+from .curation import copy_reason, set_aside_ids
 from .dataset import rewrite_documents
 from .errors import PluginConfigError
 from .options import Bool, Int, MapOf, Option, OptionError, Str
-from .plugin import Sink
+from .plugin import Refusal, Sink
 from .record import Record, json_default
 from .remote import CREDENTIALS_IN_URL, Remote, check_storage_options, without_credentials
-from .storage import inside, inside_check
+from .storage import inside, inside_check, read_inside
 
 PART_BATCH = 1000
 # Extensions by Pillow format name, for the image member of a sample.
@@ -49,6 +50,10 @@ def shard_options(default_path: str, *, images_default: bool) -> tuple[Option, .
                help="folder for the shard files, inside the output folder"),
         Option("shard_size", Int(1, None), 10_000, help="samples per shard file"),
         Option("images", Bool(), images_default, help="put the image bytes in the shards"),
+        Option("keep_copies", Bool(), False,
+               help="also make a sample of each record that is a copy of another picture "
+                    "(duplicate_of, near_duplicate_of, or set aside for a better copy); "
+                    "without it each picture is in the shards once, as in export"),
         Option("strip_exif", Bool(), True,
                help="remove EXIF (camera serials, GPS position, owner names) from the image "
                     "bytes written to the shards"),
@@ -101,7 +106,7 @@ class ShardedSink(Sink):
     def open(self) -> None:
         self.protection = Protection(self.config)
         self.known_ids: set[str] = set()
-        self.skipped_images = 0
+        self.refusals: list[Refusal] = []
         label = self.context.name or type(self).__name__.lower()
         try:
             if self.context.part_dir is not None:
@@ -150,8 +155,7 @@ class ShardedSink(Sink):
             current = staged[-1] if staged else (finished[-1] + 1 if finished else 0)
             for number in self._finished():
                 if number != current:
-                    with self._open_shard(number) as handle:
-                        self.known_ids |= self.ids_in(handle)
+                    self.known_ids |= self._held_ids(number)
                 else:
                     self._remove_shard(number)
             self.staging = _Appender(self._staging_path(current), self.config["fsync"])
@@ -197,15 +201,11 @@ class ShardedSink(Sink):
             self._finish(self.current)
         else:
             self._staging_path(self.current).unlink(missing_ok=True)
-        if self.skipped_images:
-            self.log.warning("%d samples left out of the shards: their image file is gone "
-                             "or unreadable", self.skipped_images)
 
     def missing(self, record_ids: list[str]) -> set[str]:
         present: set[str] = set()
         for number in self._finished():
-            with self._open_shard(number) as handle:
-                present |= self.ids_in(handle)
+            present |= self._held_ids(number)
         for number in self._numbers(self.staging_dir, ".jsonl"):
             present |= {d["id"] for d in _documents(self.staging_dir / f"{number:05d}.jsonl")}
         return set(record_ids) - present
@@ -285,33 +285,80 @@ class ShardedSink(Sink):
         says so; None when the file is gone."""
         info = document.get("file") or {}
         try:
-            path = inside(self.context.output_dir.resolve(), info.get("path") or "")
-            data = path.read_bytes()
-        except (ValueError, OSError):
-            self.skipped_images += 1
-            return None
+            # Opened folder by folder without following a link: a folder swapped for a
+            # link since the record was stored is refused here, not read through.
+            data = read_inside(self.context.output_dir.resolve(), info.get("path") or "")
+        except ValueError as exc:
+            return self._refuse(document, str(exc))
+        except OSError as exc:
+            return self._refuse(document, f"image file {info.get('path')!r}: "
+                                          f"{exc.strerror or exc}")
         extension = IMAGE_EXTENSIONS.get(info.get("format") or "", "bin")
         if self.config["strip_exif"] and extension in ("jpg", "webp"):
             try:
                 data = strip_exif(data)
             except Exception:  # neither piexif nor Pillow can read it: never write it
-                self.skipped_images += 1
-                return None
+                return self._refuse(document, f"image file {info.get('path')!r}: unreadable, "
+                                              f"its EXIF cannot be removed")
         return data, extension
 
+    def _refuse(self, document: dict, reason: str) -> None:
+        self.refusals.append(Refusal(document["id"], str(document.get("source") or ""),
+                                     document.get("term"), f"left out of the shards: {reason}"))
+
+    def refused(self) -> list[Refusal]:
+        refusals, self.refusals = self.refusals, []
+        return refusals
+
     # -- files --------------------------------------------------------------------------------
+
+    def _samples(self, documents: Iterator[dict], copies: list[str]) -> Iterator[dict]:
+        """The documents that make a sample: a copy of another picture is one only with
+        ``keep_copies`` (its id goes to ``copies``); a record written again after a
+        refusal (``refused``) is in the staging twice, and a sample once."""
+        aside = {} if self.config["keep_copies"] else set_aside_ids(self.context.output_dir)
+        seen: set[str] = set()
+        for document in documents:
+            if document["id"] in seen:
+                continue
+            seen.add(document["id"])
+            if not self.config["keep_copies"] and copy_reason(document, aside):
+                copies.append(document["id"])
+                continue
+            yield document
+
+    def _held_ids(self, number: int) -> set[str]:
+        """The records a finished shard stands for: its samples, and the copies its build
+        left out (stored all the same: not to be written again)."""
+        with self._open_shard(number) as handle:
+            return self.ids_in(handle) | self._copies(number)
+
+    def _copies(self, number: int) -> set[str]:
+        try:
+            return set(json.loads(self._copies_path(number).read_text(encoding="utf-8")))
+        except (OSError, ValueError, TypeError):
+            return set()
 
     def _finish(self, number: int) -> None:
         staging = self._staging_path(number)
         final = self._shard_path(number)
         temp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
+        copies: list[str] = []
         try:
-            stats = self.build(_documents(staging), temp, number)
+            stats = self.build(self._samples(_documents(staging), copies), temp, number)
             with temp.open("rb+") as handle:
                 os.fsync(handle.fileno())
             os.replace(temp, final)
         finally:
             temp.unlink(missing_ok=True)
+        if copies:
+            # Added to the earlier build's: a shard rebuilt from itself (remove) no longer
+            # has its copies' documents.
+            copies_path = self._copies_path(number)
+            copies_temp = copies_path.with_name(f".{copies_path.name}.tmp")
+            copies_temp.write_text(json.dumps(sorted(set(copies) | self._copies(number))),
+                                   encoding="utf-8")
+            os.replace(copies_temp, copies_path)
         stats_path = None
         if self.stats_name:
             stats_path = self.folder / self.stats_name.format(number)
@@ -332,6 +379,7 @@ class ShardedSink(Sink):
         names = [self._shard_path(number).name]
         if self.stats_name:
             names.append(self.stats_name.format(number))
+        self._copies_path(number).unlink(missing_ok=True)
         for name in names:
             (self.folder / name).unlink(missing_ok=True)
             if self.remote is not None:
@@ -355,6 +403,9 @@ class ShardedSink(Sink):
 
     def _staging_path(self, number: int) -> Path:
         return self.staging_dir / f"{number:05d}.jsonl"
+
+    def _copies_path(self, number: int) -> Path:
+        return self.staging_dir / f"{number:05d}.copies.json"
 
     @classmethod
     def _numbers(cls, folder: Path, suffix: str) -> list[int]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import re
@@ -56,6 +57,75 @@ def inside(root: Path, relpath: str) -> Path:
             raise ValueError(f"{path} is a symbolic link; harvest writes only inside its "
                              f"output folder")
     return Path(target)
+
+
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+
+
+def folder_fd(root: Path, folder: str, create: bool = False) -> int:
+    """A descriptor of ``folder`` (relative, ``/``-separated) under ``root``, opened one
+    folder at a time from ``root``'s own descriptor without following a link: a folder
+    swapped for a link while the run goes on is refused (ValueError) at this very open,
+    not at an earlier check. ``create``: make the missing folders on the way."""
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    walked = str(root)
+    try:
+        for part in folder.split("/") if folder else ():
+            walked = os.path.join(walked, part)
+            if part in ("", ".", ".."):
+                raise ValueError(f"path {folder!r} escapes the output folder")
+            if create:
+                try:
+                    os.mkdir(part, 0o755, dir_fd=fd)
+                except FileExistsError:
+                    pass
+            try:
+                child = os.open(part, os.O_RDONLY | os.O_DIRECTORY | _NOFOLLOW, dir_fd=fd)
+            except OSError as exc:
+                if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                    raise ValueError(f"{walked}: is a symbolic link or a file, not a "
+                                     f"folder; harvest reads and writes only inside its "
+                                     f"output folder") from None
+                raise
+            os.close(fd)
+            fd = child
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def open_inside(root: Path, relpath: str) -> int:
+    """A read-only descriptor of the file ``relpath`` under ``root``, no link followed on
+    the way (ValueError when one is there)."""
+    folder, _, name = relpath.rpartition("/")
+    parent = folder_fd(root, folder)
+    try:
+        return os.open(name, os.O_RDONLY | _NOFOLLOW, dir_fd=parent)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ValueError(f"{os.path.join(root, relpath)} is a symbolic link; harvest "
+                             f"reads only inside its output folder") from None
+        raise
+    finally:
+        os.close(parent)
+
+
+def read_inside(root: Path, relpath: str) -> bytes:
+    with os.fdopen(open_inside(root, relpath), "rb") as handle:
+        return handle.read()
+
+
+def move_inside(source: Path, root: Path, relpath: str) -> None:
+    """Renames ``source`` to ``relpath`` under ``root``, making its folders; the target's
+    folders are opened as by ``folder_fd``, and a rename replaces a link at the name
+    itself rather than following it: nothing lands outside ``root``."""
+    folder, _, name = relpath.rpartition("/")
+    parent = folder_fd(root, folder, create=True)
+    try:
+        os.replace(source, name, dst_dir_fd=parent)
+    finally:
+        os.close(parent)
 
 
 # What harvest itself keeps in an output folder; none of it may be a link elsewhere.

@@ -69,14 +69,8 @@ class BatchStore:
                     lacking[spec.label] = missing
             if not lacking:
                 continue
-            reopen = sorted(set().union(*lacking.values()))
-            for spec, _ in self.sinks:
-                has = [i for i in reopen if i not in lacking.get(spec.label, ())]
-                if has:
-                    self.state.mark_delivered(spec.label, has)
-            self.state.reopen(reopen)
+            reopened += self._reopen(lacking)
             self.state.commit()
-            reopened += len(reopen)
             for label, missing in lacking.items():
                 log.warning("verify: sink %s lacks %d stored record(s)", label, len(missing))
         self.summary.notes.append(f"verify: {reopened} stored record(s) missing from a sink; "
@@ -110,12 +104,46 @@ class BatchStore:
             self._store(batch, list(self.sinks))
         if self.pending and time.monotonic() >= self.next_pending_retry:
             self._retry_pending()
+        self.take_refusals()
         self.state.commit()
+
+    def take_refusals(self) -> None:
+        """Records a sink took but could not store after all (``Sink.refused``): failed
+        for that sink with its reason; the other sinks keep theirs, and the next time a
+        source yields them they are written again to that sink only."""
+        lacking: dict[str, set[str]] = {}
+        failed: set[str] = set()
+        for spec, sink in self.sinks:
+            for refusal in sink.refused():
+                lacking.setdefault(spec.label, set()).add(refusal.record_id)
+                log.info("sink %s: %s: %s", spec.label, refusal.record_id, refusal.reason)
+                self.summary.note_reason(refusal.source, f"sink {spec.label}", refusal.reason)
+                if refusal.record_id not in failed:  # once, however many sinks refused it
+                    failed.add(refusal.record_id)
+                    self.summary.count(refusal.source, refusal.term, "failed")
+        for label, ids in lacking.items():
+            log.warning("sink %s could not store %d record(s); the next run writes them "
+                        "again", label, len(ids))
+        if lacking:
+            self._reopen(lacking)
+
+    def _reopen(self, lacking: dict[str, set[str]]) -> int:
+        """Stored records some sinks lack (sink label -> ids): the others keep theirs,
+        and the records are written again, to those sinks only, when their sources yield
+        them. Returns how many."""
+        reopen = sorted(set().union(*lacking.values()))
+        for spec, _ in self.sinks:
+            has = [i for i in reopen if i not in lacking.get(spec.label, ())]
+            if has:
+                self.state.mark_delivered(spec.label, has)
+        self.state.reopen(reopen)
+        return len(reopen)
 
     def _store(self, batch: list[Record], sinks: list) -> bool:
         """Writes a batch to each sink that does not have it yet; True when all have it."""
         ids = [record.id for record in batch]
         waiting = []
+        written = []
         for spec, sink in sinks:
             already = self.state.delivered(spec.label, ids)
             todo = [record for record in batch if record.id not in already]
@@ -125,6 +153,10 @@ class BatchStore:
                 raise
             except Exception as exc:
                 if disk_full(exc):
+                    # The sinks before this one have the batch, and their checkpoints
+                    # say so: the next run must not give it to them again.
+                    for label in written:
+                        self.state.mark_delivered(label, ids)
                     raise DiskFull(self.output) from None
                 reason = one_line(exc)
                 log.warning("sink %s failed a batch of %d; keeping it to retry: %s",
@@ -134,6 +166,7 @@ class BatchStore:
                 continue
             if todo:
                 self.state.set_checkpoint(spec.label, checkpoint)
+            written.append(spec.label)
         if waiting:
             waiting_labels = {spec.label for spec, _ in waiting}
             for spec, _ in sinks:

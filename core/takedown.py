@@ -150,11 +150,15 @@ def remember_sinks(recipe) -> None:
     ``takedown OUTPUT`` and ``purge OUTPUT`` reach every sink, or say which they did not."""
     path = recipe.output / SINKS_FILE
     temp = path.with_name(f".{path.name}.tmp")
-    temp.write_text(json.dumps({
+    text = json.dumps({
         "recipe": str(recipe.path.resolve()),
         "sinks": [{"name": spec.label, "use": spec.use, "default": spec.cls.is_default}
-                  for spec in recipe.sinks]}, ensure_ascii=False, indent=1) + "\n",
-        encoding="utf-8")
+                  for spec in recipe.sinks]}, ensure_ascii=False, indent=1) + "\n"
+    # A link planted at the temporary name is not followed out of the folder.
+    descriptor = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+                         | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+        handle.write(text)
     os.replace(temp, path)
 
 

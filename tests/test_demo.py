@@ -43,10 +43,15 @@ def test_the_demo_as_a_training_set_in_every_format(tmp_path, harvest):
     assert status == 0, err
     records = read_jsonl(output / "records.jsonl")
     assert {(r["file"]["width"], r["file"]["height"]) for r in records} == {(224, 224)}
+    # A training set has each picture once: the byte-for-byte copy is no sample.
+    pictures = {r["file"]["sha256"] for r in records}
+    assert len(pictures) == len(records) - 1
     samples = list(wds.WebDataset([str(output / "webdataset" / "00000.tar")],
                                   shardshuffle=False))
-    assert len(samples) == len(records)
-    assert pq.read_table(output / "parquet").num_rows == len(records)
+    assert sorted(json.loads(s["json"])["file"]["sha256"] for s in samples) == sorted(pictures)
+    table = pq.read_table(output / "parquet")
+    assert sorted(table.column("sha256").to_pylist()) == sorted(pictures)
+    assert not any(table.column("duplicate_of").to_pylist())
     for fmt in ("imagefolder", "manifest", "hf"):
         status, out, err = harvest("export", output, tmp_path / fmt, "--format", fmt)
         assert status == 0, err
@@ -84,3 +89,25 @@ def test_first_hour_edges(tmp_path, harvest, monkeypatch):
     progress.bar.refresh()
     progress.close()
     assert "found=23,456" in screen.getvalue() and "e+" not in screen.getvalue()
+
+
+def test_the_demo_training_shards_keep_the_copies_when_told(tmp_path, harvest):
+    import pyarrow.parquet as pq
+    import webdataset as wds
+
+    recipe = (REPO / "configs" / "demo-training.yml").read_text(encoding="utf-8")
+    recipe = recipe.replace("path: demo-images", f"path: {REPO / 'configs' / 'demo-images'}")
+    recipe = recipe.replace("{shard_size: 1000}", "{shard_size: 1000, keep_copies: true}")
+    recipe = recipe.replace("{images: true}", "{images: true, keep_copies: true}")
+    assert recipe.count("keep_copies: true") == 2
+    (tmp_path / "recipe.yml").write_text(recipe, encoding="utf-8")
+    output = tmp_path / "demo"
+    status, _, err = harvest("run", tmp_path / "recipe.yml", "--output", output, "--no-progress")
+    assert status == 0, err
+    ids = {r["id"] for r in read_jsonl(output / "records.jsonl")}
+    samples = list(wds.WebDataset([str(output / "webdataset" / "00000.tar")],
+                                  shardshuffle=False))
+    assert sorted(json.loads(s["json"])["id"] for s in samples) == sorted(ids)
+    table = pq.read_table(output / "parquet")
+    assert sorted(table.column("id").to_pylist()) == sorted(ids)
+    assert "folder:animals/animal-00.jpg" in table.column("duplicate_of").to_pylist()

@@ -241,3 +241,99 @@ def test_export_never_copies_a_file_a_record_points_outside(flickr, recipe_file,
                 assert b"PRIVATE-MARKER" not in path.read_bytes(), path
                 assert b"private" not in path.read_bytes(), path
                 assert not path.samefile(secret)
+
+
+def test_a_full_disk_stops_shard_sinks_in_one_line_and_resume_stores_each_record_once(
+        flickr, recipe_file, harvest, small_disk):
+    """The disk fills while the shards are built, mid-run or when the run closes them, at
+    a different moment each run: each run stops in one line (exit 1), and the run that
+    finally has room leaves every record once in the JSONL, the tars and the Parquet."""
+    import io
+    import random
+    import subprocess
+
+    import pyarrow.parquet as pq
+    from conftest import FakePhoto
+    from PIL import Image
+
+    photos = []
+    for index in range(80):  # ~30 KB of noise each, and two more copies in the shards
+        noise = random.Random(index).randbytes(120 * 120 * 3)
+        buffer = io.BytesIO()
+        Image.frombytes("RGB", (120, 120), noise).save(buffer, "JPEG", quality=95)
+        photos.append(FakePhoto(id=str(3000 + index), title="monkey", image=buffer.getvalue()))
+    flickr.photos = photos
+    output = small_disk / "out"
+    recipe = recipe_file(recipe_text(flickr, output,
+                                     run="concurrency: 4\nbatch_size: 4\nlimit_per_term: 80"))
+    for size in ("1M", "1500K", "2M", "2500K", "3M"):
+        subprocess.run(["mount", "-o", f"remount,size={size}", str(small_disk)], check=True)
+        status, out, err = harvest("run", recipe, "--no-progress")
+        if status == 0:
+            break
+        assert status == 1, out + err
+        assert err.splitlines() == [f"harvest: error: no space left on the device of {output}; "
+                                    f"free some space and run again to resume"], err
+    else:
+        subprocess.run(["mount", "-o", "remount,size=40M", str(small_disk)], check=True)
+        status, out, err = harvest("run", recipe, "--no-progress")
+    assert status == 0, out + err
+    expected = {f"flickr:{photo.id}" for photo in photos}
+    for ids in ([r["id"] for r in read_jsonl(output / "records.jsonl")],
+                [json.loads(s["json"])["id"] for s in tar_samples(output / "webdataset")],
+                pq.read_table(output / "parquet", columns=["id"]).column("id").to_pylist()):
+        counts = Counter(ids)
+        assert set(counts) == expected and max(counts.values()) == 1, counts.most_common(3)
+
+
+def test_the_shards_have_each_picture_once_as_export_does(recipe_file, harvest, tmp_path):
+    """Exact copies, near duplicates and a smaller copy set aside when the larger one came
+    are no samples: the tars and the Parquet hold what `harvest export` holds; the copies
+    still count as stored (`--verify-sinks` finds nothing lacking)."""
+    import pyarrow.parquet as pq
+    from imagegen import make_image
+    from test_cleaning import variant
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    originals = {i: make_image(200 + i, size=(320, 240)) for i in range(4)}
+    for i, data in originals.items():
+        (photos / f"{i}-a.jpg").write_bytes(data)
+    (photos / "0-b-same.jpg").write_bytes(originals[0])
+    (photos / "1-b-q40.jpg").write_bytes(variant(originals[1], "q40"))
+    (photos / "2-a.jpg").write_bytes(variant(originals[2], "half"))
+    (photos / "2-b-big.jpg").write_bytes(originals[2])
+    output = tmp_path / "out"
+    text = f"""
+name: copies
+terms: [x]
+output: {output}
+sources: [{{use: folder, options: {{path: {photos}}}}}]
+enrichers: [{{use: near_duplicates, options: {{action: mark}}}}]
+sinks:
+  - jsonl
+  - webdataset
+  - {{use: parquet, options: {{images: true, shard_size: 2}}}}
+"""
+    recipe = recipe_file(text)
+    status, _, err = harvest("run", recipe, "--no-progress")
+    assert status == 0, err
+    assert len(read_jsonl(output / "records.jsonl")) == 7
+    assert harvest("export", output, tmp_path / "dataset")[0] == 0
+    exported = sorted(json.loads(line)["id"] for line in
+                      (tmp_path / "dataset" / "manifest.jsonl").read_text().splitlines())
+    assert len(exported) == 4
+    assert sorted(json.loads(s["json"])["id"] for s in tar_samples(output / "webdataset")) \
+        == exported
+    assert sorted(pq.read_table(output / "parquet").column("id").to_pylist()) == exported
+    # A later run (which clears the staging of finished shards), then a check that finds
+    # the copies stored though they are no samples.
+    (photos / "4-a.jpg").write_bytes(make_image(300, size=(320, 240)))
+    assert harvest("run", recipe, "--no-progress")[0] == 0
+    status, out, err = harvest("run", recipe, "--no-progress", "--verify-sinks")
+    assert status == 0, err
+    assert "verify: every sink has every stored record" in out
+    exported.append("folder:4-a.jpg")
+    assert sorted(json.loads(s["json"])["id"] for s in tar_samples(output / "webdataset")) \
+        == exported
+    assert sorted(pq.read_table(output / "parquet").column("id").to_pylist()) == exported

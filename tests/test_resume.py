@@ -206,20 +206,6 @@ def test_a_second_run_on_the_same_output_is_refused(flickr, recipe_file, tmp_pat
     assert harvest("run", recipe, "--no-progress")[0] == 0
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 2 MB tmpfs (needs root and a kernel that lets this process mount)."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2M", "tmpfs", str(disk)],
-                      capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a tmpfs here")
-    yield disk
-    subprocess.run(["umount", "-l", str(disk)], capture_output=True)
-
-
 def test_a_full_disk_stops_the_run_in_one_line_and_the_next_run_recovers(
         flickr, recipe_file, tmp_path, harvest, small_disk):
     import random as _random
