@@ -131,7 +131,8 @@ def move_inside(source: Path, root: Path, relpath: str) -> None:
 # What harvest itself keeps in an output folder; none of it may be a link elsewhere.
 OWN_PATHS = ("images", ".harvest", ".harvest/tmp", ".harvest/state.sqlite",
              ".harvest/state.sqlite-wal", ".harvest/state.sqlite-shm", ".harvest/harvest.log",
-             ".harvest/last-run.json", ".harvest/lock", ".harvest/shards")
+             ".harvest/last-run.json", ".harvest/lock", ".harvest/shards",
+             ".harvest/sinks.json", ".harvest/.sinks.json.tmp")
 
 
 def prepare_output(output: Path) -> None:

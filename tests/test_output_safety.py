@@ -32,7 +32,8 @@ def everything_under(path: Path) -> set[str]:
 
 
 @pytest.mark.parametrize("planted", ["images", "images/animals", ".harvest/tmp", "records.jsonl",
-                                     ".harvest/state.sqlite", ".harvest/harvest.log"])
+                                     ".harvest/state.sqlite", ".harvest/harvest.log",
+                                     ".harvest/.sinks.json.tmp"])
 def test_a_planted_link_is_refused_and_nothing_lands_outside(planted, recipe_file, harvest,
                                                              tmp_path):
     output = tmp_path / "out"
@@ -41,7 +42,7 @@ def test_a_planted_link_is_refused_and_nothing_lands_outside(planted, recipe_fil
     (elsewhere / "keep.txt").write_text("mine")
     link = output / planted
     link.parent.mkdir(parents=True, exist_ok=True)
-    target = elsewhere if not planted.endswith((".jsonl", ".sqlite", ".log")) \
+    target = elsewhere if not planted.endswith((".jsonl", ".sqlite", ".log", ".tmp")) \
         else elsewhere / "keep.txt"
     link.symlink_to(target)
     recipe = folder_recipe(recipe_file, output)
