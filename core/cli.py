@@ -54,18 +54,22 @@ def _parser() -> argparse.ArgumentParser:
                      help="run on this Dask cluster (its scheduler, e.g. tcp://host:8786)")
     run.add_argument("--local-workers", type=int, metavar="N",
                      help="run on a Dask cluster of N worker processes on this machine")
+    run.set_defaults(handler=_cmd_run, logs=True, reads_recipe=True)
 
     validate = commands.add_parser("validate", help="check a recipe without running it")
     validate.add_argument("recipe", type=Path)
+    validate.set_defaults(handler=_cmd_validate, logs=True, reads_recipe=True)
 
     credits = commands.add_parser("credits", help="write CREDITS.md and credits.csv for a harvest")
     credits.add_argument("output", type=Path, help="the harvest's output folder")
     credits.add_argument("--records", type=Path, help="records file (default OUTPUT/records.jsonl)")
+    credits.set_defaults(handler=_cmd_credits)
 
     keygen = commands.add_parser("keygen", help="make a Fernet key file (mode 0600)")
     keygen.add_argument("--key-file", type=Path, default=DEFAULT_KEY_FILE,
                         help="where to write the key (default ~/.config/harvest/harvest.key)")
     keygen.add_argument("--force", action="store_true", help="allow a path inside a git work tree")
+    keygen.set_defaults(handler=_cmd_keygen)
 
     decrypt = commands.add_parser("decrypt", help="decrypt records (JSONL file or MongoDB) to a "
                                   "JSONL file of mode 0600")
@@ -75,11 +79,13 @@ def _parser() -> argparse.ArgumentParser:
     decrypt.add_argument("--database", default="harvest")
     decrypt.add_argument("--collection", help="the collection (with --mongo-uri)")
     _key_arguments(decrypt)
+    decrypt.set_defaults(handler=_cmd_decrypt)
 
     rekey = commands.add_parser("rekey", help="re-encrypt a recipe's sinks under a new key")
     rekey.add_argument("recipe", type=Path)
     rekey.add_argument("--new-key-file", type=Path)
     rekey.add_argument("--new-key-env", help="environment variable holding the new key")
+    rekey.set_defaults(handler=_cmd_rekey, logs=True)
 
     export = commands.add_parser("export", help="export a harvest as a dataset (ImageFolder tree "
                                  "or manifest, with credits)")
@@ -105,6 +111,7 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--allow-private-addresses", action="store_true",
                         help="with --recheck-opt-outs, let hosts on private addresses be asked")
     _key_arguments(export, required=False)
+    export.set_defaults(handler=_cmd_export)
 
     review = commands.add_parser("review", help="a local web page to choose thresholds and "
                                  "curate a harvest")
@@ -115,6 +122,7 @@ def _parser() -> argparse.ArgumentParser:
     review.add_argument("--allow-remote", action="store_true",
                         help="let --host be an address other machines reach")
     _key_arguments(review, required=False)
+    review.set_defaults(handler=_cmd_review, logs=True)
 
     takedown = commands.add_parser(
         "takedown", help="remove a picture an owner asks to remove, everywhere, for good")
@@ -130,6 +138,7 @@ def _parser() -> argparse.ArgumentParser:
     takedown.add_argument("--near-duplicates", action="store_true",
                           help="also its near-duplicates (near_duplicate_of)")
     _key_arguments(takedown, required=False)
+    takedown.set_defaults(handler=_cmd_takedown, logs=True)
 
     purge = commands.add_parser("purge", help="delete stored images past their retention")
     purge.add_argument("target", type=Path, help="the recipe (its retain_days, every sink) or "
@@ -137,6 +146,7 @@ def _parser() -> argparse.ArgumentParser:
     purge.add_argument("--older-than", help="e.g. 90d (default: the recipe's retain_days)")
     purge.add_argument("--keep-metadata", action="store_true",
                        help="delete the image files only, keep the records")
+    purge.set_defaults(handler=_cmd_purge, logs=True)
 
     plugins = commands.add_parser("plugins", help="list plugins, their options and origin")
     plugins.add_argument("--json", action="store_true", help="machine-readable output")
@@ -145,6 +155,7 @@ def _parser() -> argparse.ArgumentParser:
     plugins.add_argument("--fields", action="store_true",
                          help="the record field reference of the documentation "
                               "(docs/record-fields.md)")
+    plugins.set_defaults(handler=_cmd_plugins)
     return parser
 
 
@@ -439,7 +450,15 @@ class _LogFile(logging.FileHandler):
                                  f"the log goes to the terminal only\n")
 
 
-def _cmd_plugins(as_json: bool) -> int:
+def _cmd_plugins(args) -> int:
+    if args.fields:
+        from .fields import fields_reference
+
+        print(fields_reference(), end="")
+        return 0
+    if args.markdown:
+        print(options_reference(), end="")
+        return 0
     registry = load_registry()
     listing = {}
     for kind in KINDS:
@@ -449,7 +468,7 @@ def _cmd_plugins(as_json: bool) -> int:
             "options": [{"name": o.name, "type": o.type.name, "default": _plain(o.default),
                          "required": o.required, "help": o.help} for o in info.cls.options],
         } for info in registry.all(kind)]
-    if as_json:
+    if args.json:
         print(json.dumps(listing, ensure_ascii=False, indent=2))
         return 0
     for kind in KINDS:
@@ -551,6 +570,96 @@ def _cmd_export(args) -> int:
     return 0
 
 
+def _cmd_credits(args) -> int:
+    from .credits import write_credits
+
+    markdown, table, count = write_credits(args.output, args.records)
+    print(f"{count} credits written to {markdown} and {table}")
+    return 0
+
+
+def _cmd_keygen(args) -> int:
+    from .crypto import generate_key_file
+
+    identifier = generate_key_file(args.key_file, force=args.force)
+    print(f"key {identifier} written to {args.key_file.expanduser()} (mode 0600)")
+    return 0
+
+
+def _cmd_decrypt(args) -> int:
+    from .dataset import decrypt_records, mongo_records, read_records
+
+    keyring = _keyring(args)
+    if args.mongo_uri:
+        if not args.collection:
+            raise UsageError("decrypt: --mongo-uri needs --collection")
+        records = mongo_records(args.mongo_uri, args.database, args.collection)
+    elif args.records:
+        records = read_records(args.records)
+    else:
+        raise UsageError("decrypt: give a JSONL records file or --mongo-uri")
+    count = decrypt_records(records, keyring, args.out)
+    print(f"{count} records decrypted to {args.out} (mode 0600)")
+    return 0
+
+
+def _cmd_review(args) -> int:
+    from .review import serve
+
+    serve(args.output, args.host, args.port, _keyring(args, required=False),
+          allow_remote=args.allow_remote)
+    return 0
+
+
+def _cmd_validate(args, recipe: Recipe) -> int:
+    counts = ", ".join(_count(len(items), noun) for items, noun in (
+        (recipe.terms, "term"), (recipe.sources, "source"),
+        (recipe.enrichers, "enricher"), (recipe.sinks, "sink")))
+    print(f"{args.recipe}: ok ({counts})")
+    return 0
+
+
+def _cmd_run(args, recipe: Recipe) -> int:
+    if args.limit is not None and args.limit < 1:
+        raise UsageError(f"--limit {args.limit}: expected a positive number")
+    from .storage import prepare_output
+
+    prepare_output(recipe.output)
+    _setup_logging(args.verbose, recipe)
+    if args.cluster or args.local_workers is not None:
+        if args.cluster and args.local_workers is not None:
+            raise UsageError("give --cluster or --local-workers, not both")
+        if args.local_workers is not None and args.local_workers < 1:
+            raise UsageError(f"--local-workers {args.local_workers}: expected a positive "
+                             f"number")
+        if args.limit is not None:
+            raise UsageError("--limit works on one machine only; on a cluster set "
+                             "run.limit_per_term or a source's count in the recipe")
+        if args.verify_sinks or args.reconsider:
+            option = "--verify-sinks" if args.verify_sinks else "--reconsider"
+            raise UsageError(f"{option} works on one machine only: run it without "
+                             "--cluster/--local-workers, then go on with the cluster")
+        from .cluster import ClusterRun
+
+        summary = ClusterRun(recipe, address=args.cluster, local_workers=args.local_workers,
+                             progress=not args.no_progress).run()
+    else:
+        from .engine import Engine
+
+        # From here to the process's exit a signal is a stop request: honoured once
+        # the output is locked (the engine's first step), and harmless after the run
+        # ended (the exit status stays the run's, not "killed by a signal").
+        stop = threading.Event()
+        StopSignals(stop).install()
+        summary = Engine(recipe, limit=args.limit, progress=not args.no_progress,
+                         verify_sinks=args.verify_sinks, stop_requested=stop,
+                         reconsider=_reconsider(args.reconsider)).run()
+    print(summary.render())
+    if summary.error:
+        print(f"harvest: error: {printable(summary.error, 2000)}", file=sys.stderr)
+    return EXIT_STATUS.get(summary.outcome, 1)
+
+
 def _reconsider(text: str | None) -> set[str]:
     if not text:
         return set()
@@ -581,108 +690,12 @@ def _main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     recipe = None
     try:
-        if args.command == "plugins":
-            if args.fields:
-                from .fields import fields_reference
-
-                print(fields_reference(), end="")
-                return 0
-            if args.markdown:
-                print(options_reference(), end="")
-                return 0
-            return _cmd_plugins(args.json)
-        if args.command == "credits":
-            from .credits import write_credits
-
-            markdown, table, count = write_credits(args.output, args.records)
-            print(f"{count} credits written to {markdown} and {table}")
-            return 0
-        if args.command == "keygen":
-            from .crypto import generate_key_file
-
-            identifier = generate_key_file(args.key_file, force=args.force)
-            print(f"key {identifier} written to {args.key_file.expanduser()} (mode 0600)")
-            return 0
-        if args.command == "decrypt":
-            from .dataset import decrypt_records, mongo_records, read_records
-
-            keyring = _keyring(args)
-            if args.mongo_uri:
-                if not args.collection:
-                    raise UsageError("decrypt: --mongo-uri needs --collection")
-                records = mongo_records(args.mongo_uri, args.database, args.collection)
-            elif args.records:
-                records = read_records(args.records)
-            else:
-                raise UsageError("decrypt: give a JSONL records file or --mongo-uri")
-            count = decrypt_records(records, keyring, args.out)
-            print(f"{count} records decrypted to {args.out} (mode 0600)")
-            return 0
-        if args.command == "export":
-            return _cmd_export(args)
-        if args.command == "review":
-            from .review import serve
-
+        if getattr(args, "logs", False):
             _setup_logging(args.verbose)
-            serve(args.output, args.host, args.port, _keyring(args, required=False),
-                  allow_remote=args.allow_remote)
-            return 0
-        if args.command == "takedown":
-            _setup_logging(args.verbose)
-            return _cmd_takedown(args)
-        if args.command == "purge":
-            _setup_logging(args.verbose)
-            return _cmd_purge(args)
-        if args.command == "rekey":
-            _setup_logging(args.verbose)
-            return _cmd_rekey(args)
-        _setup_logging(args.verbose)
-        registry = load_registry()
-        recipe = load_recipe(args.recipe, registry, output=getattr(args, "output", None))
-        if args.command == "validate":
-            counts = ", ".join(_count(len(items), noun) for items, noun in (
-                (recipe.terms, "term"), (recipe.sources, "source"),
-                (recipe.enrichers, "enricher"), (recipe.sinks, "sink")))
-            print(f"{args.recipe}: ok ({counts})")
-            return 0
-        if args.limit is not None and args.limit < 1:
-            raise UsageError(f"--limit {args.limit}: expected a positive number")
-        from .storage import prepare_output
-
-        prepare_output(recipe.output)
-        _setup_logging(args.verbose, recipe)
-        if args.cluster or args.local_workers is not None:
-            if args.cluster and args.local_workers is not None:
-                raise UsageError("give --cluster or --local-workers, not both")
-            if args.local_workers is not None and args.local_workers < 1:
-                raise UsageError(f"--local-workers {args.local_workers}: expected a positive "
-                                 f"number")
-            if args.limit is not None:
-                raise UsageError("--limit works on one machine only; on a cluster set "
-                                 "run.limit_per_term or a source's count in the recipe")
-            if args.verify_sinks or args.reconsider:
-                option = "--verify-sinks" if args.verify_sinks else "--reconsider"
-                raise UsageError(f"{option} works on one machine only: run it without "
-                                 "--cluster/--local-workers, then go on with the cluster")
-            from .cluster import ClusterRun
-
-            summary = ClusterRun(recipe, address=args.cluster, local_workers=args.local_workers,
-                                 progress=not args.no_progress).run()
-        else:
-            from .engine import Engine
-
-            # From here to the process's exit a signal is a stop request: honoured once
-            # the output is locked (the engine's first step), and harmless after the run
-            # ended (the exit status stays the run's, not "killed by a signal").
-            stop = threading.Event()
-            StopSignals(stop).install()
-            summary = Engine(recipe, limit=args.limit, progress=not args.no_progress,
-                             verify_sinks=args.verify_sinks, stop_requested=stop,
-                             reconsider=_reconsider(args.reconsider)).run()
-        print(summary.render())
-        if summary.error:
-            print(f"harvest: error: {printable(summary.error, 2000)}", file=sys.stderr)
-        return EXIT_STATUS.get(summary.outcome, 1)
+        if not getattr(args, "reads_recipe", False):
+            return args.handler(args)
+        recipe = load_recipe(args.recipe, load_registry(), output=getattr(args, "output", None))
+        return args.handler(args, recipe)
     except HarvestError as exc:
         message = recipe.resolver.redact(str(exc)) if recipe is not None else str(exc)
         print(f"harvest: error: {printable(message, 2000)}", file=sys.stderr)

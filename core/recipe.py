@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, make_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -85,36 +85,23 @@ RUN_OPTIONS: tuple[Option, ...] = (
 )
 
 
-@dataclass(frozen=True)
-class RunSettings:
-    concurrency: int = 16
-    workers: int = 0
-    rate_per_host: float = 8.0
-    limit_per_term: int = 100
-    timeout: float = 30.0
-    retries: int = 5
-    backoff: float = 0.5
-    max_bytes: int = 25_000_000
-    max_pixels: int = 100_000_000
-    batch_size: int = 64
-    user_agent: str = "harvest/0.1"
-    verify_images: bool = True
-    sink_retry_seconds: float = 60.0
-    allow_private_addresses: bool = False
-    respect_opt_outs: bool = True
-    respect_robots: bool = True
-    respect_tdmrep: bool = True
-    respect_noindex: bool = False
-    download_deadline: float = 120.0
-    max_retry_after: float = 300.0
-    max_crawl_delay: float = 60.0
-    api_deadline: float = 120.0
-    max_api_answer: int = 32_000_000
-    max_api_calls: int = 5000
-    search_deadline: float = 3600.0
-    allow_file_urls: bool = False
-    decode_memory: int = 1_000_000_000
-    images: ImageSettings = ImageSettings()  # the recipe's ``images:`` section
+def _settings_class(name: str, options: Sequence[Option], *extra: tuple, doc: str) -> type:
+    """A frozen dataclass with one field per option, its default the option's default as
+    the recipe would read it: declaring an option is all it takes to add a setting, and
+    settings built in code (``export --recheck-opt-outs``) get the same defaults as a run."""
+    fields = [(option.name, Any, field(default=option.type.convert(option.default)))
+              for option in options]
+    cls = make_dataclass(name, [*fields, *extra], frozen=True)
+    cls.__module__ = __name__  # so pickling (worker processes, Dask) finds it
+    cls.__doc__ = doc
+    return cls
+
+
+RunSettings = _settings_class(
+    "RunSettings", RUN_OPTIONS,
+    ("images", ImageSettings, field(default=ImageSettings())),  # the ``images:`` section
+    doc="The recipe's ``run:`` section (every field a :data:`RUN_OPTIONS` entry) and its "
+        "``images:`` section.")
 
 
 @dataclass

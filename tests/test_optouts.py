@@ -18,6 +18,10 @@ from imagegen import make_image
 from test_resume import HARVEST, _alive
 
 from harvest.core.optouts import location_matches  # noqa
+from harvest.core.recipe import RUN_OPTIONS
+
+# What a recipe that leaves out its run: section gets.
+RUN_DEFAULTS = {option.name: option.type.convert(option.default) for option in RUN_OPTIONS}
 
 
 class Host:
@@ -28,11 +32,13 @@ class Host:
         self.tdmrep: tuple[int, str] | Callable = (404, "")  # or a function answering
         self.headers: dict[str, dict[str, str]] = {}  # image path -> extra headers
         self.log: list[tuple[float, str]] = []
+        self.agents: dict[str, set[str]] = {}  # path -> the User-Agents it was asked with
         host = self
 
         class Handler(QuietHandler):
             def do_GET(self):  # noqa: N802
                 host.log.append((time.monotonic(), self.path))
+                host.agents.setdefault(self.path, set()).add(self.headers.get("User-Agent"))
                 if self.path == "/robots.txt":
                     status, body = host.robots
                     self.reply(status, body.encode(), "text/plain")
@@ -162,6 +168,26 @@ def test_export_rechecks_opt_outs_made_since_the_harvest(host, harvest, recipe_f
     kept = [r for r in read_jsonl(output / "records.jsonl") if r["url"].endswith("/a.jpg")]
     assert [p.name for p in (tmp_path / "rechecked").rglob("*.jpg")] == \
         [Path(kept[0]["file"]["path"]).name]
+
+
+def test_export_rechecks_opt_outs_with_the_user_agent_of_a_run(host, harvest, recipe_file,
+                                                                tmp_path):
+    status, _, err, stored = run(harvest, recipe_file, tmp_path, ["/a.jpg"], host)
+    assert status == 0 and stored == {"/a.jpg"}, err
+    run_agents = host.agents.pop("/robots.txt")
+    status, out, err = harvest("export", tmp_path / "out", tmp_path / "rechecked",
+                               "--recheck-opt-outs", "--allow-private-addresses")
+    assert status == 0, out + err
+    assert host.agents["/robots.txt"] == run_agents == {RUN_DEFAULTS["user_agent"]}
+
+
+def test_every_run_setting_defaults_to_its_option_default():
+    from dataclasses import fields
+
+    from harvest.core.recipe import RunSettings
+
+    declared = {f.name: f.default for f in fields(RunSettings) if f.name != "images"}
+    assert declared == RUN_DEFAULTS
 
 
 PATHOLOGICAL_LOCATION = "*" * 40 + "x$"
