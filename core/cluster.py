@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import signal
-import sqlite3
 import threading
 import time
 import uuid
@@ -245,13 +244,11 @@ def _tombstones(state: Path) -> list[str]:
     output's own by the preload, so no shard fetches them again)."""
     if not state.exists():
         return []
-    db = sqlite3.connect(f"file:{state}?mode=ro", uri=True)
+    reader = RunState.open_readonly(state)
     try:
-        return [row[0] for row in db.execute("SELECT sha256 FROM tombstones")]
-    except sqlite3.Error:
-        return []  # a state from before takedowns existed
+        return sorted(reader.tombstones)
     finally:
-        db.close()
+        reader.close()
 
 
 def run_shard(job: ShardJob) -> dict:
@@ -407,14 +404,14 @@ class ClusterRun:
         if main_state.exists():
             owners.append((MAIN_OWNER, main_state))
         for owner, path in owners:
-            db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+            reader = RunState.open_readonly(path)
             try:
-                ids = [row[0] for row in db.execute("SELECT id FROM records")]
-                files = [list(row) for row in db.execute("SELECT sha256, record_id, path FROM files")]
-            except sqlite3.Error:
-                continue
+                claims = reader.claims()
             finally:
-                db.close()
+                reader.close()
+            if claims is None:
+                continue
+            ids, files = claims[0], [list(row) for row in claims[1]]
             for start in range(0, max(len(ids), len(files), 1), PRELOAD_CHUNK):
                 client.sync(client.scheduler.harvest_preload, run=self.run_id, shard=owner,
                             ids=ids[start:start + PRELOAD_CHUNK],
@@ -543,10 +540,7 @@ class _ProgressWatcher:
 def _portable(recipe: Recipe) -> Recipe:
     """The recipe as a task carries it: secrets already resolved (the options hold them),
     no environment, no credentials file to read again on the worker."""
-    carried = SecretResolver(environ={})
-    carried.revealed = set(recipe.resolver.revealed)
-    carried._credentials = {}
-    return replace(recipe, resolver=carried)
+    return replace(recipe, resolver=SecretResolver.carried(recipe.resolver.revealed))
 
 
 class PartMerger:
@@ -603,27 +597,21 @@ class PartMerger:
         path = part_dir / ".harvest" / "state.sqlite"
         if not path.exists():
             return
-        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        reader = RunState.open_readonly(path)
         try:
-            done = db.execute("SELECT id, source, term, sha256, duplicate_of FROM records "
-                              "WHERE status = 'done'").fetchall()
-            files = db.execute("SELECT sha256, path, bytes, width, height, format, record_id "
-                               "FROM files").fetchall()
+            done, files = reader.finished_records(), reader.files()
         finally:
-            db.close()
-        from .record import FileInfo
-
-        for sha256, relpath, size, width, height, image_format, record_id in files:
-            if self.state.file(sha256) is None:
-                self.state.add_file(FileInfo(relpath, size, sha256, width, height, image_format),
-                                    record_id)
+            reader.close()
+        for info, record_id in files:
+            if self.state.file(info.sha256) is None:
+                self.state.add_file(info, record_id)
         finished = []
-        for record_id, source, term, sha256, duplicate_of in done:
-            known = self.state.record(record_id)
+        for record in done:
+            known = self.state.record(record.id)
             if known is None or known.status != "done":
-                self.state.set_status(record_id, source, term, "done", sha256=sha256,
-                                      duplicate_of=duplicate_of)
-                finished.append(record_id)
+                self.state.set_status(record.id, record.source, record.term, "done",
+                                      sha256=record.sha256, duplicate_of=record.duplicate_of)
+                finished.append(record.id)
         self.state.forget_delivered(finished)
         self.state.commit()
 
