@@ -38,7 +38,7 @@ from .http import TokenBuckets
 from .lock import OutputLock
 from .recipe import Recipe
 from .secrets import RedactingFilter, SecretResolver
-from .shards import SHARDS_DIR, Coordinator, Shard, state_dirs
+from .shards import SHARDS_DIR, Coordinator, FileClaim, Shard, state_dirs
 from .state import RunState
 from .summary import Progress, Summary
 from .takedown import remember_sinks
@@ -58,7 +58,7 @@ log = logging.getLogger("harvest.cluster")
 @dataclass
 class _RunClaims:
     records: dict  # record id -> shard key
-    files: dict  # sha256 -> [record id, path]
+    files: dict[str, FileClaim]  # by sha256
     paths: dict  # path -> sha256
     progress: dict  # shard key -> [[source, term, outcome, n], ...]
     stop: bool = False
@@ -101,25 +101,28 @@ class CoordinatorPlugin(SchedulerPlugin):
         records = self._run(run).records
         return [record_id for record_id in ids if records.setdefault(record_id, shard) != shard]
 
-    def claim_file(self, run: str, sha256: str, record_id: str, path: str) -> dict:
+    def claim_file(self, run: str, claim: list) -> dict:
+        """``claim``: a FileClaim; the answer is ``Coordinator.claim_file``'s."""
+        claim = FileClaim(*claim)
         claims = self._run(run)
-        if sha256 in claims.files:
-            owner, owner_path = claims.files[sha256]
-            return {"owner": owner, "path": owner_path}
-        if claims.paths.get(path, sha256) != sha256:
+        held = claims.files.get(claim.sha256)
+        if held is not None:
+            return {"owner": held.record_id, "path": held.path}
+        if claims.paths.get(claim.path, claim.sha256) != claim.sha256:
             return {"path_taken": True}
-        claims.files[sha256] = [record_id, path]
-        claims.paths[path] = sha256
+        claims.files[claim.sha256] = claim
+        claims.paths[claim.path] = claim.sha256
         return {}
 
     def preload(self, run: str, shard: str, ids: list, files: list) -> None:
+        """``files``: FileClaims."""
         claims = self._run(run)
         for record_id in ids:
             claims.records.setdefault(record_id, shard)
-        for sha256, record_id, path in files:
-            if sha256 not in claims.files:
-                claims.files[sha256] = [record_id, path]
-                claims.paths.setdefault(path, sha256)
+        for claim in map(FileClaim._make, files):
+            if claim.sha256 not in claims.files:
+                claims.files[claim.sha256] = claim
+                claims.paths.setdefault(claim.path, claim.sha256)
 
     def _copies(self, run: str):
         claims = self._run(run)
@@ -195,8 +198,8 @@ class ClusterCoordinator(Coordinator):
                               ids=record_ids))
 
     def claim_file(self, sha256: str, record_id: str, relpath: str) -> dict:
-        return self._call("harvest_claim_file", run=self.run, sha256=sha256,
-                          record_id=record_id, path=relpath)
+        return self._call("harvest_claim_file", run=self.run,
+                          claim=list(FileClaim(sha256, record_id, relpath)))
 
     def report(self, counts: list) -> bool:
         return self._call("harvest_report", run=self.run, shard=self.shard, counts=counts)
@@ -411,7 +414,7 @@ class ClusterRun:
                 reader.close()
             if claims is None:
                 continue
-            ids, files = claims[0], [list(row) for row in claims[1]]
+            ids, files = claims[0], [list(claim) for claim in claims[1]]
             for start in range(0, max(len(ids), len(files), 1), PRELOAD_CHUNK):
                 client.sync(client.scheduler.harvest_preload, run=self.run_id, shard=owner,
                             ids=ids[start:start + PRELOAD_CHUNK],

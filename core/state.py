@@ -17,6 +17,7 @@ from typing import Any, NamedTuple
 
 from .errors import DiskFull, disk_full
 from .record import FileInfo
+from .shards import FileClaim
 
 FINAL = ("done", "dropped", "rejected", "taken_down", "purged")
 
@@ -198,14 +199,14 @@ class RunState:
         except sqlite3.Error:
             return None
 
-    def claims(self) -> tuple[list[str], list[tuple[str, str, str]]] | None:
-        """Every record id this state holds, and each file as (sha256, record id, path):
-        what its run has claimed. None when the state cannot be read."""
+    def claims(self) -> tuple[list[str], list[FileClaim]] | None:
+        """Every record id this state holds, and each of its files: what its run has
+        claimed. None when the state cannot be read."""
         ids = self._rows_or_none("SELECT id FROM records")
         files = self._rows_or_none("SELECT sha256, record_id, path FROM files")
         if ids is None or files is None:
             return None
-        return [record_id for (record_id,) in ids], files
+        return [record_id for (record_id,) in ids], [FileClaim(*row) for row in files]
 
     def finished_records(self) -> list[FinishedRecord]:
         """The records stored to every sink."""
