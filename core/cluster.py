@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import signal
-import sqlite3
 import threading
 import time
 import uuid
@@ -39,7 +38,7 @@ from .http import TokenBuckets
 from .lock import OutputLock
 from .recipe import Recipe
 from .secrets import RedactingFilter, SecretResolver
-from .shards import SHARDS_DIR, Coordinator, Shard, state_dirs
+from .shards import SHARDS_DIR, Coordinator, FileClaim, Shard, state_dirs
 from .state import RunState
 from .summary import Progress, Summary
 from .takedown import remember_sinks
@@ -59,7 +58,7 @@ log = logging.getLogger("harvest.cluster")
 @dataclass
 class _RunClaims:
     records: dict  # record id -> shard key
-    files: dict  # sha256 -> [record id, path]
+    files: dict[str, FileClaim]  # by sha256
     paths: dict  # path -> sha256
     progress: dict  # shard key -> [[source, term, outcome, n], ...]
     stop: bool = False
@@ -102,25 +101,28 @@ class CoordinatorPlugin(SchedulerPlugin):
         records = self._run(run).records
         return [record_id for record_id in ids if records.setdefault(record_id, shard) != shard]
 
-    def claim_file(self, run: str, sha256: str, record_id: str, path: str) -> dict:
+    def claim_file(self, run: str, claim: list) -> dict:
+        """``claim``: a FileClaim; the answer is ``Coordinator.claim_file``'s."""
+        claim = FileClaim(*claim)
         claims = self._run(run)
-        if sha256 in claims.files:
-            owner, owner_path = claims.files[sha256]
-            return {"owner": owner, "path": owner_path}
-        if claims.paths.get(path, sha256) != sha256:
+        held = claims.files.get(claim.sha256)
+        if held is not None:
+            return {"owner": held.record_id, "path": held.path}
+        if claims.paths.get(claim.path, claim.sha256) != claim.sha256:
             return {"path_taken": True}
-        claims.files[sha256] = [record_id, path]
-        claims.paths[path] = sha256
+        claims.files[claim.sha256] = claim
+        claims.paths[claim.path] = claim.sha256
         return {}
 
     def preload(self, run: str, shard: str, ids: list, files: list) -> None:
+        """``files``: FileClaims."""
         claims = self._run(run)
         for record_id in ids:
             claims.records.setdefault(record_id, shard)
-        for sha256, record_id, path in files:
-            if sha256 not in claims.files:
-                claims.files[sha256] = [record_id, path]
-                claims.paths.setdefault(path, sha256)
+        for claim in map(FileClaim._make, files):
+            if claim.sha256 not in claims.files:
+                claims.files[claim.sha256] = claim
+                claims.paths.setdefault(claim.path, claim.sha256)
 
     def _copies(self, run: str):
         claims = self._run(run)
@@ -196,8 +198,8 @@ class ClusterCoordinator(Coordinator):
                               ids=record_ids))
 
     def claim_file(self, sha256: str, record_id: str, relpath: str) -> dict:
-        return self._call("harvest_claim_file", run=self.run, sha256=sha256,
-                          record_id=record_id, path=relpath)
+        return self._call("harvest_claim_file", run=self.run,
+                          claim=list(FileClaim(sha256, record_id, relpath)))
 
     def report(self, counts: list) -> bool:
         return self._call("harvest_report", run=self.run, shard=self.shard, counts=counts)
@@ -245,13 +247,11 @@ def _tombstones(state: Path) -> list[str]:
     output's own by the preload, so no shard fetches them again)."""
     if not state.exists():
         return []
-    db = sqlite3.connect(f"file:{state}?mode=ro", uri=True)
+    reader = RunState.open_readonly(state)
     try:
-        return [row[0] for row in db.execute("SELECT sha256 FROM tombstones")]
-    except sqlite3.Error:
-        return []  # a state from before takedowns existed
+        return sorted(reader.tombstones)
     finally:
-        db.close()
+        reader.close()
 
 
 def run_shard(job: ShardJob) -> dict:
@@ -407,14 +407,14 @@ class ClusterRun:
         if main_state.exists():
             owners.append((MAIN_OWNER, main_state))
         for owner, path in owners:
-            db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+            reader = RunState.open_readonly(path)
             try:
-                ids = [row[0] for row in db.execute("SELECT id FROM records")]
-                files = [list(row) for row in db.execute("SELECT sha256, record_id, path FROM files")]
-            except sqlite3.Error:
-                continue
+                claims = reader.claims()
             finally:
-                db.close()
+                reader.close()
+            if claims is None:
+                continue
+            ids, files = claims[0], [list(claim) for claim in claims[1]]
             for start in range(0, max(len(ids), len(files), 1), PRELOAD_CHUNK):
                 client.sync(client.scheduler.harvest_preload, run=self.run_id, shard=owner,
                             ids=ids[start:start + PRELOAD_CHUNK],
@@ -543,10 +543,7 @@ class _ProgressWatcher:
 def _portable(recipe: Recipe) -> Recipe:
     """The recipe as a task carries it: secrets already resolved (the options hold them),
     no environment, no credentials file to read again on the worker."""
-    carried = SecretResolver(environ={})
-    carried.revealed = set(recipe.resolver.revealed)
-    carried._credentials = {}
-    return replace(recipe, resolver=carried)
+    return replace(recipe, resolver=SecretResolver.carried(recipe.resolver.revealed))
 
 
 class PartMerger:
@@ -603,27 +600,21 @@ class PartMerger:
         path = part_dir / ".harvest" / "state.sqlite"
         if not path.exists():
             return
-        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        reader = RunState.open_readonly(path)
         try:
-            done = db.execute("SELECT id, source, term, sha256, duplicate_of FROM records "
-                              "WHERE status = 'done'").fetchall()
-            files = db.execute("SELECT sha256, path, bytes, width, height, format, record_id "
-                               "FROM files").fetchall()
+            done, files = reader.finished_records(), reader.files()
         finally:
-            db.close()
-        from .record import FileInfo
-
-        for sha256, relpath, size, width, height, image_format, record_id in files:
-            if self.state.file(sha256) is None:
-                self.state.add_file(FileInfo(relpath, size, sha256, width, height, image_format),
-                                    record_id)
+            reader.close()
+        for info, record_id in files:
+            if self.state.file(info.sha256) is None:
+                self.state.add_file(info, record_id)
         finished = []
-        for record_id, source, term, sha256, duplicate_of in done:
-            known = self.state.record(record_id)
+        for record in done:
+            known = self.state.record(record.id)
             if known is None or known.status != "done":
-                self.state.set_status(record_id, source, term, "done", sha256=sha256,
-                                      duplicate_of=duplicate_of)
-                finished.append(record_id)
+                self.state.set_status(record.id, record.source, record.term, "done",
+                                      sha256=record.sha256, duplicate_of=record.duplicate_of)
+                finished.append(record.id)
         self.state.forget_delivered(finished)
         self.state.commit()
 

@@ -49,6 +49,16 @@ class SecretResolver:
         self.revealed: set[str] = set()
         self._redactable: list[str] | None = None
 
+    @classmethod
+    def carried(cls, revealed: set[str]) -> SecretResolver:
+        """The resolver a task carries to another process or machine: it redacts the values
+        in ``revealed`` (already resolved into the options it travels with) and looks up
+        nothing, neither that machine's environment nor any credentials file there."""
+        resolver = cls(environ={})
+        resolver._credentials = {}
+        resolver.revealed = set(revealed)
+        return resolver
+
     def _load_credentials(self) -> dict[str, str]:
         if self._credentials is not None:
             return self._credentials

@@ -13,10 +13,11 @@ import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from .errors import DiskFull, disk_full
 from .record import FileInfo
+from .shards import FileClaim
 
 FINAL = ("done", "dropped", "rejected", "taken_down", "purged")
 
@@ -111,9 +112,27 @@ class Bloom:
                    for position in self._positions(key))
 
 
+class _Unknown:
+    """Stands for a Bloom filter where none was built: every key may be present, so each
+    lookup asks SQLite."""
+
+    def __contains__(self, key: str) -> bool:
+        return True
+
+
 @dataclass
 class KnownRecord:
     status: str
+    sha256: str | None
+    duplicate_of: str | None
+
+
+class FinishedRecord(NamedTuple):
+    """A record stored to every sink, as another state (a cluster shard's) hands it on."""
+
+    id: str
+    source: str
+    term: str | None
     sha256: str | None
     duplicate_of: str | None
 
@@ -134,15 +153,18 @@ def _writes(method):
 
 
 class RunState:
-    def __init__(self, path: Path, redact=None):
+    def __init__(self, path: Path, redact=None, *, _readonly: bool = False):
         """``redact``: applied to failure reasons, which may quote a secret path or URL."""
         self.redact = redact or (lambda text: text)
         self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(path, isolation_level=None)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")
-        self.db.executescript(SCHEMA)
+        if _readonly:
+            self.db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.db = sqlite3.connect(path, isolation_level=None)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=NORMAL")
+            self.db.executescript(SCHEMA)
         self._in_transaction = False
         # Writes wait here until the batch commits: each SQLite call lets go of the GIL,
         # and the engine thread then queues behind the download threads to get it back.
@@ -150,6 +172,11 @@ class RunState:
         self._recent: dict[str, KnownRecord] = {}
         self._file_rows: dict[str, tuple[FileInfo, str]] = {}
         self._paths: dict[str, str] = {}
+        if _readonly:  # read once and let go: building the filters would cost more
+            self.known_ids = self.known_files = self.known_paths = _Unknown()
+            self.tombstones = {sha for (sha,) in
+                               self._rows_or_none("SELECT sha256 FROM tombstones") or ()}
+            return
         self.known_ids, self.known_files, self.known_paths = Bloom(), Bloom(), Bloom()
         for (record_id,) in self.db.execute("SELECT id FROM records"):
             self.known_ids.add(record_id)
@@ -157,6 +184,42 @@ class RunState:
             self.known_files.add(sha256)
             self.known_paths.add(path)
         self.tombstones = {sha for (sha,) in self.db.execute("SELECT sha256 FROM tombstones")}
+
+    @classmethod
+    def open_readonly(cls, path: Path) -> RunState:
+        """Another run's state (the output's, or a cluster shard's), to read and never write:
+        no schema is added and nothing is committed to it. A state from before a table
+        existed reads as having none of its rows."""
+        return cls(path, _readonly=True)
+
+    def _rows_or_none(self, query: str) -> list[tuple] | None:
+        """The rows of ``query`` on a state that may be old or unreadable (None then)."""
+        try:
+            return self.db.execute(query).fetchall()
+        except sqlite3.Error:
+            return None
+
+    def claims(self) -> tuple[list[str], list[FileClaim]] | None:
+        """Every record id this state holds, and each of its files: what its run has
+        claimed. None when the state cannot be read."""
+        ids = self._rows_or_none("SELECT id FROM records")
+        files = self._rows_or_none("SELECT sha256, record_id, path FROM files")
+        if ids is None or files is None:
+            return None
+        return [record_id for (record_id,) in ids], [FileClaim(*row) for row in files]
+
+    def finished_records(self) -> list[FinishedRecord]:
+        """The records stored to every sink."""
+        self.commit()
+        return [FinishedRecord(*row) for row in self.db.execute(
+            "SELECT id, source, term, sha256, duplicate_of FROM records WHERE status = 'done'")]
+
+    def files(self) -> list[tuple[FileInfo, str]]:
+        """Every stored file, with the record that holds it."""
+        self.commit()
+        return [(FileInfo(path, size, sha256, width, height, image_format), record_id)
+                for sha256, path, size, width, height, image_format, record_id in self.db.execute(
+                    "SELECT sha256, path, bytes, width, height, format, record_id FROM files")]
 
     def close(self) -> None:
         self.commit()

@@ -9,7 +9,7 @@ import re
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, NamedTuple
 
 import flickrapi
 from flickrapi.exceptions import FlickrError
@@ -236,9 +236,10 @@ class FlickrSource(Source):
         params = self._query_params(query)
         low, high = self._date_range()
         if query.part is not None:
-            low, high = query.part["min_upload_date"], query.part["max_upload_date"]
-            if query.part.get("bbox"):
-                params["bbox"] = _bbox_param(query.part["bbox"])
+            piece = Piece.from_part(query.part)
+            low, high = piece.low, piece.high
+            if piece.bbox:
+                params["bbox"] = _bbox_param(piece.bbox)
         seen: set[str] = set()
 
         def fresh(photo: dict) -> Record | None:
@@ -263,66 +264,69 @@ class FlickrSource(Source):
         params = self._query_params(query)
         low, high = self._date_range()
         bbox = list(self.config["bbox"]) if self.config["bbox"] else None
-        pieces = self._refine(params, [(low, high, bbox)], self._past_cap)
-        total = sum(piece[3] for piece in pieces)
+        pieces = self._refine(params, [Piece(low, high, bbox)], self._past_cap)
+        total = sum(piece.total for piece in pieces)
         if limit is not None and total > limit:
             parts, remaining = [], limit
             for piece in pieces:
-                share = min(piece[3], remaining)
+                share = min(piece.total, remaining)
                 if share > 0:
-                    parts.append((_part(*piece[:3]), share))
+                    parts.append((piece.part(), share))
                 remaining -= share
             return parts or [(None, limit)]
         small = self._refine(params, pieces, self._too_big, probed=True)
-        small = [leaf for leaf in small if leaf[3] > 0] or small[:1]
+        small = [leaf for leaf in small if leaf.total > 0] or small[:1]
         slack = None if limit is None else limit - total
-        return [(_part(*leaf[:3]), None if slack is None else leaf[3] + (slack if i == 0 else 0))
+        return [(leaf.part(), None if slack is None else leaf.total + (slack if i == 0 else 0))
                 for i, leaf in enumerate(small)]
 
-    def _probe(self, params: dict, low: int, high: int, bbox) -> int:
+    def _probe(self, params: dict, piece: Piece) -> int:
         probe = dict(params, per_page=1)
-        if bbox:
-            probe["bbox"] = _bbox_param(bbox)
-        return int(self._call(probe, low, high, page=1).get("total") or 0)
+        if piece.bbox:
+            probe["bbox"] = _bbox_param(piece.bbox)
+        return int(self._call(probe, piece.low, piece.high, page=1).get("total") or 0)
 
-    def _refine(self, params: dict, pieces: list, children_of, probed: bool = False) -> list:
-        """Splits pieces (low, high, bbox[, total]) level by level while ``children_of``
-        returns halves, probing each level's new pieces at once; keeps the order in which
-        ``records`` would read them."""
+    def _refine(self, params: dict, pieces: list[Piece], children_of,
+                probed: bool = False) -> list[Piece]:
+        """Splits pieces level by level while ``children_of`` returns halves, probing each
+        level's new pieces at once (``probed``: the given pieces' totals are known
+        already); keeps the order in which ``records`` would read them."""
+        def counted(piece: Piece) -> Piece:
+            return piece._replace(total=self._probe(params, piece))
+
         with ThreadPoolExecutor(PROBE_THREADS) as pool:
             if not probed:
-                totals = list(pool.map(lambda p: self._probe(params, *p), pieces))
-                pieces = [(*piece, total) for piece, total in zip(pieces, totals, strict=True)]
+                pieces = list(pool.map(counted, pieces))
             while True:
                 expanded = [(piece, children_of(params, piece)) for piece in pieces]
                 todo = [child for _, children in expanded for child in children or ()]
                 if not todo:
                     return pieces
-                totals = iter(list(pool.map(lambda c: self._probe(params, *c), todo)))
+                counted_children = iter(list(pool.map(counted, todo)))
                 refined = []
                 for piece, children in expanded:
                     if children:
-                        refined.extend((*child, next(totals)) for child in children)
+                        refined.extend(next(counted_children) for _ in children)
                     else:
                         refined.append(piece)
                 pieces = refined
 
-    def _past_cap(self, params: dict, piece: tuple) -> list | None:
+    def _past_cap(self, params: dict, piece: Piece) -> list[Piece] | None:
         """The date halves ``_search`` reads a piece in, when Flickr would cap it."""
-        low, high, bbox, total = piece
-        if total > RESULT_CAP and self.config["slice_dates"] and high - low > MIN_SLICE_SECONDS:
-            return [(a, b, bbox) for a, b in self._halves(params, low, high)]
+        if (piece.total > RESULT_CAP and self.config["slice_dates"]
+                and piece.high - piece.low > MIN_SLICE_SECONDS):
+            return [Piece(a, b, piece.bbox) for a, b in self._halves(params, piece.low, piece.high)]
         return None
 
-    def _too_big(self, params: dict, piece: tuple) -> list | None:
+    def _too_big(self, params: dict, piece: Piece) -> list[Piece] | None:
         """Halves of a piece over ``shard_size``: map tiles first, then dates."""
-        low, high, bbox, total = piece
-        if total <= self.config["shard_size"]:
+        low, high, bbox = piece.low, piece.high, piece.bbox
+        if piece.total <= self.config["shard_size"]:
             return None
         if bbox and max(bbox[2] - bbox[0], bbox[3] - bbox[1]) >= MIN_TILE_DEGREES:
-            return [(low, high, tile) for tile in _tiles(bbox)]
+            return [Piece(low, high, tile) for tile in _tiles(bbox)]
         if high - low > MIN_SLICE_SECONDS:
-            return [(a, b, bbox) for a, b in self._halves(params, low, high)]
+            return [Piece(a, b, bbox) for a, b in self._halves(params, low, high)]
         return None
 
     def _halves(self, params: dict, low: int, high: int) -> list[tuple[int, int]]:
@@ -333,10 +337,10 @@ class FlickrSource(Source):
     def _search(self, params: dict, low: int, high: int) -> Iterator[dict]:
         first = self._call(params, low, high, page=1)
         total = int(first.get("total") or 0)
-        halves = self._past_cap(params, (low, high, None, total))
+        halves = self._past_cap(params, Piece(low, high, None, total))
         if halves:
-            for slice_low, slice_high, _ in halves:
-                yield from self._search(params, slice_low, slice_high)
+            for half in halves:
+                yield from self._search(params, half.low, half.high)
             return
         reachable = min(total, RESULT_CAP)
         pages = min(int(first.get("pages") or 1), -(-reachable // params["per_page"]))
@@ -399,11 +403,25 @@ class FlickrSource(Source):
                 "license_url": url or None, "flickr_license": number}
 
 
-def _part(low: int, high: int, bbox) -> dict[str, Any]:
-    part: dict[str, Any] = {"min_upload_date": low, "max_upload_date": high}
-    if bbox:
-        part["bbox"] = bbox
-    return part
+class Piece(NamedTuple):
+    """Upload dates from ``low`` to ``high`` (Unix times), within ``bbox`` if set, and the
+    number of photos Flickr finds there (0 until probed)."""
+
+    low: int
+    high: int
+    bbox: list[float] | None
+    total: int = 0
+
+    def part(self) -> dict[str, Any]:
+        """The piece as ``Query.part``: JSON, as cluster workers receive it."""
+        part: dict[str, Any] = {"min_upload_date": self.low, "max_upload_date": self.high}
+        if self.bbox:
+            part["bbox"] = self.bbox
+        return part
+
+    @classmethod
+    def from_part(cls, part: dict[str, Any]) -> Piece:
+        return cls(part["min_upload_date"], part["max_upload_date"], part.get("bbox") or None)
 
 
 def _bbox_param(bbox) -> str:
