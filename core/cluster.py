@@ -37,8 +37,9 @@ from .errors import HarvestError, UsageError, one_line
 from .http import TokenBuckets
 from .lock import OutputLock
 from .recipe import Recipe
+from .record import FileClaim
 from .secrets import RedactingFilter, SecretResolver
-from .shards import SHARDS_DIR, Coordinator, FileClaim, Shard, state_dirs
+from .shards import SHARDS_DIR, Coordinator, Shard, state_dirs
 from .state import RunState
 from .summary import Progress, Summary
 from .takedown import remember_sinks

@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,15 @@ class FileInfo:
     def to_dict(self) -> dict[str, Any]:
         return {"path": self.path, "bytes": self.bytes, "sha256": self.sha256,
                 "width": self.width, "height": self.height, "format": self.format}
+
+
+class FileClaim(NamedTuple):
+    """A picture's content held by one record at one path of the output. It travels
+    between client, scheduler and workers whole, as a JSON/msgpack list in this order."""
+
+    sha256: str
+    record_id: str
+    path: str
 
 
 @dataclass

@@ -14,7 +14,7 @@ import json
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 from .http import TokenBuckets
 
@@ -25,15 +25,6 @@ def state_dirs(output: Path) -> list[Path]:
     """Every run-state folder of an output: its own, then each cluster shard's."""
     shards = sorted(path for path in (output / SHARDS_DIR).glob("*/.harvest") if path.is_dir())
     return [output / ".harvest", *shards]
-
-
-class FileClaim(NamedTuple):
-    """A picture's content held by one record at one path of the output. It travels
-    between client, scheduler and workers whole, as a JSON/msgpack list in this order."""
-
-    sha256: str
-    record_id: str
-    path: str
 
 
 @dataclass(frozen=True)

@@ -16,8 +16,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from .errors import DiskFull, disk_full
-from .record import FileInfo
-from .shards import FileClaim
+from .record import FileClaim, FileInfo
 
 FINAL = ("done", "dropped", "rejected", "taken_down", "purged")
 
