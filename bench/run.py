@@ -283,8 +283,8 @@ def micro(work: Path, scale: float = 1.0) -> dict:
 
     from imagegen import make_image
 
-    from harvest.core.crypto import FieldCipher, Keyring
-    from harvest.core.plugin import Context
+    from harvest.core.contract.plugin import Context
+    from harvest.core.output.crypto import FieldCipher, Keyring
     from harvest.core.record import FileInfo, Query, Record, Term
     from harvest.plugins.enrichers.exif import read_exif
     from harvest.plugins.enrichers.geocode import geocoder

@@ -69,7 +69,7 @@ def blur_runs(images: list[bytes], n: int) -> None:
                               f"sources: [{{use: folder, options: {{path: {folder}}}}}]\n"
                               "enrichers: []\n")
             started = time.perf_counter()
-            subprocess.run([sys.executable, "-m", "harvest.core.cli", "run", str(recipe),
+            subprocess.run([sys.executable, "-m", "harvest.core.commands.cli", "run", str(recipe),
                             "--no-progress"], check=True, capture_output=True)
             seconds[label] = time.perf_counter() - started
             summary = json.loads((output / ".harvest" / "last-run.json").read_text())

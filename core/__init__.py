@@ -8,19 +8,19 @@ which would cost each worker a fifth of a second of start-up.
 from importlib import import_module
 
 _HOME = {
-    "crypto": ["PROTECTION_OPTIONS", "FieldCipher", "Keyring", "Protection", "check_protection"],
-    "curation": ["set_aside"],
-    "dataset": ["filter_jsonl", "rewrite_jsonl"],
-    "hamming": ["HammingIndex"],
+    "output.crypto": ["PROTECTION_OPTIONS", "FieldCipher", "Keyring", "Protection", "check_protection"],
+    "cleaning.curation": ["set_aside"],
+    "output.records": ["filter_jsonl", "rewrite_jsonl"],
+    "cleaning.hamming": ["HammingIndex"],
     "errors": ["HarvestError", "PluginConfigError", "RecordError", "UsageError"],
     "options": ["BBox", "Bool", "Choice", "Date", "Float", "Int", "ListOf", "MapOf", "Option",
                 "OptionError", "OptionType", "Path", "Secret", "SecretValue", "Size", "Str",
                 "Thresholds"],
-    "plugin": ["Context", "Enricher", "Refusal", "Sink", "Source", "hookimpl"],
+    "contract.plugin": ["Context", "Enricher", "Refusal", "Sink", "Source", "hookimpl"],
     "record": ["FileInfo", "Query", "Record", "Term", "json_default", "license_family"],
-    "scoring": ["LabelScorer", "ScoringError"],
-    "sharded": ["ShardedSink", "shard_options", "strip_exif"],
-    "storage": ["inside", "inside_check"],
+    "contract.scoring": ["LabelScorer", "ScoringError"],
+    "contract.sharded": ["ShardedSink", "shard_options", "strip_exif"],
+    "output.storage": ["inside", "inside_check"],
 }
 _MODULE_OF = {name: module for module, names in _HOME.items() for name in names}
 

@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from fakes import FakeFlickr, FakePhoto  # noqa: E402
 
-from harvest.core.cli import main  # noqa: E402
+from harvest.core.commands.cli import main  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -100,7 +100,7 @@ def mongo(tmp_path):
 
 @pytest.fixture
 def key_file(tmp_path):
-    from harvest.core.crypto import generate_key_file
+    from harvest.core.output.crypto import generate_key_file
 
     path = tmp_path / "keys" / "harvest.key"
     generate_key_file(path)

@@ -13,8 +13,8 @@ from conftest import read_jsonl
 from imagegen import make_image
 from PIL import Image, ImageEnhance
 
-from harvest.core.curation import set_aside_ids
-from harvest.core.hamming import HammingIndex
+from harvest.core.cleaning.curation import set_aside_ids
+from harvest.core.cleaning.hamming import HammingIndex
 
 
 def variant(data: bytes, kind: str) -> bytes:

@@ -206,14 +206,14 @@ def test_rate_limit_holds_across_workers(flickr, recipe_file, harvest, tmp_path,
 
 
 def _reserve_many(key: str, count: int) -> list[float]:
-    from harvest.core.cluster import ClusterCoordinator
+    from harvest.core.cluster.run import ClusterCoordinator
 
     coordinator = ClusterCoordinator("quota-test", "shard")
     return [coordinator.reserve(key, 10.0, 1.0) for _ in range(count)]
 
 
 def test_token_buckets_are_shared_by_the_workers(dask_cluster):
-    from harvest.core.cluster import PLUGIN_NAME, CoordinatorPlugin
+    from harvest.core.cluster.run import PLUGIN_NAME, CoordinatorPlugin
 
     with Client(dask_cluster, set_as_default=False) as client:
         client.register_plugin(CoordinatorPlugin(), name=PLUGIN_NAME)
@@ -270,7 +270,7 @@ def start_local_cluster_run(flickr, tmp_path, *, latency: float, shard_size: int
     recipe.write_text(cluster_recipe(flickr, tmp_path / "out", shard_size=shard_size, run=run))
     env = dict(os.environ, FLICKER_KEY=flickr.api_key, FLICKER_SECRET="test-secret-abcdef",
                NO_PROXY="127.0.0.1,localhost")
-    command = [sys.executable, "-m", "harvest.core.cli", "run", str(recipe), "--local-workers",
+    command = [sys.executable, "-m", "harvest.core.commands.cli", "run", str(recipe), "--local-workers",
                "2", "--no-progress"]
     child = subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
@@ -368,7 +368,7 @@ def test_near_duplicates_are_found_across_workers_and_runs(recipe_file, harvest,
 
     from PIL import Image
 
-    from harvest.core.curation import set_aside_ids
+    from harvest.core.cleaning.curation import set_aside_ids
 
     def half(data: bytes, quality: int = 90, scale: int = 2) -> bytes:
         image = Image.open(io.BytesIO(data))

@@ -27,20 +27,20 @@ def test_record_field_reference_is_generated_from_the_code(harvest):
 
 
 def test_every_field_the_output_readers_use_is_declared():
-    from harvest.core.credits import COLUMNS
-    from harvest.core.dataset import HF_COLUMNS
+    from harvest.core.commands.export import HF_COLUMNS
+    from harvest.core.commands.review import FACETS
     from harvest.core.fields import BY_NAME
-    from harvest.core.review import FACETS
-    from harvest.core.takedown import OWNER_FIELDS
+    from harvest.core.output.credits import COLUMNS
+    from harvest.core.output.takedown import OWNER_FIELDS
 
     read = {*COLUMNS, *HF_COLUMNS, *FACETS, *OWNER_FIELDS}
     assert sorted(read - set(BY_NAME)) == []
 
 
 def test_every_option_has_a_description():
-    from harvest.core.recipe import RUN_OPTIONS
-    from harvest.core.registry import load_registry
-    from harvest.core.shaping import IMAGE_OPTIONS
+    from harvest.core.contract.recipe import RUN_OPTIONS
+    from harvest.core.contract.registry import load_registry
+    from harvest.core.download.shaping import IMAGE_OPTIONS
 
     registry = load_registry()
     plugins = [(info.name, info.cls.options) for kind in ("sources", "enrichers", "sinks")

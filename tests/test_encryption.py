@@ -10,7 +10,7 @@ import pytest
 from conftest import FakePhoto, flickr_recipe, monkey_photos, read_jsonl
 from imagegen import make_image
 
-from harvest.core.crypto import ENCRYPTED, Keyring, generate_key_file
+from harvest.core.output.crypto import ENCRYPTED, Keyring, generate_key_file
 
 OWNER = "Zoë Fotógrafa 猿"
 

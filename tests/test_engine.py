@@ -11,7 +11,7 @@ from conftest import FakePhoto, flickr_recipe, monkey_photos, read_jsonl
 from imagegen import make_image, truncated_jpeg
 from PIL import Image
 
-from harvest.core.storage import image_relpath, inside, safe_component
+from harvest.core.output.storage import image_relpath, inside, safe_component
 
 
 def last_run(output) -> dict:
@@ -177,8 +177,8 @@ def test_requests_to_one_host_respect_the_rate_limit(workers, flickr, recipe_fil
 
 
 def test_term_key_is_the_first_english_wording(recipe_file, harvest, monkeypatch):
-    from harvest.core.recipe import load_recipe
-    from harvest.core.registry import load_registry
+    from harvest.core.contract.recipe import load_recipe
+    from harvest.core.contract.registry import load_registry
 
     path = recipe_file("terms:\n  - {ja: 猿, en: [ape, primate]}\n  - {fr: cage}\n"
                        "output: out\nsources: [{use: folder, options: {path: .}}]\n")
@@ -202,15 +202,15 @@ def test_loopback_image_urls_are_refused_by_default(flickr, recipe_file, harvest
                                  "http://169.254.169.254/latest/meta-data", "http://[::1]/a.jpg",
                                  "http://192.168.0.10/a.jpg", "http://0.0.0.0/a.jpg"])
 def test_private_addresses(url):
+    from harvest.core.download.fetch import refuse_private
     from harvest.core.errors import RecordError
-    from harvest.core.fetch import refuse_private
 
     with pytest.raises(RecordError, match="non-public address"):
         refuse_private(url)
 
 
 def test_public_address_passes():
-    from harvest.core.fetch import refuse_private
+    from harvest.core.download.fetch import refuse_private
 
     refuse_private("http://8.8.8.8/a.jpg")  # an IP literal: no DNS needed
 

@@ -17,8 +17,8 @@ from conftest import read_jsonl
 from fakes import LocalServer
 from PIL import Image, ImageChops, ImageFilter, ImageStat
 
+from harvest.core.download.shaping import ImageSettings, shape_in_memory
 from harvest.core.errors import RecordError
-from harvest.core.shaping import ImageSettings, shape_in_memory
 
 pytest.importorskip("nudenet")
 SAMPLES = Path(__file__).resolve().parents[1].parent / "shared" / "testdata" / "exif-samples" / "jpg"
@@ -180,7 +180,7 @@ def test_a_picture_the_detector_cannot_read_is_not_stored(monkeypatch):
         def detect(self, image):
             raise RuntimeError("onnxruntime: bad input\nmore lines")
 
-    monkeypatch.setattr("harvest.core.faces.detector", lambda: Broken())
+    monkeypatch.setattr("harvest.core.download.faces.detector", lambda: Broken())
     with pytest.raises(RecordError, match="face detection failed: onnxruntime: bad input$"):
         shape_in_memory(data, ImageSettings(blur_faces=True), 672, 512, "JPEG", "x",
                         lambda amount: nullcontext())

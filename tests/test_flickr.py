@@ -106,10 +106,10 @@ def test_search_parameters_reach_flickr(flickr, recipe_file, harvest, tmp_path):
 
 
 def make_source(flickr, tmp_path, **options) -> FlickrSource:
-    from harvest.core.http import HttpClient
-    from harvest.core.plugin import Context
-    from harvest.core.recipe import RunSettings
-    from harvest.core.registry import load_registry
+    from harvest.core.contract.plugin import Context
+    from harvest.core.contract.recipe import RunSettings
+    from harvest.core.contract.registry import load_registry
+    from harvest.core.download.http import HttpClient
 
     declared = {o.name: o.default for o in FlickrSource.options}
     declared.update(api_key=SecretValue(flickr.api_key, "${K}"),

@@ -16,8 +16,8 @@ import pytest
 from conftest import REPO, read_jsonl
 from imagegen import make_image
 
+from harvest.core.download.fetch import refuse_private
 from harvest.core.errors import RecordError
-from harvest.core.fetch import refuse_private
 
 HARVEST = os.path.join(os.path.dirname(sys.executable), "harvest")
 
@@ -165,7 +165,7 @@ def test_the_connection_itself_refuses_a_private_peer(raw_server, harvest, recip
                                                       monkeypatch):
     """A name that resolves to a public address when checked and to loopback when
     connected (DNS rebinding) is caught on the socket, before any request is sent."""
-    import harvest.core.fetch as fetch
+    import harvest.core.download.fetch as fetch
 
     real = socket.getaddrinfo
 
@@ -372,7 +372,7 @@ run: {{allow_private_addresses: true, rate_per_host: 1000, concurrency: 16,
        decode_memory: 300MB, workers: {workers}}}
 sources: [{{use: urls, options: {{path: list.txt}}}}]
 """)
-    measure = ("import resource, sys\nfrom harvest.core.cli import main\n"
+    measure = ("import resource, sys\nfrom harvest.core.commands.cli import main\n"
                f"status = main(['run', {str(recipe)!r}, '--no-progress'])\n"
                "print('MAXRSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "
                "resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr)\n"

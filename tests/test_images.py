@@ -11,7 +11,7 @@ from conftest import read_jsonl
 from imagegen import make_image
 from PIL import Image
 
-from harvest.core.shaping import ImageSettings, target_size
+from harvest.core.download.shaping import ImageSettings, target_size
 
 
 @pytest.mark.parametrize("mode, size, expected", [

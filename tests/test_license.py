@@ -81,7 +81,7 @@ def test_unknown_preset_is_a_recipe_error(recipe_file, harvest, tmp_path):
 def test_families_match_any_version(license_id, allowed, tmp_path):
     import logging
 
-    from harvest.core.plugin import Context
+    from harvest.core.contract.plugin import Context
 
     enricher = LicenseEnricher({"allow": ["commercial"], "keep_unknown": False},
                                Context("t", tmp_path, tmp_path, [], None, logging.getLogger("t")))

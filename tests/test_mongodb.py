@@ -9,7 +9,7 @@ import time
 import bson
 from conftest import FakePhoto, flickr_recipe, monkey_photos, read_jsonl
 
-from harvest.core.crypto import ENCRYPTED, FieldCipher, Keyring
+from harvest.core.output.crypto import ENCRYPTED, FieldCipher, Keyring
 
 OWNER = "Ana Fotógrafa"
 
@@ -109,7 +109,7 @@ def test_server_down_until_the_next_run(flickr, mongo, recipe_file, harvest, tmp
 
 
 def test_rekey_in_mongodb(flickr, mongo, recipe_file, harvest, tmp_path, key_file):
-    from harvest.core.crypto import generate_key_file
+    from harvest.core.output.crypto import generate_key_file
 
     flickr.photos = monkey_photos(3)
     recipe = recipe_file(mongo_recipe(flickr, tmp_path / "out", mongo, key_file))

@@ -17,8 +17,8 @@ from fakes import QuietHandler, serve_in_thread
 from imagegen import make_image
 from test_resume import HARVEST, _alive
 
-from harvest.core.optouts import location_matches  # noqa
-from harvest.core.recipe import RUN_OPTIONS
+from harvest.core.contract.recipe import RUN_OPTIONS
+from harvest.core.download.optouts import location_matches  # noqa
 
 # What a recipe that leaves out its run: section gets.
 RUN_DEFAULTS = {option.name: option.type.convert(option.default) for option in RUN_OPTIONS}
@@ -184,7 +184,7 @@ def test_export_rechecks_opt_outs_with_the_user_agent_of_a_run(host, harvest, re
 def test_every_run_setting_defaults_to_its_option_default():
     from dataclasses import fields
 
-    from harvest.core.recipe import RunSettings
+    from harvest.core.contract.recipe import RunSettings
 
     declared = {f.name: f.default for f in fields(RunSettings) if f.name != "images"}
     assert declared == RUN_DEFAULTS

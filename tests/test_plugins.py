@@ -111,9 +111,9 @@ def test_non_editable_install_works(tmp_path, isolated_home):
                           env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert not (target / "harvest" / "__init__.py").exists()  # a namespace package
-    probe = ("import harvest.core.cli, harvest.plugins.sources.flickr, sys;"
-             "print(harvest.core.cli.__file__);"
-             "from harvest.core.registry import load_registry;"
+    probe = ("import harvest.core.commands.cli, harvest.plugins.sources.flickr, sys;"
+             "print(harvest.core.commands.cli.__file__);"
+             "from harvest.core.contract.registry import load_registry;"
              "print(load_registry().names('sources'))")
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                           env=dict(env, PYTHONPATH=str(target)), cwd=tmp_path)

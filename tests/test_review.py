@@ -304,7 +304,7 @@ def test_export_equals_the_page_after_any_sequence_of_actions(cleaned_harvest, t
     writes. The page starts from the recipe's keep_if, near-duplicates left out."""
     import random
 
-    from harvest.core.curation import set_aside_ids
+    from harvest.core.cleaning.curation import set_aside_ids
 
     server = review_server(cleaned_harvest)
     base, token = server.base, server.token

@@ -66,8 +66,8 @@ sources: [{{use: urls, options: {{path: list.txt}}}}]
 def _source(cls, tmp_path, **options):
     import logging
 
-    from harvest.core.http import HttpClient
-    from harvest.core.plugin import Context
+    from harvest.core.contract.plugin import Context
+    from harvest.core.download.http import HttpClient
 
     declared = {o.name: o.default for o in cls.options}
     declared.update(options)

@@ -1,0 +1,201 @@
+"""What a curated harvest keeps: the thresholds and manual decisions chosen in
+``harvest review``, read by the review page and by ``harvest export`` alike. A module of
+its own, below both, so that neither imports the other."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..options import Thresholds
+
+OPERATORS = (">=", ">", "<=", "<", "==")
+SCORING = Path(".harvest") / "scoring.json"
+
+
+def operator_of(rule: dict) -> str:
+    """A page rule's comparison: ``op``, or the older ``direction`` (above: >=, below: <)."""
+    op = rule.get("op")
+    if op in OPERATORS:
+        return op
+    return ">=" if rule.get("direction", "above") == "above" else "<"
+
+
+def passes(score: float, rule: dict) -> bool:
+    """A threshold rule from the page: keep when the score compares to its value."""
+    return Thresholds.holds((operator_of(rule), float(rule.get("value", 0))), score)
+
+
+def effective(thresholds: dict[str, dict]) -> dict[str, dict]:
+    """The rules that can drop something: enabled, and not "keep >= 0" (which keeps all)."""
+    return {key: rule for key, rule in thresholds.items()
+            if rule.get("enabled", True)
+            and not (operator_of(rule) == ">=" and float(rule.get("value", 0)) <= 0)}
+
+
+def score_of(record: dict, key: str) -> float | None:
+    """A score by its key: a term of the record's ``scores`` (``monkey``), or
+    ``field.name`` for an enricher's own scores field (``quality.blur``, ``safety.nsfw``)."""
+    group, dot, name = key.partition(".")
+    if dot and isinstance(record.get(group), dict):
+        value = record[group].get(name)
+    else:
+        value = (record.get("scores") or {}).get(key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value)
+
+
+def copy_reason(record: dict, aside: dict[str, str]) -> str | None:
+    """Why a record is left out as a copy of another picture (None: it is not one): a
+    byte-for-byte copy, a near duplicate, or a record set aside for a better copy. The
+    review page, ``harvest export`` and the training shards agree on this."""
+    if record.get("duplicate_of"):
+        return f"copy of {record['duplicate_of']}"
+    if record.get("near_duplicate_of"):
+        return f"near duplicate of {record['near_duplicate_of']}"
+    if record["id"] in aside:
+        return f"set aside: {aside[record['id']]}"
+    return None
+
+
+class Verdicts:
+    """The one rule the review page and ``harvest export`` share, for many records: a
+    manual decision wins; then a near-duplicate or set-aside copy is left out; then the
+    thresholds chosen on the page; with none chosen, the verdict the recipe's ``keep_if``
+    gave when the harvest ran. ``score(record, key)`` reads a score (``score_of`` unless
+    the caller has them at hand)."""
+
+    def __init__(self, thresholds: dict[str, dict], decisions: dict[str, str],
+                 aside: dict[str, str] | None = None, score=score_of):
+        self.decisions, self.aside, self.score = decisions, aside or {}, score
+        self.rules = [(key, float(rule.get("value", 0)), operator_of(rule))
+                      for key, rule in sorted(effective(thresholds).items())]
+        self.passing = "passes " + ", ".join(f"{key} {op} {value:.3g}"
+                                             for key, value, op in self.rules)
+
+    def __call__(self, record: dict) -> tuple[bool, bool, str]:
+        """(kept, manual, why)."""
+        decision = self.decisions.get(record["id"])
+        if decision in ("keep", "reject"):
+            return decision == "keep", True, ("kept by hand" if decision == "keep"
+                                              else "rejected by hand")
+        copy = copy_reason(record, self.aside)
+        if copy:
+            return False, False, copy
+        if not self.rules:
+            if record.get("keep") is False:
+                failures = "; ".join(map(str, record.get("keep_failures") or [])) or "failed"
+                return False, False, f"recipe keep_if: {failures}"
+            return True, False, "recipe keep_if" if record.get("keep") else "no threshold"
+        for key, value, op in self.rules:
+            score = self.score(record, key)
+            if score is None and "." not in key:
+                score = 0.0  # a term the scorer did not see in the picture
+            if score is None or not Thresholds.holds((op, value), score):
+                shown = "none" if score is None else f"{score:.3g}"
+                return False, False, f"{key} {shown} fails {op} {value:.3g}"
+        return True, False, self.passing
+
+
+def verdict(record: dict, thresholds: dict[str, dict], decisions: dict[str, str],
+            aside: dict[str, str] | None = None) -> tuple[bool, bool, str]:
+    """(kept, manual, why) of one record: see :class:`Verdicts`."""
+    return Verdicts(thresholds, decisions, aside)(record)
+
+
+def recipe_thresholds(output: Path) -> dict[str, dict]:
+    """The recipe's ``keep_if`` rules as page rules, from ``.harvest/scoring.json``
+    (written at each run), so the review page starts where the recipe left the harvest."""
+    path = output / SCORING
+    try:
+        rules = json.loads(path.read_text(encoding="utf-8")).get("keep_if") or {}
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return {key: {"op": op, "value": value, "enabled": True}
+            for key, (op, value) in rules.items() if op in OPERATORS}
+
+
+def score_fields(output: Path) -> list[str]:
+    """The record fields holding an enricher's own scores (besides ``scores``)."""
+    try:
+        fields = json.loads((output / SCORING).read_text(encoding="utf-8")).get("fields") or []
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [field for field in fields if isinstance(field, str) and field != "scores"]
+
+
+def write_scoring(output: Path, enrichers) -> None:
+    """What the recipe's scorers score and keep: ``fields`` (their scores fields) and
+    ``keep_if`` (by score key, as :func:`score_of` reads it). ``enrichers``: (plugin class,
+    options) pairs."""
+    fields, keep_if = [], {}
+    for cls, options in enrichers:
+        field = getattr(cls, "scores_field", None)
+        if not field:
+            continue
+        fields.append(field)
+        for key, (op, value) in ((options or {}).get("keep_if") or {}).items():
+            keep_if[key if field == "scores" else f"{field}.{key}"] = [op, value]
+    path = output / SCORING
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_suffix(".tmp")
+    temp.write_text(json.dumps({"fields": fields, "keep_if": keep_if}, indent=2,
+                               sort_keys=True), encoding="utf-8")
+    temp.replace(path)
+
+
+def load_saved_review(output: Path) -> tuple[dict, dict] | None:
+    """The thresholds and decisions of the review page, exactly as the page has them now
+    (``.harvest/review.sqlite``, written at every change), for ``harvest export``."""
+    import sqlite3
+
+    path = output / ".harvest" / "review.sqlite"
+    if path.is_file():
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            decisions = dict(db.execute("SELECT id, decision FROM decisions"))
+            thresholds = {term: json.loads(rule) for term, rule in
+                          db.execute("SELECT term, rule FROM thresholds")}
+        except sqlite3.Error:
+            return None
+        finally:
+            db.close()
+        return thresholds, decisions
+    legacy = output / ".harvest" / "review.json"  # saved by an older harvest
+    if not legacy.is_file():
+        return None
+    saved = json.loads(legacy.read_text(encoding="utf-8"))
+    return saved.get("thresholds", {}), saved.get("decisions", {})
+
+
+# -- records set aside after they were stored --------------------------------------------
+# A plugin that learns later that a stored record should not be in the dataset (a better
+# copy of the same picture arrived) cannot take it back from append-only sinks; it lists
+# it here, and `harvest export` and the review page leave it out.
+
+SET_ASIDE = Path(".harvest") / "set-aside.jsonl"
+
+
+def set_aside(output: Path, record_id: str, reason: str, by: str) -> None:
+    path = output / SET_ASIDE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", encoding="utf-8") as handle:
+        handle.write(json.dumps({"id": record_id, "reason": reason, "by": by},
+                                ensure_ascii=False) + "\n")
+
+
+def set_aside_ids(output: Path) -> dict[str, str]:
+    """Record id -> why it was set aside."""
+    path = output / SET_ASIDE
+    if not path.is_file():
+        return {}
+    found = {}
+    with path.open(encoding="utf-8") as handle:
+        for line in handle:
+            try:
+                entry = json.loads(line)
+                found[entry["id"]] = entry.get("reason", "")
+            except (ValueError, KeyError, TypeError):
+                continue  # a line cut off by a crash
+    return found
