@@ -274,11 +274,26 @@ def _carry_out_removals(output: Path, sinks, unreached: list[str], carried: _Car
         state.close()
 
 
+def _decide_then_remove(output: Path, sinks, unreached, carried, entry: dict, ids, sha256s,
+                        reason: str, **how) -> None:
+    """Writes the decision (tombstones, statuses, the pending removal) durably, then
+    carries it out: killed in between, the next takedown or purge finishes it."""
+    from ..output.state import RunState
+    from ..output.takedown import crash_point
+
+    state = RunState(output / ".harvest" / "state.sqlite")
+    try:
+        state.take_down(ids, sha256s, reason, intent=entry["intent"], audit=entry, **how)
+    finally:
+        state.close()
+    crash_point("decided")
+    _carry_out_removals(output, sinks, unreached, carried)
+
+
 def _cmd_takedown(args) -> int:
     from ..output.crypto import FieldCipher
     from ..output.lock import OutputLock
-    from ..output.state import RunState
-    from ..output.takedown import audit_entry, crash_point, select
+    from ..output.takedown import audit_entry, select
 
     output, sinks, _, unreached = _open_sinks(args.target)
     carried = _Carried()
@@ -305,14 +320,9 @@ def _cmd_takedown(args) -> int:
                                 **{k: v for k, v in (("url", args.url),
                                                      ("source_id", args.source_id),
                                                      ("owner", args.owner)) if v})
-            state = RunState(output / ".harvest" / "state.sqlite")
-            try:
-                state.take_down(chosen.ids, chosen.sha256s, args.reason or "takedown request",
-                                intent=entry["intent"], audit=entry, paths=chosen.paths)
-            finally:
-                state.close()
-            crash_point("decided")
-            _carry_out_removals(output, sinks, unreached, carried)
+            _decide_then_remove(output, sinks, unreached, carried, entry, chosen.ids,
+                                chosen.sha256s, args.reason or "takedown request",
+                                paths=chosen.paths)
     finally:
         _close_sinks(sinks)
     status = carried.report("taken down")
@@ -324,8 +334,7 @@ def _cmd_takedown(args) -> int:
 def _cmd_purge(args) -> int:
     from ..output.lock import OutputLock
     from ..output.records import read_records
-    from ..output.state import RunState
-    from ..output.takedown import Selection, audit_entry, crash_point, parse_age
+    from ..output.takedown import Selection, audit_entry, parse_age
 
     output, sinks, recipe, unreached = _open_sinks(args.target)
     carried = _Carried()
@@ -357,16 +366,12 @@ def _cmd_purge(args) -> int:
                 reason = (f"older than {args.older_than}" if args.older_than
                           else f"older than {recipe.retain_days} days")
                 entry = audit_entry("purge", chosen, reason, keep_metadata=args.keep_metadata)
-                state = RunState(output / ".harvest" / "state.sqlite")
-                try:  # final, so that a re-run does not collect them again unasked
-                    state.take_down(set() if args.keep_metadata else chosen.ids, set(),
+                # Final ("purged"), so that a re-run does not collect them again unasked.
+                _decide_then_remove(output, sinks, unreached, carried, entry,
+                                    set() if args.keep_metadata else chosen.ids, set(),
                                     "purged: past retention", status="purged",
-                                    intent=entry["intent"], audit=entry, paths=chosen.paths,
+                                    paths=chosen.paths,
                                     records=bool(chosen.ids) and not args.keep_metadata)
-                finally:
-                    state.close()
-                crash_point("decided")
-                _carry_out_removals(output, sinks, unreached, carried)
     finally:
         _close_sinks(sinks)
     return carried.report("purged", with_records=not args.keep_metadata)
