@@ -32,7 +32,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import DiskFull, RecordError, one_line
-from .fetch import Fetched, Fetcher
+from .fetch import Fetcher
 
 RESULT_BATCH_SECONDS = 0.005
 WORKER_CHECK_SECONDS = 0.5
@@ -109,9 +109,7 @@ class ProcessFetchPool:
                 if future is None:
                     continue
                 if outcome == "ok":
-                    path, size, sha256, width, height, image_format, original, faces = payload
-                    future.set_result(Fetched(Path(path), size, sha256, width, height,
-                                              image_format, original, faces))
+                    future.set_result(payload)
                 elif outcome == "rejected":
                     reason, permanent, dropped = payload
                     future.set_exception(RecordError(reason, permanent=permanent,
@@ -265,9 +263,7 @@ def _worker(settings, temp_dir: str, share: int, threads: int, jobs, results,
             except Exception as exc:  # a bug must fail its record, not the worker
                 send((job_id, "bug", one_line(exc)))
             else:
-                send((job_id, "ok", (str(fetched.temp_path), fetched.bytes, fetched.sha256,
-                                     fetched.width, fetched.height, fetched.format,
-                                     fetched.original, fetched.faces)))
+                send((job_id, "ok", fetched))  # the dataclass whole: it pickles as it is
 
     threading.Thread(target=flusher, daemon=True).start()
     pool = [threading.Thread(target=work, daemon=True) for _ in range(threads)]
