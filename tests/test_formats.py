@@ -252,7 +252,6 @@ def test_a_full_disk_stops_shard_sinks_in_one_line_and_resume_stores_each_record
     import random
     import subprocess
 
-    import pyarrow.parquet as pq
     from conftest import FakePhoto
     from PIL import Image
 
@@ -278,7 +277,13 @@ def test_a_full_disk_stops_shard_sinks_in_one_line_and_resume_stores_each_record
         subprocess.run(["mount", "-o", "remount,size=40M", str(small_disk)], check=True)
         status, out, err = harvest("run", recipe, "--no-progress")
     assert status == 0, out + err
-    expected = {f"flickr:{photo.id}" for photo in photos}
+    assert_each_once_in_every_sink(output, {f"flickr:{photo.id}" for photo in photos})
+
+
+def assert_each_once_in_every_sink(output, expected: set[str]) -> None:
+    """Every expected id once, and nothing else, in the JSONL, the tars and the Parquet."""
+    import pyarrow.parquet as pq
+
     for ids in ([r["id"] for r in read_jsonl(output / "records.jsonl")],
                 [json.loads(s["json"])["id"] for s in tar_samples(output / "webdataset")],
                 pq.read_table(output / "parquet", columns=["id"]).column("id").to_pylist()):

@@ -8,7 +8,6 @@ import os
 import shutil
 import tarfile
 import time
-from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -143,17 +142,11 @@ def _run_while(harvest, recipe, action):
 
 def _check_completed_once(harvest, recipe, output, photos) -> None:
     """The next run completes the harvest: every record once in every sink."""
-    import pyarrow.parquet as pq
-    from test_formats import tar_samples
+    from test_formats import assert_each_once_in_every_sink
 
     status, out, err = harvest("run", recipe, "--no-progress")
     assert status == 0, out + err
-    expected = {f"flickr:{photo.id}" for photo in photos}
-    for ids in ([r["id"] for r in read_jsonl(output / "records.jsonl")],
-                [json.loads(s["json"])["id"] for s in tar_samples(output / "webdataset")],
-                pq.read_table(output / "parquet", columns=["id"]).column("id").to_pylist()):
-        counts = Counter(ids)
-        assert set(counts) == expected and max(counts.values()) == 1, counts.most_common(3)
+    assert_each_once_in_every_sink(output, {f"flickr:{photo.id}" for photo in photos})
 
 
 def _wait_for(condition, timeout: float = 20.0) -> bool:
