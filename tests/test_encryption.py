@@ -10,7 +10,7 @@ import pytest
 from conftest import FakePhoto, flickr_recipe, monkey_photos, read_jsonl
 from imagegen import make_image
 
-from harvest.core.output.crypto import ENCRYPTED, Keyring, generate_key_file
+from harvest.core.output.crypto import ENCRYPTED, FieldCipher, Keyring, generate_key_file
 
 OWNER = "Zoë Fotógrafa 猿"
 
@@ -308,6 +308,47 @@ sinks:
     assert pq.read_table(output / "parquet").num_rows == 4
     status, out, _ = harvest("rekey", recipe, "--new-key-file", new_key)
     assert status == 0 and "parquet: 0 record(s) re-encrypted" in out
+
+
+def test_a_rekey_killed_between_sinks_is_finished_by_the_next(flickr, recipe_file, harvest,
+                                                              tmp_path, key_file):
+    """kill -9 after each sink of a rekey: the output is under two keys for a moment, and
+    the next rekey finishes it (documents already under the new key are skipped), with
+    every record still there and readable with the new key alone."""
+    from test_takedown import killed_at, shard_documents
+
+    flickr.photos = photos()
+    output = tmp_path / "out"
+    protect = f"personal_fields: encrypt, key_file: {key_file}"
+    recipe = recipe_file(flickr_recipe(flickr.endpoint, output) + f"""
+sinks:
+  - {{use: jsonl, options: {{{protect}}}}}
+  - {{use: webdataset, options: {{shard_size: 3, {protect}}}}}
+  - {{use: parquet, options: {{shard_size: 3, {protect}}}}}
+""")
+    assert harvest("run", recipe, "--no-progress")[0] == 0
+    old_id = Keyring.load(key_file, None).current_id
+    for step, done in (("rekeyed:jsonl", 1), ("rekeyed:webdataset", 2)):
+        new_key = tmp_path / f"new-{done}.key"
+        generate_key_file(new_key)
+        new_id = Keyring.load(new_key, None).current_id
+        killed_at(step, "rekey", recipe, "--new-key-file", new_key)
+        documents = {"jsonl": read_jsonl(output / "records.jsonl"), **shard_documents(output)}
+        for position, label in enumerate(("jsonl", "webdataset", "parquet")):
+            assert {d[ENCRYPTED]["key_id"] for d in documents[label]} == \
+                ({new_id} if position < done else {old_id}), (step, label)
+        status, out, err = harvest("rekey", recipe, "--new-key-file", new_key)
+        assert status == 0, err
+        assert "jsonl: 0 record(s) re-encrypted" in out and "parquet: 4 record(s)" in out
+        documents = {"jsonl": read_jsonl(output / "records.jsonl"), **shard_documents(output)}
+        reader = FieldCipher(Keyring.load(new_key, None))
+        for label, stored in documents.items():
+            assert len(stored) == 4, (step, label)
+            assert {d[ENCRYPTED]["key_id"] for d in stored} == {new_id}, (step, label)
+            assert all(ENCRYPTED not in reader.decrypt(d) for d in stored), (step, label)
+        # The next round rotates from this key: the recipe points at it now.
+        recipe.write_text(recipe.read_text().replace(str(key_file), str(new_key)))
+        key_file, old_id = new_key, new_id
 
 
 def test_rekey_touches_no_sink_when_one_cannot_re_encrypt(flickr, recipe_file, harvest,

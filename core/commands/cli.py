@@ -382,6 +382,7 @@ def _cmd_rekey(args) -> int:
     from ..output.crypto import Keyring
     from ..output.lock import OutputLock
     from ..output.records import rotation
+    from ..output.takedown import crash_point
     from ..pipeline.engine import Engine
 
     if not (args.new_key_file or args.new_key_env):
@@ -408,7 +409,8 @@ def _cmd_rekey(args) -> int:
             finally:
                 sink.close()
             print(f"{spec.label}: {changed} record(s) re-encrypted under key id "
-                  f"{new.current_id}")
+                  f"{new.current_id}", flush=True)
+            crash_point(f"rekeyed:{spec.label}")
     print("now point the recipe's key_file/key_env at the new key")
     return 0
 

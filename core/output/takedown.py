@@ -139,8 +139,8 @@ def write_audit(output: Path, entry: dict) -> None:
 
 
 def crash_point(step: str) -> None:
-    """Where the crash tests kill a takedown or purge (``HARVEST_TEST_KILL_AT=<step>``), as
-    kill -9 would, to check that running it again finishes the job."""
+    """Where the crash tests kill a takedown, purge or rekey (``HARVEST_TEST_KILL_AT=<step>``),
+    as kill -9 would, to check that running it again finishes the job."""
     if os.environ.get("HARVEST_TEST_KILL_AT") == step:
         os.kill(os.getpid(), signal.SIGKILL)
 
