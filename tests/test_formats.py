@@ -196,6 +196,31 @@ def test_every_export_format_has_the_card(flickr, recipe_file, harvest, tmp_path
         assert croissant["distribution"][0]["contentUrl"] == "manifest.csv"
 
 
+def test_an_export_killed_midway_leaves_no_dataset_and_the_next_one_completes(
+        flickr, recipe_file, harvest, tmp_path):
+    """kill -9 after the first image: no folder that looks like a dataset is left at the
+    destination, and the next export builds it whole, equal to an export never stopped."""
+    from test_takedown import killed_at
+
+    flickr.photos = monkey_photos(4)
+    output = tmp_path / "out"
+    assert harvest("run", recipe_file(flickr_recipe(flickr.endpoint, output)),
+                   "--no-progress")[0] == 0
+    for fmt in ("imagefolder", "manifest"):
+        destination = tmp_path / f"dataset-{fmt}"
+        killed_at("exported-one", "export", output, destination, "--format", fmt)
+        assert not destination.exists(), fmt
+        status, out, err = harvest("export", output, destination, "--format", fmt)
+        assert status == 0 and "4 images in 1 class exported" in out, (out, err)
+        assert [p.name for p in tmp_path.iterdir() if "partial" in p.name] == []
+        whole = tmp_path / f"whole-{fmt}"
+        assert harvest("export", output, whole, "--format", fmt)[0] == 0
+        assert (destination / "manifest.jsonl").read_bytes() == \
+            (whole / "manifest.jsonl").read_bytes()
+        assert sorted(str(p.relative_to(destination)) for p in destination.rglob("*")) == \
+            sorted(str(p.relative_to(whole)) for p in whole.rglob("*"))
+
+
 def crafted_records(output, outside) -> list[str]:
     """Appends to ``output``'s records.jsonl three records whose file is ``outside`` (a
     file of the user's beyond the harvest): by absolute path, by ``../..`` and through

@@ -17,6 +17,7 @@ from ..output.card import Tally, write_card
 from ..output.crypto import FieldCipher, Keyring
 from ..output.records import read_records
 from ..output.storage import safe_component, stored_file
+from ..output.takedown import crash_point
 
 log = logging.getLogger("harvest.export")
 
@@ -26,7 +27,28 @@ MANIFEST_COLUMNS = ("path", "class", "id", "source", "term", "lang", "sha256", "
                     "license", "attribution", "country", "city", "scores")
 
 
-def export_dataset(output: Path, destination: Path, *, fmt: str = "imagefolder",
+def export_dataset(output: Path, destination: Path, **how) -> dict[str, int]:
+    """A dataset from a harvest (see ``_write_dataset``), built beside ``destination`` and
+    renamed to it once complete: an export killed midway leaves no folder that looks like
+    a dataset, and the next export starts again from nothing."""
+    if destination.exists() and any(destination.iterdir()):
+        raise UsageError(f"{destination}: exists and is not empty")
+    partial = destination.parent / f".{destination.name}.harvest-export-partial"
+    if partial.is_dir() and not partial.is_symlink():
+        shutil.rmtree(partial)  # what an interrupted export of this destination left
+    partial.mkdir(parents=True)
+    try:
+        counts = _write_dataset(output, partial, **how)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    if destination.exists():
+        destination.rmdir()  # empty, checked above
+    os.rename(partial, destination)
+    return counts
+
+
+def _write_dataset(output: Path, destination: Path, *, fmt: str = "imagefolder",
                    records_path: Path | None = None, by: str = "term",
                    keyring: Keyring | None = None, only_kept: bool = True,
                    copy: bool = False, recheck=None) -> dict[str, int]:
@@ -50,9 +72,6 @@ def export_dataset(output: Path, destination: Path, *, fmt: str = "imagefolder",
     if by != "term" and not any(by in record for record in read_records(records_path)):
         raise UsageError(f"--by {by}: no record has this field (try term, source, license, "
                          f"country, country_code, city)")
-    if destination.exists() and any(destination.iterdir()):
-        raise UsageError(f"{destination}: exists and is not empty")
-    destination.mkdir(parents=True, exist_ok=True)
     saved = load_saved_review(output)  # what the user chose in `harvest review`
     aside = set_aside_ids(output) if only_kept else {}
     judge = Verdicts(*(saved or ({}, {})), aside)
@@ -130,6 +149,7 @@ def export_dataset(output: Path, destination: Path, *, fmt: str = "imagefolder",
                     "sha256": sha}, ensure_ascii=False) + "\n")
             counts[folder] = counts.get(folder, 0) + 1
             tally.add(record, folder)
+            crash_point("exported-one")
     opted_out = counts.pop("\0opted out", 0)
     if opted_out:
         log.warning("%d image(s) left out: their hosts opted out since the harvest", opted_out)
