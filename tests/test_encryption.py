@@ -280,12 +280,10 @@ def test_rekey_beside_a_running_harvest_loses_no_record(flickr, recipe_file, har
     assert sorted(ids) == sorted({"flickr:" + p.id for p in flickr.photos})
 
 
-def test_rekey_re_encrypts_the_shard_sinks_too(flickr, recipe_file, harvest, tmp_path, key_file):
-    import pyarrow.parquet as pq
-    from test_takedown import shard_documents
-
+def harvested_into_every_sink(flickr, recipe_file, harvest, output, key_file):
+    """A harvest of four photos into JSONL, WebDataset and Parquet, all encrypting with
+    ``key_file``; returns its recipe."""
     flickr.photos = photos()
-    output = tmp_path / "out"
     protect = f"personal_fields: encrypt, key_file: {key_file}"
     recipe = recipe_file(flickr_recipe(flickr.endpoint, output) + f"""
 sinks:
@@ -294,6 +292,15 @@ sinks:
   - {{use: parquet, options: {{shard_size: 3, {protect}}}}}
 """)
     assert harvest("run", recipe, "--no-progress")[0] == 0
+    return recipe
+
+
+def test_rekey_re_encrypts_the_shard_sinks_too(flickr, recipe_file, harvest, tmp_path, key_file):
+    import pyarrow.parquet as pq
+    from test_takedown import shard_documents
+
+    output = tmp_path / "out"
+    recipe = harvested_into_every_sink(flickr, recipe_file, harvest, output, key_file)
     new_key = tmp_path / "new.key"
     generate_key_file(new_key)
     status, out, err = harvest("rekey", recipe, "--new-key-file", new_key)
@@ -317,16 +324,8 @@ def test_a_rekey_killed_between_sinks_is_finished_by_the_next(flickr, recipe_fil
     every record still there and readable with the new key alone."""
     from test_takedown import killed_at, shard_documents
 
-    flickr.photos = photos()
     output = tmp_path / "out"
-    protect = f"personal_fields: encrypt, key_file: {key_file}"
-    recipe = recipe_file(flickr_recipe(flickr.endpoint, output) + f"""
-sinks:
-  - {{use: jsonl, options: {{{protect}}}}}
-  - {{use: webdataset, options: {{shard_size: 3, {protect}}}}}
-  - {{use: parquet, options: {{shard_size: 3, {protect}}}}}
-""")
-    assert harvest("run", recipe, "--no-progress")[0] == 0
+    recipe = harvested_into_every_sink(flickr, recipe_file, harvest, output, key_file)
     old_id = Keyring.load(key_file, None).current_id
     for step, done in (("rekeyed:jsonl", 1), ("rekeyed:webdataset", 2)):
         new_key = tmp_path / f"new-{done}.key"
