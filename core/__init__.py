@@ -18,7 +18,7 @@ _HOME = {
                 "Thresholds"],
     "contract.plugin": ["Context", "Enricher", "Refusal", "Sink", "Source", "hookimpl"],
     "record": ["FileInfo", "Query", "Record", "Term", "json_default", "license_family"],
-    "contract.scoring": ["LabelScorer", "ScoringError"],
+    "contract.scoring": ["LabelScorer", "ScoringError", "apply_keep_if"],
     "contract.sharded": ["ShardedSink", "shard_options", "strip_exif"],
     "output.storage": ["inside", "inside_check"],
 }

@@ -79,13 +79,17 @@ RECORD_FIELDS: tuple[RecordField, ...] = (
                 "review (camera)", personal=True),
     # Cleaning: what enrichers decide; review and export follow it.
     RecordField("keep", "bool", "false when an enricher's `keep_if` failed; enrichers only "
-                "ever turn it to false", "vision, quality, safety", "review, export"),
+                "ever turn it to false", "vision, quality, safety, relevance", "review, export"),
     RecordField("scores", "object", "a score per term (0..1) from a label scorer",
                 "vision", "review, export, keep_if"),
     RecordField("labels", "object", "label -> confidence", "vision", "review"),
     RecordField("quality", "object", "pixel quality scores (blur, exposure, ...)", "quality",
                 "review, keep_if"),
     RecordField("safety", "object", "nsfw and face scores", "safety", "review, keep_if"),
+    RecordField("imagenet", "object", "the ImageNet classes EfficientNet-Lite0 sees, with "
+                "their probabilities (the top 5)", "embed", "review"),
+    RecordField("relevance", "object", "offline relevance scores, 0..1: `imagenet.<term>` "
+                "and `typicality.<term>`", "relevance", "review, keep_if"),
     RecordField("near_duplicate_of", "str", "id of the kept picture this one nearly copies "
                 "(not a training sample)", "near_duplicates",
                 "review, export, takedown --near-duplicates, shard sinks"),

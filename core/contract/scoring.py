@@ -22,6 +22,24 @@ from ..record import Record
 from .plugin import Enricher
 
 
+def apply_keep_if(record: Record, scores: dict[str, float], thresholds, action: str,
+                  why: str) -> None:
+    """A scorer's verdict on one record: ``keep`` (one for the record: a failure of any
+    scorer stays, whichever runs last), the failures, and the drop when ``action`` says so.
+    ``thresholds``: a ``Thresholds`` option's value; scores it names that are missing are
+    not judged."""
+    if not thresholds:
+        return
+    failing = [f"{name} {scores[name]:.2f} fails {op}{bound:g}"
+               for name, (op, bound) in thresholds.items()
+               if name in scores and not Thresholds.holds((op, bound), scores[name])]
+    record.fields["keep"] = record.fields.get("keep", True) is not False and not failing
+    if failing:
+        record.fields["keep_failures"] = [*record.fields.get("keep_failures", []), *failing]
+        if action == "drop":
+            record.drop(f"{why}: " + "; ".join(failing))
+
+
 class ScoringError(Exception):
     """Some images of a batch could not be scored; the engine retries them one by one."""
 
@@ -139,17 +157,4 @@ class LabelScorer(Enricher):
             record.fields["scores"] = scores
             record.fields["score_source"] = self.score_source
             record.fields["labels"] = dict(sorted(labels.items(), key=lambda kv: -kv[1])[:10])
-        thresholds = self.config["keep_if"]
-        if not thresholds:
-            return
-        failing = [f"{term} {scores[term]:.2f} fails {op}{bound:g}"
-                   for term, (op, bound) in thresholds.items()
-                   if not Thresholds.holds((op, bound), scores[term])]
-        # One verdict for the record: a failure of any scorer stays, whichever runs last.
-        record.fields["keep"] = record.fields.get("keep", True) is not False and not failing
-        if failing:
-            record.fields["keep_failures"] = [*record.fields.get("keep_failures", []),
-                                              *failing]
-            if self.config["action"] == "drop":
-                record.drop("score: " + "; ".join(failing))
-
+        apply_keep_if(record, scores, self.config["keep_if"], self.config["action"], "score")

