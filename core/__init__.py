@@ -21,6 +21,7 @@ _HOME = {
     "contract.scoring": ["LabelScorer", "ScoringError", "apply_keep_if"],
     "contract.sharded": ["ShardedSink", "shard_options", "strip_exif"],
     "output.storage": ["inside", "inside_check"],
+    "output.embeddings": ["EmbeddingStore"],
 }
 _MODULE_OF = {name: module for module, names in _HOME.items() for name in names}
 

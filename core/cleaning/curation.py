@@ -5,6 +5,7 @@ its own, below both, so that neither imports the other."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from ..options import Thresholds
@@ -117,12 +118,62 @@ def recipe_thresholds(output: Path) -> dict[str, dict]:
 
 
 def score_fields(output: Path) -> list[str]:
-    """The record fields holding an enricher's own scores (besides ``scores``)."""
+    """The record fields holding an enricher's own scores (besides ``scores``), then those
+    of the output's score overlays (``learned``)."""
     try:
         fields = json.loads((output / SCORING).read_text(encoding="utf-8")).get("fields") or []
     except (OSError, ValueError, AttributeError):
-        return []
-    return [field for field in fields if isinstance(field, str) and field != "scores"]
+        fields = []
+    fields = [field for field in fields if isinstance(field, str) and field != "scores"]
+    return fields + [field for field in overlay_fields(output) if field not in fields]
+
+
+# -- score overlays -----------------------------------------------------------------------
+# Scores computed after the records were stored (``harvest train``'s ``learned``) are not
+# written into the sinks, which are append-only: each is a file of its own, record id ->
+# {name: score}, laid over the records by the review page and ``harvest export`` alike.
+
+OVERLAYS = Path(".harvest") / "scores"
+
+
+def overlay_fields(output: Path) -> list[str]:
+    folder = output / OVERLAYS
+    return sorted(path.stem for path in folder.glob("*.json")) if folder.is_dir() else []
+
+
+def write_overlay(output: Path, field: str, scores: dict[str, dict[str, float]]) -> Path:
+    """Replaces the overlay ``field`` (whole, atomically: a reader sees the old or the new)."""
+    path = output / OVERLAYS / f"{field}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_suffix(".tmp")
+    with temp.open("w", encoding="utf-8") as handle:
+        json.dump(scores, handle, sort_keys=True)
+        handle.flush()
+        os.fsync(handle.fileno())
+    temp.replace(path)
+    return path
+
+
+def read_overlays(output: Path) -> dict[str, dict[str, dict]]:
+    """field -> record id -> scores. An unreadable overlay is left out."""
+    overlays = {}
+    for field in overlay_fields(output):
+        try:
+            data = json.loads((output / OVERLAYS / f"{field}.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(data, dict):
+            overlays[field] = {key: value for key, value in data.items()
+                               if isinstance(value, dict)}
+    return overlays
+
+
+def lay_over(record: dict, overlays: dict[str, dict[str, dict]]) -> dict:
+    """The record with its overlay scores as fields (``record["learned"]``)."""
+    for field, by_id in overlays.items():
+        if record.get("id") in by_id:
+            record[field] = by_id[record["id"]]
+    return record
 
 
 def write_scoring(output: Path, enrichers) -> None:

@@ -65,6 +65,16 @@ def _parser() -> argparse.ArgumentParser:
     credits.add_argument("--records", type=Path, help="records file (default OUTPUT/records.jsonl)")
     credits.set_defaults(handler=_cmd_credits)
 
+    train = commands.add_parser("train", help="learn a classifier per term from your review "
+                                "marks and the embeddings; writes learned.<term> scores")
+    train.add_argument("output", type=Path, help="the harvest's output folder")
+    train.add_argument("--mark-weight", type=float, default=10.0, metavar="W",
+                       help="how much more a review mark weighs than a term's weak label "
+                            "(default 10)")
+    train.add_argument("--folds", type=int, default=5, metavar="K",
+                       help="cross-validation folds over the marks (default 5)")
+    train.set_defaults(handler=_cmd_train)
+
     keygen = commands.add_parser("keygen", help="make a Fernet key file (mode 0600)")
     keygen.add_argument("--key-file", type=Path, default=DEFAULT_KEY_FILE,
                         help="where to write the key (default ~/.config/harvest/harvest.key)")
@@ -582,6 +592,20 @@ def _cmd_credits(args) -> int:
 
     markdown, table, count = write_credits(args.output, args.records)
     print(f"{count} credits written to {markdown} and {table}")
+    return 0
+
+
+def _cmd_train(args) -> int:
+    from .train import train
+
+    if args.mark_weight <= 0 or args.folds < 2:
+        raise UsageError("--mark-weight must be above 0 and --folds at least 2")
+    report = train(args.output, mark_weight=args.mark_weight, folds=args.folds)
+    print(report.table())
+    print(f"learned scores for {_count(report.scored, 'picture')} written to "
+          f"{args.output / '.harvest' / 'scores' / 'learned.json'}"
+          + (f"; {report.without_embedding} without an embedding" if report.without_embedding
+             else ""))
     return 0
 
 

@@ -11,7 +11,7 @@ import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
-from ..cleaning.curation import Verdicts, load_saved_review, set_aside_ids
+from ..cleaning.curation import Verdicts, lay_over, load_saved_review, read_overlays, set_aside_ids
 from ..errors import UsageError
 from ..output.card import Tally, write_card
 from ..output.crypto import FieldCipher, Keyring
@@ -75,6 +75,7 @@ def _write_dataset(output: Path, destination: Path, *, fmt: str = "imagefolder",
     saved = load_saved_review(output)  # what the user chose in `harvest review`
     aside = set_aside_ids(output) if only_kept else {}
     judge = Verdicts(*(saved or ({}, {})), aside)
+    overlays = read_overlays(output)
     counts: dict[str, int] = {}
     seen: set[str] = set()
     root = output.resolve()
@@ -87,6 +88,7 @@ def _write_dataset(output: Path, destination: Path, *, fmt: str = "imagefolder",
         writer = csv.DictWriter(table, MANIFEST_COLUMNS, lineterminator="\n")
         writer.writeheader()
         for record in read_records(records_path):
+            record = lay_over(record, overlays)  # learned scores, for the page's thresholds
             file_info = record.get("file") or {}
             sha = file_info.get("sha256")
             if not sha or sha in seen or record.get("duplicate_of"):

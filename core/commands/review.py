@@ -31,8 +31,10 @@ from ..cleaning.curation import (
     OPERATORS,
     Verdicts,
     effective,
+    lay_over,
     operator_of,
     passes,
+    read_overlays,
     recipe_thresholds,
     score_fields,
     score_of,
@@ -52,6 +54,7 @@ SHOWS = ("all", "kept", "dropped", "manual", "near-duplicates")
 MAX_BODY = 1024 * 1024  # the page's largest request (every threshold, filter, sort) is < 10 kB
 SHA256 = re.compile(r"[0-9a-f]{64}")
 STATIC = Path(__file__).parent / "static"
+TRAINING_REPORT = Path(".harvest") / "train-report.json"
 
 
 class Review:
@@ -102,6 +105,16 @@ class Review:
             self.by_id[record["id"]] = record
             self.by_sha[file_info["sha256"]] = image
         self.terms = sorted({term for r in self.records for term in (r.get("scores") or {})})
+        self.lay_overlays()
+
+    def lay_overlays(self) -> None:
+        """Lays the output's score overlays (``harvest train``'s ``learned``) over the
+        records, and makes the sliders again: called at load and after training."""
+        overlays = read_overlays(self.output)
+        for record in self.records:
+            for field in overlays:
+                record.pop(field, None)
+            lay_over(record, overlays)
         self.score_fields = score_fields(self.output)
         self.keys = self._score_keys()
         self.aside = set_aside_ids(self.output)
@@ -210,7 +223,29 @@ class Review:
                 self.store_thresholds(thresholds)
         return {"terms": self.terms, "keys": self.keys, "facets": facets,
                 "total": len(self.records), "thresholds": thresholds, "bins": BINS,
-                "missing": self.missing, "groups": len(self.groups)}
+                "missing": self.missing, "groups": len(self.groups),
+                "training": self.last_training()}
+
+    def train(self) -> dict[str, Any]:
+        """``harvest train`` from the page: learns from the marks made so far, lays the
+        new ``learned`` scores over the records and keeps the report for the page."""
+        from .train import train
+
+        with self.lock:
+            report = train(self.output).to_dict()
+            report["at"] = time.time()
+            path = self.output / TRAINING_REPORT
+            temp = path.with_suffix(".tmp")
+            temp.write_text(json.dumps(report, indent=2), encoding="utf-8")
+            temp.replace(path)
+            self.lay_overlays()
+        return report
+
+    def last_training(self) -> dict[str, Any] | None:
+        try:
+            return json.loads((self.output / TRAINING_REPORT).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
 
     def store_thresholds(self, thresholds: dict[str, dict]) -> None:
         """Every change applies at once: what the page shows is what export writes."""
@@ -266,9 +301,13 @@ class Review:
         cut = None
         if key.startswith("margin:"):
             key = key[len("margin:"):]
-            if key not in thresholds:
-                return items
-            cut = float(thresholds[key].get("value", 0))
+            if key in thresholds:
+                cut = float(thresholds[key].get("value", 0))
+            else:  # no cut yet: the middle of the score's range (0.5 for a learned score)
+                info = next((k for k in self.keys if k["key"] == key), None)
+                if info is None:
+                    return items
+                cut = (info["min"] + info["max"]) / 2
         measured = [(item, item[0]["_scores"].get(key)) for item in items]
         present = [(item, value if cut is None else abs(value - cut))
                    for item, value in measured if value is not None]
@@ -554,6 +593,14 @@ def create_app(review: Review, token: str, port: int, allow_remote: bool = False
         except KeyError:
             return jsonify({"error": "no such record"}), 404
         return jsonify({"ok": True})
+
+    @app.post("/api/train")
+    def train():
+        body()
+        try:
+            return jsonify(review.train())
+        except UsageError as error:
+            return jsonify({"error": str(error)}), 400
 
     @app.post("/api/save")
     def save():

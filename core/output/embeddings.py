@@ -1,0 +1,116 @@
+"""Pictures' embeddings, by sha256, in the output's state: what an embedding enricher
+(``embed``) writes and what ``harvest train`` and ``harvest export --embeddings`` read.
+
+An output's embeddings are one file of float16 rows (``embeddings-<dims>.f16``) and an
+index (``embeddings.sqlite``: sha256 -> row), so that a million pictures take one
+sequential file that is read a slice at a time (``numpy.memmap``), never all in memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sqlite3
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import PluginConfigError
+
+FEATURES = 1280  # EfficientNet-Lite0's pooled features: the width a projection starts from
+
+
+def projection(dims: int) -> np.ndarray | None:
+    """(dims, 1280) orthonormal rows, from arithmetic alone: the DCT-II basis at evenly
+    spread frequencies, after a sign per feature drawn from sha256. None for 1280."""
+    if dims >= FEATURES:
+        return None
+    signs = np.array([1.0 if hashlib.sha256(b"harvest-embed-%d" % i).digest()[0] & 1 else -1.0
+                      for i in range(FEATURES)])
+    frequencies = np.floor(np.arange(dims) * FEATURES / dims)
+    n = np.arange(FEATURES)
+    basis = np.cos(np.pi / FEATURES * (n[None, :] + 0.5) * frequencies[:, None])
+    basis *= np.sqrt(2.0 / FEATURES)
+    basis[frequencies == 0] /= np.sqrt(2.0)
+    return (basis * signs[None, :]).astype(np.float32)
+
+
+class EmbeddingStore:
+    """Pictures' embeddings by sha256, appended to one file of float16 rows. A row is
+    written and synced before the index names it, so a crash leaves at most an unnamed
+    row, which the next run writes again."""
+
+    def __init__(self, folder: Path, dims: int | None = None):
+        folder.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(folder / "embeddings.sqlite", timeout=30)
+        self.db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
+        self.db.execute("CREATE TABLE IF NOT EXISTS rows (sha256 BLOB PRIMARY KEY, "
+                        "row INTEGER NOT NULL) WITHOUT ROWID")
+        known = self.db.execute("SELECT value FROM meta WHERE key = 'dims'").fetchone()
+        if known is None and dims is None:
+            raise FileNotFoundError(f"{folder}: no embeddings here")
+        if known is None:
+            with self.db:
+                self.db.execute("INSERT INTO meta VALUES ('dims', ?)", (str(dims),))
+            known = (str(dims),)
+        self.dims = int(known[0])
+        if dims is not None and dims != self.dims:
+            raise PluginConfigError(f"{folder / 'embeddings.sqlite'}: this output's embeddings "
+                                    f"have {self.dims} dimensions, not {dims}")
+        self.path = folder / f"embeddings-{self.dims}.f16"
+        self.row_bytes = self.dims * 2
+        self.projection = projection(self.dims)
+
+    def close(self) -> None:
+        self.db.close()
+
+    def __len__(self) -> int:
+        return self.db.execute("SELECT count(*) FROM rows").fetchone()[0]
+
+    def known(self, shas: list[str]) -> set[str]:
+        found: set[str] = set()
+        for start in range(0, len(shas), 500):
+            chunk = [bytes.fromhex(sha) for sha in shas[start:start + 500]]
+            marks = ",".join("?" * len(chunk))
+            found |= {row[0].hex() for row in self.db.execute(
+                f"SELECT sha256 FROM rows WHERE sha256 IN ({marks})", chunk)}
+        return found
+
+    def reduce(self, features: np.ndarray) -> np.ndarray:
+        if self.projection is None:
+            return features.astype(np.float16)
+        return (features @ self.projection.T).astype(np.float16)
+
+    def add(self, features: dict[str, np.ndarray]) -> None:
+        """Stores the features of pictures not stored yet."""
+        new = sorted(set(features) - self.known(list(features)))
+        if not new:
+            return
+        rows = self.reduce(np.stack([features[sha] for sha in new]))
+        with open(self.path, "ab") as handle:
+            size = handle.seek(0, os.SEEK_END)
+            if size % self.row_bytes:  # a row cut short by a crash: write over it
+                size -= size % self.row_bytes
+                handle.truncate(size)
+            first = size // self.row_bytes
+            handle.write(rows.tobytes())
+            handle.flush()
+            os.fsync(handle.fileno())
+        with self.db:
+            self.db.executemany("INSERT OR IGNORE INTO rows VALUES (?, ?)",
+                                [(bytes.fromhex(sha), first + i) for i, sha in enumerate(new)])
+
+    def vectors(self, shas: list[str]) -> dict[str, np.ndarray]:
+        """The stored embeddings (float32) of these pictures, by sha256."""
+        rows: dict[str, int] = {}
+        for start in range(0, len(shas), 500):
+            chunk = [bytes.fromhex(sha) for sha in shas[start:start + 500]]
+            marks = ",".join("?" * len(chunk))
+            rows.update((sha.hex(), row) for sha, row in self.db.execute(
+                f"SELECT sha256, row FROM rows WHERE sha256 IN ({marks})", chunk))
+        if not rows:
+            return {}
+        table = np.memmap(self.path, dtype=np.float16, mode="r").reshape(-1, self.dims)
+        return {sha: np.asarray(table[row], dtype=np.float32) for sha, row in rows.items()}
+
+
