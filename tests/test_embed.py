@@ -373,3 +373,52 @@ def test_the_review_page_trains_and_shows_the_figures(recipe_file, harvest, tmp_
     status, body = request(f"{server.base}/api/train", method="POST", body=b"{}",
                            headers=headers)
     assert status == 400 and b"embed" in body
+
+
+@pytest.mark.parametrize("killed", [None, "audited"])
+def test_a_takedown_forgets_the_embedding_and_the_learned_score(recipe_file, harvest,
+                                                                tmp_path, killed):
+    """What was computed from a picture goes with it: its embedding row is zeroed and
+    unnamed, its learned score leaves the overlay, and typicality no longer counts it;
+    killed -9 before that, the next takedown finishes it."""
+    from test_takedown import killed_at
+
+    _photos(tmp_path / "photos", BUILDINGS + NOT_BUILDINGS)
+    recipe = recipe_file(EMBED_RECIPE.format(dims=256))
+    assert harvest("run", str(recipe))[0] == 0
+    output = tmp_path / "out"
+    records = _records(output)
+    for name, decision in (("gps-DSCN0025.jpg", "keep"), ("gps-DSCN0027.jpg", "keep"),
+                           ("gps-DSCN0012.jpg", "reject"), ("exif-org-fujifilm-mx1700.jpg", "reject")):
+        from harvest.core.commands.review import Review
+
+        review = Review(output)
+        review.decide(records[name]["id"], decision)
+        review.db.close()
+    assert harvest("train", str(output))[0] == 0
+    gone = records["gps-DSCN0029.jpg"]
+    sha = gone["file"]["sha256"]
+    store = EmbeddingStore(output / ".harvest")
+    row = store.db.execute("SELECT row FROM rows WHERE sha256 = ?", (bytes.fromhex(sha),)).fetchone()[0]
+    assert store.vectors([sha])[sha].any()
+    store.close()
+    if killed:
+        killed_at(killed, "takedown", output, "--sha256", sha)
+    code, out, err = harvest("takedown", str(output), "--sha256", sha)
+    assert code == 0, err
+    store = EmbeddingStore(output / ".harvest")
+    assert store.vectors([sha]) == {} and len(store) == len(records) - 1
+    table = np.memmap(store.path, dtype=np.float16, mode="r").reshape(-1, store.dims)
+    assert not table[row].any()
+    store.close()
+    learned = json.loads((output / ".harvest" / "scores" / "learned.json").read_text())
+    assert gone["id"] not in learned and len(learned) == len(records) - 1
+
+
+def test_typicality_without_embed_is_a_one_line_error(recipe_file, harvest, tmp_path):
+    _photos(tmp_path / "photos", BUILDINGS[:1])
+    recipe = recipe_file(EMBED_RECIPE.format(dims=256).replace(
+        "      - use: embed\n        options: {dims: 256}\n", ""))
+    code, out, err = harvest("run", str(recipe))
+    assert code == 2 and "typicality needs the embed enricher" in err
+    assert len(err.strip().splitlines()) == 1

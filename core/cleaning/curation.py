@@ -168,6 +168,17 @@ def read_overlays(output: Path) -> dict[str, dict[str, dict]]:
     return overlays
 
 
+def forget_in_overlays(output: Path, record_ids: set[str]) -> int:
+    """A takedown's or purge's: the records' scores leave every overlay."""
+    forgotten = 0
+    for field, scores in read_overlays(output).items():
+        gone = record_ids & set(scores)
+        if gone:
+            write_overlay(output, field, {k: v for k, v in scores.items() if k not in gone})
+            forgotten += len(gone)
+    return forgotten
+
+
 def lay_over(record: dict, overlays: dict[str, dict[str, dict]]) -> dict:
     """The record with its overlay scores as fields (``record["learned"]``)."""
     for field, by_id in overlays.items():

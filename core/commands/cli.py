@@ -255,6 +255,9 @@ def _carry_out_removals(output: Path, sinks, unreached: list[str], carried: _Car
     of each sink, the image files deleted. Each step can be done again, so a crash at any
     point is finished by the next takedown or purge; one that could not reach every sink
     stays pending."""
+    from ..cleaning.curation import forget_in_overlays
+    from ..contract.shards import state_dirs
+    from ..output.embeddings import forget_embeddings
     from ..output.records import filter_jsonl
     from ..output.state import RunState
     from ..output.takedown import crash_point, delete_files, write_audit
@@ -274,6 +277,9 @@ def _carry_out_removals(output: Path, sinks, unreached: list[str], carried: _Car
                     crash_point(f"removed:{label}")
                 carried.records += len(ids)
             carried.files += delete_files(output, set(paths))
+            # What was computed from the pictures goes with them: embeddings, learned scores.
+            forget_embeddings(state_dirs(output), set(entry.get("sha256") or ()))
+            forget_in_overlays(output, ids)
             carried.intents += 1
             crash_point("deleted")
             if with_records and unreached:
@@ -372,6 +378,8 @@ def _cmd_purge(args) -> int:
                 if stored < cutoff:
                     chosen.paths.add(path)
                     chosen.ids.add(record["id"])
+                    if record["file"].get("sha256"):
+                        chosen.sha256s.add(record["file"]["sha256"])
             if chosen.ids or not carried.intents:
                 reason = (f"older than {args.older_than}" if args.older_than
                           else f"older than {recipe.retain_days} days")

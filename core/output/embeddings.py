@@ -41,6 +41,9 @@ class EmbeddingStore:
     row, which the next run writes again."""
 
     def __init__(self, folder: Path, dims: int | None = None):
+        """``dims`` None: the store already there (FileNotFoundError if there is none)."""
+        if dims is None and not (folder / "embeddings.sqlite").is_file():
+            raise FileNotFoundError(f"{folder}: no embeddings here")
         folder.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(folder / "embeddings.sqlite", timeout=30)
         self.db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
@@ -100,6 +103,30 @@ class EmbeddingStore:
             self.db.executemany("INSERT OR IGNORE INTO rows VALUES (?, ?)",
                                 [(bytes.fromhex(sha), first + i) for i, sha in enumerate(new)])
 
+    def forget(self, shas: set[str]) -> int:
+        """A takedown's or purge's: the pictures' rows are overwritten with zeros (synced)
+        before the index forgets them, so nothing derived from them stays. Done again
+        after a crash, it finishes."""
+        rows: list[tuple[bytes, int]] = []
+        keys = [bytes.fromhex(sha) for sha in shas if len(sha) == 64]
+        for start in range(0, len(keys), 500):
+            chunk = keys[start:start + 500]
+            marks = ",".join("?" * len(chunk))
+            rows += self.db.execute(f"SELECT sha256, row FROM rows WHERE sha256 IN ({marks})",
+                                    chunk).fetchall()
+        if not rows:
+            return 0
+        blank = bytes(self.row_bytes)
+        with open(self.path, "r+b") as handle:
+            for _, row in rows:
+                handle.seek(row * self.row_bytes)
+                handle.write(blank)
+            handle.flush()
+            os.fsync(handle.fileno())
+        with self.db:
+            self.db.executemany("DELETE FROM rows WHERE sha256 = ?", [(sha,) for sha, _ in rows])
+        return len(rows)
+
     def vectors(self, shas: list[str]) -> dict[str, np.ndarray]:
         """The stored embeddings (float32) of these pictures, by sha256."""
         rows: dict[str, int] = {}
@@ -114,3 +141,19 @@ class EmbeddingStore:
         return {sha: np.asarray(table[row], dtype=np.float32) for sha, row in rows.items()}
 
 
+
+
+def forget_embeddings(state_dirs: list[Path], shas: set[str]) -> int:
+    """Forgets these pictures in every embedding store of an output (its own, each
+    cluster shard's)."""
+    forgotten = 0
+    for folder in state_dirs:
+        try:
+            store = EmbeddingStore(folder)
+        except FileNotFoundError:
+            continue
+        try:
+            forgotten += store.forget(shas)
+        finally:
+            store.close()
+    return forgotten

@@ -23,10 +23,13 @@ review page shows a slider per score.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 
 from harvest.core import (
     Choice,
+    EmbeddingStore,
     Enricher,
     Int,
     ListOf,
@@ -61,40 +64,31 @@ def robust_centre(vectors: np.ndarray, trim: float = TRIM, rounds: int = 3) -> n
 
 
 class TermSample:
-    """The first pictures' features of each term, and of all terms together (whose mean
-    is taken away: every picture shares it, so it says nothing about a term)."""
+    """Which pictures of each term the typicality centre is learned from: the first
+    ``size`` of each, by sha256. Their embeddings are read from the output's embedding
+    store, so a picture taken down (whose embedding is forgotten) leaves the sample too."""
 
     def __init__(self, path, size: int):
         self.path, self.size = path, size
-        self.vectors: dict[str, list[np.ndarray]] = {}
-        self.seen: set[str] = set()
+        self.shas: dict[str, list[str]] = {}
         if path.exists():
-            with np.load(path, allow_pickle=False) as data:
-                for key in data.files:
-                    if key == "__seen__":
-                        self.seen = set(data[key].tolist())
-                    else:
-                        self.vectors[key] = list(data[key].astype(np.float32))
+            try:
+                self.shas = {str(k): [str(s) for s in v]
+                             for k, v in json.loads(path.read_text(encoding="utf-8")).items()}
+            except (ValueError, AttributeError):
+                self.shas = {}  # cut short by a crash: learned again from what comes
 
-    def add(self, term: str, sha: str, vector: np.ndarray) -> bool:
-        """Keeps the picture if its term's sample has room: was it kept?"""
-        key = f"{term}\t{sha}"
-        kept = self.vectors.setdefault(term, [])
-        if key in self.seen or len(kept) >= self.size:
+    def add(self, term: str, sha: str) -> bool:
+        """Takes the picture if its term's sample has room: was it taken?"""
+        kept = self.shas.setdefault(term, [])
+        if sha in kept or len(kept) >= self.size:
             return False
-        kept.append(vector.astype(np.float32))
-        self.seen.add(key)
+        kept.append(sha)
         return True
 
-    def mean(self) -> np.ndarray | None:
-        every = [v for vectors in self.vectors.values() for v in vectors]
-        return np.mean(every, axis=0) if every else None
-
     def save(self) -> None:
-        temp = self.path.with_suffix(".tmp.npz")
-        arrays = {term: np.stack(vectors).astype(np.float16)
-                  for term, vectors in self.vectors.items() if vectors}
-        np.savez(temp, __seen__=np.array(sorted(self.seen)), **arrays)
+        temp = self.path.with_suffix(".tmp")
+        temp.write_text(json.dumps(self.shas), encoding="utf-8")
         temp.replace(self.path)
 
 
@@ -164,9 +158,21 @@ class RelevanceScorer(Enricher):
         if unknown:
             raise PluginConfigError(f"{self.context.name}: keep_if: {sorted(unknown)[0]!r} is not "
                                     f"one of its scores ({', '.join(names)})")
-        self.context.state_dir.mkdir(parents=True, exist_ok=True)
-        self.sample = TermSample(self.context.state_dir / f"typicality-{self.context.name}.npz",
-                                 self.config["sample"])
+        self.store = None
+        if "typicality" in self.config["scores"]:
+            try:
+                self.store = EmbeddingStore(self.context.state_dir)
+            except FileNotFoundError:
+                raise PluginConfigError(f"{self.context.name}: typicality needs the embed "
+                                        "enricher before it in the recipe (or scores: "
+                                        "[imagenet])") from None
+            self.sample = TermSample(
+                self.context.state_dir / f"typicality-{self.context.name}.json",
+                self.config["sample"])
+
+    def close(self) -> None:
+        if getattr(self, "store", None) is not None:
+            self.store.close()
 
     def _names(self, terms: list[str]) -> list[str]:
         names = []
@@ -181,13 +187,14 @@ class RelevanceScorer(Enricher):
                  for r in records if r.file is not None}
         analyses = self.lite.SharedNetwork.analyse(paths)
         good = {sha: a for sha, a in analyses.items() if not isinstance(a, Exception)}
-        typical = "typicality" in self.config["scores"]
+        typical = self.store is not None
         if typical:
-            added = [self.sample.add(r.term, r.file.sha256, good[r.file.sha256].features)
-                     for r in records if r.file and r.file.sha256 in good and r.term]
+            mine = {r.file.sha256: r.term for r in records if r.file and r.term}
+            vectors = self.store.vectors(list(mine))
+            added = [self.sample.add(term, sha) for sha, term in mine.items() if sha in vectors]
             if any(added):
                 self.sample.save()
-            centres = self._centres({r.term for r in records if r.term})
+            centres = self._centres(set(mine.values()))
         for record in records:
             analysis = good.get(record.file.sha256) if record.file else None
             if analysis is None:
@@ -197,9 +204,9 @@ class RelevanceScorer(Enricher):
                 for term, classes in self.classes.items():
                     mass = float(analysis.probabilities[classes].sum())
                     scores[f"imagenet.{term}"] = round(min(mass, 1.0), 4)
-            if typical and record.term in centres:
+            if typical and record.term in centres and record.file.sha256 in vectors:
                 mean, centre = centres[record.term]
-                cosine = float(_unit(analysis.features - mean) @ centre)
+                cosine = float(_unit(vectors[record.file.sha256] - mean) @ centre)
                 scores[f"typicality.{record.term}"] = round((1 + cosine) / 2, 4)
             record.fields["relevance"] = scores
             apply_keep_if(record, scores, self.config["keep_if"], self.config["action"],
@@ -209,13 +216,18 @@ class RelevanceScorer(Enricher):
             raise ValueError(f"{len(failed)} picture(s) not scored: {failed[0]}")
 
     def _centres(self, terms: set[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        mean = self.sample.mean()
+        """Each term's centre, from its sample's embeddings less the mean of every term's
+        (which every picture shares, so it says nothing about a term)."""
+        sampled = {term: self.store.vectors(shas) for term, shas in self.sample.shas.items()}
+        every = [v for vectors in sampled.values() for v in vectors.values()]
+        if not every:
+            return {}
+        mean = np.mean(every, axis=0)
         centres = {}
         for term in terms:
-            vectors = self.sample.vectors.get(term, [])
-            if mean is None or len(vectors) < SMALLEST_SAMPLE:
-                continue
-            centres[term] = (mean, robust_centre(_unit(np.stack(vectors) - mean)))
+            vectors = list(sampled.get(term, {}).values())
+            if len(vectors) >= SMALLEST_SAMPLE:
+                centres[term] = (mean, robust_centre(_unit(np.stack(vectors) - mean)))
         return centres
 
 
