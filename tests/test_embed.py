@@ -168,6 +168,20 @@ def test_embed_stores_each_picture_once_and_a_rerun_adds_nothing(recipe_file, ha
     assert np.allclose(store.vectors([sha])[sha], features[0], atol=2e-3)
     store.close()
 
+    code, out, err = harvest("export", str(tmp_path / "out"), str(tmp_path / "dataset"),
+                             "--format", "manifest", "--embeddings")
+    assert code == 0, err
+    table = np.load(tmp_path / "dataset" / "embeddings.npy")
+    ids = (tmp_path / "dataset" / "embeddings-ids.txt").read_text().splitlines()
+    manifest = [json.loads(line)["id"] for line in
+                (tmp_path / "dataset" / "manifest.jsonl").read_text().splitlines()]
+    assert ids == manifest, (ids, manifest)
+    assert table.shape == (3, 1280) and table.dtype == np.float16  # the starfish and pumpkin fail keep_if
+    by_id = {r["id"]: r for r in map(json.loads, (tmp_path / "out" / "records.jsonl")
+                                      .read_text().splitlines())}
+    row = next(k for k, i in enumerate(ids) if by_id[i]["file"]["sha256"] == sha)
+    assert np.allclose(table[row], features[0], atol=2e-3)
+
     code, out, err = harvest("run", str(recipe))  # resumed: nothing new to embed
     assert code == 0, err
     store = EmbeddingStore(state)

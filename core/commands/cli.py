@@ -115,6 +115,9 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--all", action="store_true",
                         help="include records marked keep: false or rejected in review")
     export.add_argument("--copy", action="store_true", help="copy files instead of hard links")
+    export.add_argument("--embeddings", action="store_true",
+                        help="also write embeddings.npy (float16, a row per exported picture) "
+                             "and embeddings-ids.txt (each row's record id), from `embed`")
     export.add_argument("--recheck-opt-outs", action="store_true",
                         help="ask each image's host again (robots.txt, TDMRep, X-Robots-Tag) "
                              "and leave out those that opted out since the harvest")
@@ -587,7 +590,8 @@ def _cmd_export(args) -> int:
         counts = export_dataset(args.output, local, fmt=args.format,
                                 records_path=args.records, by=args.by,
                                 keyring=_keyring(args, required=False),
-                                only_kept=not args.all, copy=args.copy, recheck=recheck)
+                                only_kept=not args.all, copy=args.copy, recheck=recheck,
+                                embeddings=args.embeddings)
         if remote is not None:
             remote.put_tree(local)
     print(f"{_count(sum(counts.values()), 'image')} in "

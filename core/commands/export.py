@@ -51,7 +51,7 @@ def export_dataset(output: Path, destination: Path, **how) -> dict[str, int]:
 def _write_dataset(output: Path, destination: Path, *, fmt: str = "imagefolder",
                    records_path: Path | None = None, by: str = "term",
                    keyring: Keyring | None = None, only_kept: bool = True,
-                   copy: bool = False, recheck=None) -> dict[str, int]:
+                   copy: bool = False, recheck=None, embeddings: bool = False) -> dict[str, int]:
     """A dataset from a harvest, streamed in the records' order (so the same inputs give
     byte-identical manifests):
 
@@ -62,7 +62,9 @@ def _write_dataset(output: Path, destination: Path, *, fmt: str = "imagefolder",
       ``imagefolder`` loader reads the columns (and the ``label``) from;
 
     all with ``manifest.csv``, ``manifest.jsonl``, the credits files and the dataset card
-    (``README.md`` with Hugging Face front matter, ``croissant.json``). Each distinct
+    (``README.md`` with Hugging Face front matter, ``croissant.json``); with
+    ``embeddings``, ``embeddings.npy`` (float16, a row per exported picture that has one)
+    and ``embeddings-ids.txt`` (the record id of each row). Each distinct
     image appears once; records a scorer marked ``keep: false`` are left out unless
     ``only_kept`` is off (records the license filter dropped were never stored)."""
     from ..output.credits import write_credits
@@ -78,6 +80,7 @@ def _write_dataset(output: Path, destination: Path, *, fmt: str = "imagefolder",
     overlays = read_overlays(output)
     counts: dict[str, int] = {}
     seen: set[str] = set()
+    exported: list[tuple[str, str]] = []  # (record id, sha256), in the manifest's order
     root = output.resolve()
     kept_path = destination / ".records.jsonl"
     tally = Tally()
@@ -150,6 +153,7 @@ def _write_dataset(output: Path, destination: Path, *, fmt: str = "imagefolder",
                     "width": file_info.get("width"), "height": file_info.get("height"),
                     "sha256": sha}, ensure_ascii=False) + "\n")
             counts[folder] = counts.get(folder, 0) + 1
+            exported.append((record.get("id"), sha))
             tally.add(record, folder)
             crash_point("exported-one")
     opted_out = counts.pop("\0opted out", 0)
@@ -161,9 +165,62 @@ def _write_dataset(output: Path, destination: Path, *, fmt: str = "imagefolder",
                     "(records.jsonl was edited?)", skipped)
     write_credits(destination, kept_path)
     kept_path.unlink()
+    if embeddings:
+        _write_embeddings(output, destination, exported)
     write_card(destination, card_title(output), tally, fmt=fmt,
                metadata_file="metadata.jsonl" if fmt == "hf" else "manifest.csv")
     return counts
+
+
+EMBEDDING_CHUNK = 10_000
+
+
+def _write_embeddings(output: Path, destination: Path, exported: list[tuple[str, str]]) -> None:
+    """The exported pictures' embeddings, a chunk at a time (never all in memory)."""
+    import numpy as np
+
+    from ..contract.shards import state_dirs
+    from ..output.embeddings import EmbeddingStore
+
+    stores = []
+    for folder in state_dirs(output):
+        try:
+            stores.append(EmbeddingStore(folder))
+        except FileNotFoundError:
+            continue
+    try:
+        if not stores:
+            raise UsageError(f"{output}: no embeddings to export: add the `embed` enricher "
+                             "to the recipe and run it")
+        dims = stores[0].dims
+        if any(store.dims != dims for store in stores):
+            raise UsageError(f"{output}: embeddings of different sizes in one output")
+        rows = 0
+        for start in range(0, len(exported), EMBEDDING_CHUNK):
+            chunk = exported[start:start + EMBEDDING_CHUNK]
+            vectors: dict[str, np.ndarray] = {}
+            for store in stores:
+                vectors.update(store.vectors([sha for _, sha in chunk if sha not in vectors]))
+            rows += sum(1 for _, sha in chunk if sha in vectors)
+        table = np.lib.format.open_memmap(destination / "embeddings.npy", mode="w+",
+                                          dtype=np.float16, shape=(rows, dims))
+        at = 0
+        with (destination / "embeddings-ids.txt").open("w", encoding="utf-8") as ids:
+            for start in range(0, len(exported), EMBEDDING_CHUNK):
+                chunk = exported[start:start + EMBEDDING_CHUNK]
+                vectors = {}
+                for store in stores:
+                    vectors.update(store.vectors([sha for _, sha in chunk if sha not in vectors]))
+                found = [(record_id, vectors[sha]) for record_id, sha in chunk if sha in vectors]
+                for record_id, vector in found:
+                    table[at] = vector
+                    ids.write(f"{record_id}\n")
+                    at += 1
+        table.flush()
+        del table
+    finally:
+        for store in stores:
+            store.close()
 
 
 NEUTRAL_TITLE = "Harvested images"
