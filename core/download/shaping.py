@@ -18,6 +18,7 @@ from pathlib import Path
 
 from ..errors import RecordError
 from ..options import Bool, Choice, Float, Int, Option
+from ..record import FileInfo
 from .faces import BLUR_METHODS, blur_faces, exif_without_pictures, find_faces
 
 RESIZE_MODES = ("no", "keep_ratio", "keep_ratio_largest", "center_crop", "border")
@@ -84,14 +85,10 @@ class ImageSettings:
 
 @dataclass
 class Shaped:
-    """The stored image after shaping, and what was downloaded (``original``)."""
+    """An image as it will be stored, and what was downloaded when ``images:`` changed it."""
 
-    bytes: int
-    sha256: str
-    width: int
-    height: int
-    format: str
-    original: dict
+    file: FileInfo  # its ``path`` is set when the file is placed in the output folder
+    original: FileInfo | None = None
     faces: list | None = None  # the faces blurred, when ``blur_faces`` found some
 
 
@@ -242,9 +239,9 @@ def _render(source, settings: ImageSettings, width: int, height: int, image_form
         picture.save(buffer, out_format, **options)
         final_w, final_h = picture.size
     data = buffer.getvalue()
-    return data, Shaped(len(data), hashlib.sha256(data).hexdigest(), final_w, final_h,
-                        out_format, {"width": width, "height": height, "bytes": size,
-                                     "sha256": sha256, "format": image_format}, faces)
+    stored = FileInfo("", len(data), hashlib.sha256(data).hexdigest(), final_w, final_h,
+                      out_format)
+    return data, Shaped(stored, FileInfo("", size, sha256, width, height, image_format), faces)
 
 
 def _pixels_for(image, out_format: str):
