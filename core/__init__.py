@@ -19,7 +19,8 @@ _HOME = {
     "contract.plugin": ["Context", "Enricher", "Refusal", "Sink", "Source", "hookimpl"],
     "record": ["FileInfo", "Query", "Record", "Term", "json_default", "license_family"],
     "contract.scoring": ["LabelScorer", "ScoringError"],
-    "contract.sharded": ["ShardedSink", "shard_options", "strip_exif"],
+    "contract.sharded": ["JsonlAppender", "ShardedSink", "document_batches", "shard_options",
+                         "strip_exif"],
     "output.storage": ["inside", "inside_check"],
 }
 _MODULE_OF = {name: module for module, names in _HOME.items() for name in names}
