@@ -166,7 +166,10 @@ class Fetched(Shaped):
     temp_path: Path = field(kw_only=True)
 
 
-def _waiting(temp_path: Path, shaped: Shaped) -> Fetched:
+def _waiting(temp_path: Path, shaped: Shaped | None, size: int, sha256: str, width: int,
+             height: int, image_format: str) -> Fetched:
+    """The checked image at ``temp_path``: as ``images:`` shaped it, or as downloaded."""
+    shaped = shaped or Shaped(FileInfo("", size, sha256, width, height, image_format))
     return Fetched(**vars(shaped), temp_path=temp_path)
 
 
@@ -269,8 +272,7 @@ class Fetcher:
         except BaseException:
             temp_path.unlink(missing_ok=True)
             raise
-        return _waiting(temp_path, shaped or Shaped(
-            FileInfo("", size, digest, width, height, image_format)))
+        return _waiting(temp_path, shaped, size, digest, width, height, image_format)
 
     def _new_temp(self) -> tuple[Path, int]:
         """A new temporary file for a download, and its open descriptor. The name comes
@@ -320,8 +322,7 @@ class Fetcher:
         except BaseException:
             temp_path.unlink(missing_ok=True)
             raise
-        return _waiting(temp_path, shaped or Shaped(
-            FileInfo("", size, digest, width, height, image_format)))
+        return _waiting(temp_path, shaped, size, digest, width, height, image_format)
 
     def _room(self, amount: int):
         return self.budget.reserve(amount) if self.budget is not None else nullcontext()
