@@ -19,7 +19,8 @@ _HOME = {
     "contract.plugin": ["Context", "Enricher", "Refusal", "Sink", "Source", "hookimpl"],
     "record": ["FileInfo", "Query", "Record", "Term", "json_default", "license_family"],
     "contract.scoring": ["LabelScorer", "ScoringError", "apply_keep_if"],
-    "contract.sharded": ["ShardedSink", "shard_options", "strip_exif"],
+    "contract.sharded": ["JsonlAppender", "ShardedSink", "document_batches", "shard_options",
+                         "strip_exif"],
     "output.storage": ["inside", "inside_check"],
     "output.embeddings": ["EmbeddingStore"],
 }

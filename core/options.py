@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, make_dataclass
 from typing import Any
 
 _MISSING = object()
@@ -280,6 +280,22 @@ class Option:
         elif self.default is not None:
             bits.append(f"default {self.default!r}")
         return f"{self.name} ({', '.join(bits)}): {self.help}"
+
+
+def settings_class(name: str, options: Sequence[Option], *extra: tuple, module: str, doc: str,
+                   namespace: dict[str, Any] | None = None) -> type:
+    """A frozen dataclass with one field per option, its default the option's default as
+    the recipe would read it: declaring an option is all it takes to add a setting, and
+    settings built in code (``export --recheck-opt-outs``) get the same defaults as a run.
+    ``extra``: more fields, as ``make_dataclass`` takes them; ``module``: where the class
+    is to be found by name (pickling for worker processes and Dask)."""
+    fields = [(option.name, Any, field(default=None if option.default is None
+                                       else option.type.convert(option.default)))
+              for option in options]
+    cls = make_dataclass(name, [*fields, *extra], frozen=True, namespace=namespace)
+    cls.__module__ = module
+    cls.__doc__ = doc
+    return cls
 
 
 def _range_hint(low, high) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, NamedTuple
 
 
@@ -34,7 +34,11 @@ class Query:
 
 @dataclass
 class FileInfo:
-    path: str  # relative to the output folder, with forward slashes
+    """A picture's file: where it is in the output folder and what it holds. The one
+    declaration of an image's facts: downloads, resized copies and stored files all
+    carry one."""
+
+    path: str  # relative to the output folder, with forward slashes; "" until placed
     bytes: int
     sha256: str
     width: int
@@ -42,8 +46,12 @@ class FileInfo:
     format: str
 
     def to_dict(self) -> dict[str, Any]:
-        return {"path": self.path, "bytes": self.bytes, "sha256": self.sha256,
-                "width": self.width, "height": self.height, "format": self.format}
+        return asdict(self)
+
+    def content(self) -> dict[str, Any]:
+        """What the file holds, wherever it is (a record's ``original``: the download
+        that ``images:`` changed, which is stored nowhere)."""
+        return {name: value for name, value in asdict(self).items() if name != "path"}
 
 
 class FileClaim(NamedTuple):

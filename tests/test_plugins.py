@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import configparser
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -13,45 +15,42 @@ from imagegen import make_image
 
 HARVEST = os.path.join(os.path.dirname(sys.executable), "harvest")
 
-PLUGIN_MODULE = '''
-"""A source written the way a third party would: only harvest.core's public types."""
-from pathlib import Path
-
-from harvest.core import Int, Option, Record, Source, Str, hookimpl
+# The plugin and entry points docs/writing-plugins.md shows, as it shows them: what a
+# plugin author copies from the guide is what runs here.
+GUIDE = (REPO / "docs" / "writing-plugins.md").read_text(encoding="utf-8")
 
 
-class GallerySource(Source):
-    """Numbered pictures from a gallery folder, one set per term."""
-
-    reads_local_files = True  # its file: URLs are pictures on this machine by design
-
-    options = (
-        Option("folder", Str(), required=True, help="where the pictures are"),
-        Option("per_term", Int(1, 50), 2, help="pictures per term"),
-    )
-
-    def records(self, query):
-        folder = Path(self.config["folder"])
-        for index in range(self.config["per_term"]):
-            path = folder / f"{query.term}-{index}.jpg"
-            yield Record(source="gallery", source_id=f"{query.term}-{query.lang}-{index}",
-                         url=path.as_uri(), fields={"title": f"{query.text} #{index}"})
+def guide_block(language: str) -> str:
+    return re.search(rf"```{language}\n(.*?)```", GUIDE, re.S).group(1)
 
 
-@hookimpl
-def harvest_sources():
-    return {"gallery": GallerySource}
-'''
+def guide_entry_points() -> str:
+    """The guide's ``pyproject.toml`` entry points as pip writes them (entry_points.txt);
+    the guide's ``setup.cfg`` spelling must name the same ones. (A table of TOML strings
+    reads as INI with quoted values: no tomllib before Python 3.11.)"""
+    pyproject, setup_cfg = configparser.ConfigParser(), configparser.ConfigParser()
+    pyproject.read_string(guide_block("toml"))
+    setup_cfg.read_string(guide_block("ini"))
+    groups = {section.removeprefix("project.entry-points."):
+              {name: json.loads(value) for name, value in pyproject[section].items()}
+              for section in pyproject.sections()}
+    assert set(groups) == set(setup_cfg["options.entry_points"])
+    for group, text in setup_cfg["options.entry_points"].items():
+        lines = [line.partition("=") for line in text.strip().splitlines()]
+        assert {name.strip(): value.strip() for name, _, value in lines} == groups[group]
+    return "".join(f"[{group}]\n" + "".join(f"{name} = {value}\n" for name, value in
+                                            entries.items())
+                   for group, entries in groups.items())
 
 
 def install_plugin_distribution(site):
     """A tiny installed distribution: its module and a dist-info with the entry point."""
-    (site / "harvest_gallery.py").write_text(PLUGIN_MODULE)
+    (site / "harvest_gallery.py").write_text(guide_block("python"))
     dist_info = site / "harvest_gallery-0.3.dist-info"
     dist_info.mkdir()
     (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: harvest-gallery\n"
                                         "Version: 0.3\n")
-    (dist_info / "entry_points.txt").write_text("[harvest]\ngallery = harvest_gallery\n")
+    (dist_info / "entry_points.txt").write_text(guide_entry_points())
 
 
 def run(args, site, home):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, make_dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from ..options import (
     SecretValue,
     Size,
     Str,
+    settings_class,
 )
 from ..options import Path as PathType
 from ..record import Term
@@ -85,22 +86,10 @@ RUN_OPTIONS: tuple[Option, ...] = (
 )
 
 
-def _settings_class(name: str, options: Sequence[Option], *extra: tuple, doc: str) -> type:
-    """A frozen dataclass with one field per option, its default the option's default as
-    the recipe would read it: declaring an option is all it takes to add a setting, and
-    settings built in code (``export --recheck-opt-outs``) get the same defaults as a run."""
-    fields = [(option.name, Any, field(default=option.type.convert(option.default)))
-              for option in options]
-    cls = make_dataclass(name, [*fields, *extra], frozen=True)
-    cls.__module__ = __name__  # so pickling (worker processes, Dask) finds it
-    cls.__doc__ = doc
-    return cls
-
-
-RunSettings = _settings_class(
+RunSettings = settings_class(
     "RunSettings", RUN_OPTIONS,
     ("images", ImageSettings, field(default=ImageSettings())),  # the ``images:`` section
-    doc="The recipe's ``run:`` section (every field a :data:`RUN_OPTIONS` entry) and its "
+    module=__name__, doc="The recipe's ``run:`` section (every field a :data:`RUN_OPTIONS` entry) and its "
         "``images:`` section.")
 
 

@@ -110,7 +110,7 @@ class ShardedSink(Sink):
         label = self.context.name or type(self).__name__.lower()
         try:
             if self.context.part_dir is not None:
-                self.part = _Appender(self.context.part_dir / f"{_safe(label)}.jsonl",
+                self.part = JsonlAppender(self.context.part_dir / f"{_safe(label)}.jsonl",
                                       self.config["fsync"])
                 return
             self.part = None
@@ -121,7 +121,7 @@ class ShardedSink(Sink):
         except (ValueError, OSError) as exc:
             raise PluginConfigError(f"{self.context.name}: cannot write {self.config['path']}: "
                                     f"{getattr(exc, 'strerror', None) or exc}") from None
-        self.staging: _Appender | None = None
+        self.staging: JsonlAppender | None = None
         self.remote = None
         if self.config["upload_to"]:
             self.remote = Remote(self.config["upload_to"], self.config["storage_options"],
@@ -144,7 +144,7 @@ class ShardedSink(Sink):
             for number in self._finished():
                 if number >= current:  # built after the last commit, or rebuilt at the end
                     self._remove_shard(number)
-            self.staging = _Appender(self._staging_path(current), self.config["fsync"])
+            self.staging = JsonlAppender(self._staging_path(current), self.config["fsync"])
             self.staging.resume(checkpoint["offset"])
         else:
             # No checkpoint: a first run, or a run state that was lost. Keep whatever is
@@ -158,7 +158,7 @@ class ShardedSink(Sink):
                     self.known_ids |= self._held_ids(number)
                 else:
                     self._remove_shard(number)
-            self.staging = _Appender(self._staging_path(current), self.config["fsync"])
+            self.staging = JsonlAppender(self._staging_path(current), self.config["fsync"])
             self.known_ids |= self.staging.resume(None)
         self.current = current
         self.count = self.staging.lines
@@ -186,7 +186,7 @@ class ShardedSink(Sink):
                 self._finish(self.current)
                 self.staging.close()
                 self.current += 1
-                self.staging = _Appender(self._staging_path(self.current), self.config["fsync"])
+                self.staging = JsonlAppender(self._staging_path(self.current), self.config["fsync"])
                 self.count = 0
         return {"shard": self.current, "offset": self.staging.size}
 
@@ -254,7 +254,7 @@ class ShardedSink(Sink):
             self._finish(number)
             temp.unlink()
         if self.staging is not None:
-            self.staging = _Appender(self._staging_path(self.current), self.config["fsync"])
+            self.staging = JsonlAppender(self._staging_path(self.current), self.config["fsync"])
             self.count = sum(1 for _ in _documents(self._staging_path(self.current)))
         return sum(changed.values())
 
@@ -264,15 +264,7 @@ class ShardedSink(Sink):
 
     def part_documents(self, part_dir: Path) -> Iterator[list[dict]]:
         label = self.context.name or type(self).__name__.lower()
-        part = part_dir / f"{_safe(label)}.jsonl"
-        batch: list[dict] = []
-        for document in _documents(part):
-            batch.append(document)
-            if len(batch) >= PART_BATCH:
-                yield batch
-                batch = []
-        if batch:
-            yield batch
+        return document_batches(part_dir / f"{_safe(label)}.jsonl")
 
     def discard_part(self, part_dir: Path) -> None:
         label = self.context.name or type(self).__name__.lower()
@@ -453,16 +445,70 @@ def _documents(path: Path) -> Iterator[dict]:
                 continue
 
 
-class _Appender:
-    """An append-only JSONL file whose committed length is the checkpoint."""
+def document_batches(path: Path) -> Iterator[list[dict]]:
+    """The documents of a JSONL file (a cluster shard's part), in batches of
+    ``PART_BATCH``, as ``Sink.part_documents`` gives them."""
+    batch: list[dict] = []
+    for document in _documents(path):
+        batch.append(document)
+        if len(batch) >= PART_BATCH:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+class JsonlAppender:
+    """An append-only JSONL file whose committed length is the checkpoint: the JSONL
+    sink's records, a shard sink's staging files and cluster parts. Each ``append`` is
+    one write, synced with ``fsync``; a failed one is cut back, leaving no half line."""
 
     def __init__(self, path: Path, fsync: bool):
         self.path = path
         self.fsync = fsync
+        self._open()
+        self._lines: int | None = 0
+
+    def _open(self) -> None:
         flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
-        self.handle = os.fdopen(os.open(path, flags, 0o644), "ab")
+        self.handle = os.fdopen(os.open(self.path, flags, 0o644), "ab")
         self.size = self.handle.seek(0, os.SEEK_END)
-        self.lines = 0
+
+    @property
+    def lines(self) -> int:
+        """Documents in the file; counted when first asked after a resume to an offset
+        (the JSONL sink's records never ask, and may be long)."""
+        if self._lines is None:
+            self._lines = sum(1 for _ in _documents(self.path))
+        return self._lines
+
+    def ends_with(self, offset: int | None, last_id: Any) -> bool:
+        """Whether the file's first ``offset`` bytes end with a whole line, the one of
+        record ``last_id``: whether a checkpoint still describes this file (not one
+        written since by something else, or cut short)."""
+        if offset is None or offset > self.size:
+            return False
+        if offset == 0:
+            return True
+        with self.path.open("rb") as reader:
+            reader.seek(offset - 1)
+            if reader.read(1) != b"\n":
+                return False
+            start = offset - 1
+            while start > 0:
+                step = min(start, 64 * 1024)
+                reader.seek(start - step)
+                newline = reader.read(step).rfind(b"\n")
+                if newline != -1:
+                    start = start - step + newline + 1
+                    break
+                start -= step
+            reader.seek(start)
+            line = reader.read(offset - start)
+        try:
+            return json.loads(line).get("id") == last_id
+        except (ValueError, AttributeError):
+            return False
 
     def resume(self, offset: int | None) -> set[str]:
         """Cuts back to ``offset`` (the last commit); without one, to the last complete
@@ -471,24 +517,36 @@ class _Appender:
         if offset is not None and offset <= self.size:
             self.handle.truncate(offset)
             self.size = offset
-            self.lines = sum(1 for _ in _documents(self.path))
+            self._lines = None
             return ids
-        good = 0
+        good = lines = 0
         with self.path.open("rb") as reader:
             for line in reader:
                 if not line.endswith(b"\n"):
                     break
                 good += len(line)
-                self.lines += 1
+                lines += 1
                 try:
                     ids.add(json.loads(line)["id"])
                 except (ValueError, KeyError, TypeError):
                     pass
         self.handle.truncate(good)
         self.size = good
+        self._lines = lines
+        return ids
+
+    def ids(self) -> set[str]:
+        """The record ids of the file's complete lines."""
+        ids: set[str] = set()
+        for document in _documents(self.path):
+            try:
+                ids.add(document["id"])
+            except (KeyError, TypeError):
+                pass
         return ids
 
     def append(self, documents: list[dict]) -> int:
+        """Writes the documents, one line each; returns the file's size after them."""
         if documents:
             data = "".join(json.dumps(d, ensure_ascii=False, default=json_default) + "\n"
                            for d in documents).encode("utf-8")
@@ -498,12 +556,16 @@ class _Appender:
                 if self.fsync:
                     os.fsync(self.handle.fileno())
             except OSError:
-                self.handle.close()  # its buffer holds what failed: drop it with the handle
+                try:
+                    self.handle.close()  # its buffer holds what failed: drop it with the handle
+                except OSError:
+                    pass  # closing flushes that buffer again, into the same full disk
                 os.truncate(self.path, self.size)
-                self.__init__(self.path, self.fsync)
+                self._open()
                 raise
             self.size += len(data)
-            self.lines += len(documents)
+            if self._lines is not None:
+                self._lines += len(documents)
         return self.size
 
     def close(self) -> None:

@@ -14,7 +14,7 @@ import threading
 import uuid
 import warnings
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import unquote, urljoin, urlsplit
 
@@ -24,6 +24,7 @@ from urllib3.util import parse_url
 
 from ..errors import DiskFull, RecordError, disk_full
 from ..output.storage import folder_fd
+from ..record import FileInfo
 from .http import HttpClient
 from .netguard import (
     DEADLINES,
@@ -33,7 +34,7 @@ from .netguard import (
     address_problem,
 )
 from .optouts import MAX_FILE_BYTES, OptOuts, noindex, tdm_reserved
-from .shaping import ImageSettings, check_size, reencodes, shape_in_memory
+from .shaping import ImageSettings, Shaped, check_size, reencodes, shape_in_memory
 from .shaping import shape as shape_image
 
 CHUNK = 64 * 1024
@@ -158,15 +159,18 @@ def decode_bytes(width: int, height: int, mode: str, reduce: int = 1) -> int:
 
 
 @dataclass
-class Fetched:
-    temp_path: Path
-    bytes: int
-    sha256: str
-    width: int
-    height: int
-    format: str
-    original: dict | None = None  # what was downloaded, when ``images:`` resized it
-    faces: list | None = None  # the faces blurred in the stored copy
+class Fetched(Shaped):
+    """A checked image waiting in the temporary folder to be placed; a download process
+    sends it back whole."""
+
+    temp_path: Path = field(kw_only=True)
+
+
+def _waiting(temp_path: Path, shaped: Shaped | None, size: int, sha256: str, width: int,
+             height: int, image_format: str) -> Fetched:
+    """The checked image at ``temp_path``: as ``images:`` shaped it, or as downloaded."""
+    shaped = shaped or Shaped(FileInfo("", size, sha256, width, height, image_format))
+    return Fetched(**vars(shaped), temp_path=temp_path)
 
 
 class Fetcher:
@@ -268,10 +272,7 @@ class Fetcher:
         except BaseException:
             temp_path.unlink(missing_ok=True)
             raise
-        if shaped is not None:
-            return Fetched(temp_path, shaped.bytes, shaped.sha256, shaped.width, shaped.height,
-                           shaped.format, shaped.original)
-        return Fetched(temp_path, size, digest, width, height, image_format)
+        return _waiting(temp_path, shaped, size, digest, width, height, image_format)
 
     def _new_temp(self) -> tuple[Path, int]:
         """A new temporary file for a download, and its open descriptor. The name comes
@@ -321,10 +322,7 @@ class Fetcher:
         except BaseException:
             temp_path.unlink(missing_ok=True)
             raise
-        if shaped is None:
-            return Fetched(temp_path, size, digest, width, height, image_format)
-        return Fetched(temp_path, shaped.bytes, shaped.sha256, shaped.width, shaped.height,
-                       shaped.format, shaped.original, shaped.faces)
+        return _waiting(temp_path, shaped, size, digest, width, height, image_format)
 
     def _room(self, amount: int):
         return self.budget.reserve(amount) if self.budget is not None else nullcontext()

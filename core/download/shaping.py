@@ -17,7 +17,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..errors import RecordError
-from ..options import Bool, Choice, Float, Int, Option
+from ..options import Bool, Choice, Float, Int, Option, settings_class
+from ..record import FileInfo
 from .faces import BLUR_METHODS, blur_faces, exif_without_pictures, find_faces
 
 RESIZE_MODES = ("no", "keep_ratio", "keep_ratio_largest", "center_crop", "border")
@@ -56,42 +57,27 @@ IMAGE_OPTIONS: tuple[Option, ...] = (
 )
 
 
-@dataclass(frozen=True)
-class ImageSettings:
-    resize_mode: str = "no"
-    image_size: int = 256
-    upscale: bool = False
-    encode_format: str = "keep"
-    encode_quality: int = 95
-    skip_reencode: bool = True
-    min_image_size: int = 0
-    min_width: int = 0
-    min_height: int = 0
-    min_pixels: int = 0
-    max_aspect_ratio: float | None = None
-    blur_faces: bool = False
-    blur_method: str = "gaussian"
-    blur_min_confidence: float = 0.2
-    blur_margin: float = 0.2
+def _changes_anything(settings) -> bool:
+    """Whether anything is to be done to a downloaded image."""
+    return (settings.resize_mode != "no" or settings.encode_format != "keep"
+            or settings.blur_faces
+            or any((settings.min_image_size, settings.min_width, settings.min_height,
+                    settings.min_pixels, settings.max_aspect_ratio)))
 
-    @property
-    def active(self) -> bool:
-        """Whether anything is to be done to a downloaded image."""
-        return (self.resize_mode != "no" or self.encode_format != "keep" or self.blur_faces
-                or any((self.min_image_size, self.min_width, self.min_height, self.min_pixels,
-                        self.max_aspect_ratio)))
+
+ImageSettings = settings_class(
+    "ImageSettings", IMAGE_OPTIONS, module=__name__,
+    namespace={"active": property(_changes_anything)},
+    doc="The recipe's ``images:`` section: every field an :data:`IMAGE_OPTIONS` entry; "
+        "``active``: whether anything is to be done to a downloaded image.")
 
 
 @dataclass
 class Shaped:
-    """The stored image after shaping, and what was downloaded (``original``)."""
+    """An image as it will be stored, and what was downloaded when ``images:`` changed it."""
 
-    bytes: int
-    sha256: str
-    width: int
-    height: int
-    format: str
-    original: dict
+    file: FileInfo  # its ``path`` is set when the file is placed in the output folder
+    original: FileInfo | None = None
     faces: list | None = None  # the faces blurred, when ``blur_faces`` found some
 
 
@@ -242,9 +228,9 @@ def _render(source, settings: ImageSettings, width: int, height: int, image_form
         picture.save(buffer, out_format, **options)
         final_w, final_h = picture.size
     data = buffer.getvalue()
-    return data, Shaped(len(data), hashlib.sha256(data).hexdigest(), final_w, final_h,
-                        out_format, {"width": width, "height": height, "bytes": size,
-                                     "sha256": sha256, "format": image_format}, faces)
+    stored = FileInfo("", len(data), hashlib.sha256(data).hexdigest(), final_w, final_h,
+                      out_format)
+    return data, Shaped(stored, FileInfo("", size, sha256, width, height, image_format), faces)
 
 
 def _pixels_for(image, out_format: str):

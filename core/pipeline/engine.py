@@ -493,8 +493,8 @@ class Engine:
                                      expect_sha1=record.expect_sha1)
         if self.shards is not None:
             relpath = image_relpath(record.term or record.source, record.source, record.source_id,
-                                    fetched.format)
-            claim = self.coordinator.claim_file(fetched.sha256, record.id, relpath)
+                                    fetched.file.format)
+            claim = self.coordinator.claim_file(fetched.file.sha256, record.id, relpath)
             self.early_claims[record.id] = (relpath, claim)
         return fetched
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from dataclasses import replace
 from pathlib import Path
 
 from ..contract.shards import Coordinator
@@ -18,7 +19,7 @@ from ..download.fetch import Fetched
 from ..errors import RecordError
 from ..output.state import RunState
 from ..output.storage import image_relpath, move_inside, open_inside
-from ..record import FileInfo, Record
+from ..record import Record
 from .summary import Summary
 
 
@@ -34,10 +35,10 @@ class ImagePlacer:
     def place(self, record: Record, fetched: Fetched, early=None) -> None:
         """Stores the file once per content; a second record with the same bytes points at
         it. ``early``: the content claim the download thread made (cluster shards)."""
-        if fetched.sha256 in self.state.tombstones:
+        if fetched.file.sha256 in self.state.tombstones:
             fetched.temp_path.unlink(missing_ok=True)
             raise RecordError("taken down: this picture was removed by `harvest takedown`")
-        known = self.state.file(fetched.sha256)
+        known = self.state.file(fetched.file.sha256)
         if known is not None and (self.images_root / known[0].path).is_file():
             fetched.temp_path.unlink(missing_ok=True)
             record.file, first_id = known
@@ -59,38 +60,37 @@ class ImagePlacer:
                 except FileNotFoundError:  # the temporary folder was swapped meanwhile
                     raise RecordError("the download vanished from the temporary folder before "
                                       "it was stored", permanent=False) from None
-            record.file = FileInfo(relpath, fetched.bytes, fetched.sha256, fetched.width,
-                                   fetched.height, fetched.format)
+            record.file = replace(fetched.file, path=relpath)
             self.state.add_file(record.file, owner or record.id)
         if fetched.original is not None:
-            record.fields["original"] = fetched.original
+            record.fields["original"] = fetched.original.content()
         if fetched.faces:
             record.fields["blurred_faces"] = fetched.faces
         self.summary.count(record.source, record.term, "downloaded")
         self.state.set_status(record.id, record.source, record.term, "downloaded",
-                              sha256=fetched.sha256, duplicate_of=record.duplicate_of)
+                              sha256=fetched.file.sha256, duplicate_of=record.duplicate_of)
 
     def _free_path(self, record: Record, fetched: Fetched, early) -> tuple[str, str | None]:
         """Where the file goes, and the record that holds these bytes when another one
         does (then the path is that record's). ``early``: the claim ``_fetch`` made."""
         folder = record.term or record.source
-        relpath = image_relpath(folder, record.source, record.source_id, fetched.format)
+        relpath = image_relpath(folder, record.source, record.source_id, fetched.file.format)
 
         def suffixed() -> str:
-            return image_relpath(folder, record.source, record.source_id, fetched.format,
-                                 suffix="-" + fetched.sha256[:8])
+            return image_relpath(folder, record.source, record.source_id, fetched.file.format,
+                                 suffix="-" + fetched.file.sha256[:8])
 
         owner = self.state.path_owner(relpath)
         # A file at a path the committed state does not know was left by a batch that
         # never committed; no stored record points at it, so it may be replaced.
-        if owner not in (None, fetched.sha256) or (
-                owner is not None and self._sha256(relpath) not in (None, fetched.sha256)):
+        if owner not in (None, fetched.file.sha256) or (
+                owner is not None and self._sha256(relpath) not in (None, fetched.file.sha256)):
             relpath = suffixed()
         claim = early[1] if early is not None and early[0] == relpath else \
-            self.coordinator.claim_file(fetched.sha256, record.id, relpath)
+            self.coordinator.claim_file(fetched.file.sha256, record.id, relpath)
         if claim.get("path_taken"):
             relpath = suffixed()
-            claim = self.coordinator.claim_file(fetched.sha256, record.id, relpath)
+            claim = self.coordinator.claim_file(fetched.file.sha256, record.id, relpath)
             if claim.get("path_taken"):
                 raise RecordError(f"no free path for {relpath}", permanent=False)
         # With an owner, the path is where the owner's file is (a retried shard's own
