@@ -436,3 +436,20 @@ def test_typicality_without_embed_is_a_one_line_error(recipe_file, harvest, tmp_
     code, out, err = harvest("run", str(recipe))
     assert code == 2 and "typicality needs the embed enricher" in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_the_cleaning_demo_gives_the_review_page_its_sliders(harvest, tmp_path):
+    from harvest.core.commands.review import Review
+
+    repo = Path(__file__).resolve().parents[1]
+    output = tmp_path / "demo-cleaning"
+    code, out, err = harvest("run", repo / "configs" / "demo-cleaning.yml", "--output", output,
+                             "--no-progress")
+    assert code == 0, err
+    review = Review(output)
+    keys = {k["key"] for k in review.keys}
+    assert {"relevance.imagenet.animals", "relevance.typicality.animals"} <= keys
+    assert review.meta()["thresholds"]["relevance.imagenet.animals"]["value"] == 0.2
+    shapes = [r["relevance"]["imagenet.animals"] for r in review.records]
+    assert len(shapes) >= 8 and max(shapes) < 0.5  # coloured shapes are no animals
+    review.db.close()
