@@ -86,6 +86,9 @@ RECORD_FIELDS: tuple[RecordField, ...] = (
     RecordField("quality", "object", "pixel quality scores (blur, exposure, ...)", "quality",
                 "review, keep_if"),
     RecordField("safety", "object", "nsfw and face scores", "safety", "review, keep_if"),
+    RecordField("matched_in", "list", "where the search's wording appears in the source's "
+                "text: `title`, `tags`, `description` (only the description: the likeliest "
+                "false positive)", "flickr", "review facets"),
     RecordField("imagenet", "object", "the ImageNet classes EfficientNet-Lite0 sees, with "
                 "their probabilities (the top 5)", "embed", "review"),
     RecordField("relevance", "object", "offline relevance scores, 0..1: `imagenet.<term>` "

@@ -194,3 +194,33 @@ def test_a_photo_found_by_two_wordings_is_stored_once(flickr, recipe_file, harve
     records = read_jsonl(output / "records.jsonl")
     assert sorted(r["source_id"] for r in records) == ["1", "2", "3"]
     assert {r["lang"] for r in records} == {"en"}  # the first wording keeps it
+
+
+def test_matched_in_says_where_the_wording_is(flickr, recipe_file, harvest, tmp_path):
+    """The cheap signal behind a search's false positives: the term only in the
+    description. Compared as plain text (a wording full of pattern characters is text)."""
+    from harvest.core.commands.review import Review
+    from harvest.plugins.sources.flickr import matched_in
+
+    flickr.photos = [
+        FakePhoto(id="1", title="Monkey  at the zoo", tags="monkey zoo"),
+        FakePhoto(id="2", title="Sunday", tags="monkey"),
+        FakePhoto(id="3", title="a cage", tags="cage", description="next to the MONKEY house"),
+        FakePhoto(id="4", title="spider monkeys", tags="spidermonkey"),
+    ]
+    output = tmp_path / "out"
+    status, out, err = harvest("run", recipe_file(flickr_recipe(flickr.endpoint, output)),
+                               "--no-progress")
+    assert status == 0, err
+    found = {r["source_id"]: r["matched_in"] for r in read_jsonl(output / "records.jsonl")}
+    assert found == {"1": ["title", "tags"], "2": ["tags"], "3": ["description"],
+                     "4": ["title"]}
+    review = Review(output)
+    assert review.meta()["facets"]["matched_in"] == {"title+tags": 1, "tags": 1,
+                                                     "description": 1, "title": 1}
+    only_description = review.view({"filters": {"matched_in": "description"}})
+    assert [item["id"] for item in only_description["items"]] == ["flickr:3"]
+    review.db.close()
+    assert matched_in("spider monkey", "", "", ["spidermonkey"]) == ["tags"]
+    assert matched_in("c++ (a*", "C++ (a* tutorial", "", []) == ["title"]
+    assert matched_in("", "anything", "", []) == []

@@ -49,7 +49,7 @@ from ..output.storage import stored_file
 log = logging.getLogger("harvest.review")
 THUMB_SIDE = 256
 BINS = 20
-FACETS = ("source", "term", "lang", "license", "country", "city")
+FACETS = ("source", "term", "lang", "license", "country", "city", "matched_in")
 SHOWS = ("all", "kept", "dropped", "manual", "near-duplicates")
 MAX_BODY = 1024 * 1024  # the page's largest request (every threshold, filter, sort) is < 10 kB
 SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -211,9 +211,9 @@ class Review:
         facets: dict[str, dict[str, int]] = {name: {} for name in FACETS}
         for record in self.records:
             for name in FACETS:
-                value = record.get(name)
+                value = _facet(record.get(name))
                 if value not in (None, ""):
-                    facets[name][str(value)] = facets[name].get(str(value), 0) + 1
+                    facets[name][value] = facets[name].get(value, 0) + 1
         thresholds = self.thresholds()
         if not thresholds:
             # Where the recipe left the harvest; stored at once, so export agrees.
@@ -272,7 +272,8 @@ class Review:
         kept = dropped = 0
         items = []
         for record in self.records:
-            if filters and any(str(record.get(name)) != value for name, value in filters.items()):
+            if filters and any(_facet(record.get(name)) != value
+                               for name, value in filters.items()):
                 continue
             is_kept, manual, why = judge(record)
             side = "kept" if is_kept else "dropped"
@@ -401,6 +402,14 @@ class Review:
             log.warning("thumbnail for %s: %s", sha[:12], exc)
             return None
         return cached
+
+
+def _facet(value) -> str | None:
+    """A record's value as a facet shows it: a list as its items joined (``title+tags``),
+    an empty one as ``none``."""
+    if isinstance(value, list):
+        return "+".join(map(str, value)) or "none"
+    return None if value is None else str(value)
 
 
 def _known_score(record: dict, key: str) -> float | None:

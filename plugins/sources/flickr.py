@@ -391,6 +391,8 @@ class FlickrSource(Source):
             "image_width": width,
             "image_height": height,
         }
+        fields["matched_in"] = matched_in(query.text, fields["title"], fields["description"],
+                                          fields["tags"])
         return Record(source="flickr", source_id=str(photo["id"]), url=url, query=query,
                       fields=fields, personal=set(PERSONAL))
 
@@ -401,6 +403,27 @@ class FlickrSource(Source):
         name, url, spdx = self.licenses.get(number, (f"Flickr license {number}", "", None))
         return {"license": spdx or f"LicenseRef-flickr-{number}", "license_name": name,
                 "license_url": url or None, "flickr_license": number}
+
+
+def matched_in(text: str, title: str, description: str, tags: list[str]) -> list[str]:
+    """Where the search's wording appears: ``title``, ``tags``, ``description`` (none:
+    Flickr matched it otherwise, a stem or a translation). A picture that has it only in
+    its description is the likeliest not to show it (a cage "near the monkeys"). Plain
+    case-insensitive comparison: no pattern is built from the answer's text."""
+    wanted = " ".join(text.casefold().split())
+    if not wanted:
+        return []
+    squashed = wanted.replace(" ", "")  # Flickr's tag form: "spider monkey" -> spidermonkey
+    words = set(wanted.split())
+    tag_set = {tag.casefold() for tag in tags}
+    where = []
+    if wanted in " ".join(title.casefold().split()):
+        where.append("title")
+    if squashed in tag_set or words <= tag_set:
+        where.append("tags")
+    if wanted in " ".join(str(description).casefold().split()):
+        where.append("description")
+    return where
 
 
 class Piece(NamedTuple):
