@@ -353,6 +353,17 @@ def test_harvest_train_learns_the_term_from_twenty_marks(recipe_file, harvest, t
                    for r in records.values())
     assert exported == expected and 0 < exported < len(records)
 
+    # Fitted on a sample of the weak labels (as for a term of a million pictures), every
+    # picture is still scored, the unsampled ones by the model directly.
+    from harvest.core.commands.train import train
+
+    report = train(output, max_weak=8)
+    sampled = json.loads((output / ".harvest" / "scores" / "learned.json").read_text())
+    assert report.scored == len(sampled) == len(records)
+    positives = [sampled[records[n]["id"]]["building"] for n in unseen if truth[n]]
+    negatives = [sampled[records[n]["id"]]["building"] for n in unseen if not truth[n]]
+    assert _auc(positives, negatives) >= 0.8, (positives, negatives)
+
 
 def test_the_review_page_trains_and_shows_the_figures(recipe_file, harvest, tmp_path,
                                                       review_server):

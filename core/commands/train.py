@@ -26,6 +26,11 @@ from ..output.records import read_records
 OVERLAY = "learned"
 MARK_WEIGHT = 10.0
 FOLDS = 5
+# A term's model is fitted on its marks and at most this many weak labels of each side
+# (sampled), then scores the term's other pictures a slice at a time: memory stays
+# bounded however many pictures a term has.
+MAX_WEAK = 20_000
+CHUNK = 10_000
 
 
 @dataclass
@@ -84,23 +89,40 @@ def _pictures(output: Path) -> list[tuple[str, str, str]]:
     return found
 
 
-def _embeddings(output: Path, shas: list[str]) -> dict[str, np.ndarray]:
-    vectors: dict[str, np.ndarray] = {}
-    dims = None
-    for folder in state_dirs(output):
-        try:
-            store = EmbeddingStore(folder)
-        except FileNotFoundError:
-            continue
-        try:
-            if dims is not None and store.dims != dims:
-                raise UsageError(f"{folder}: embeddings of {store.dims} dimensions beside "
-                                 f"others of {dims}")
-            dims = store.dims
-            vectors.update(store.vectors([sha for sha in shas if sha not in vectors]))
-        finally:
+class _Embeddings:
+    """The output's embedding stores (its own, each cluster shard's), read a slice at a
+    time: a million pictures' embeddings are never in memory at once."""
+
+    def __init__(self, output: Path):
+        self.stores = []
+        for folder in state_dirs(output):
+            try:
+                self.stores.append(EmbeddingStore(folder))
+            except FileNotFoundError:
+                continue
+        if len({store.dims for store in self.stores}) > 1:
+            self.close()
+            raise UsageError(f"{output}: embeddings of different sizes in one output")
+
+    def close(self) -> None:
+        for store in self.stores:
             store.close()
-    return vectors
+
+    def known(self, shas: list[str]) -> set[str]:
+        found: set[str] = set()
+        for start in range(0, len(shas), CHUNK):
+            chunk = shas[start:start + CHUNK]
+            for store in self.stores:
+                found |= store.known([sha for sha in chunk if sha not in found])
+        return found
+
+    def unit(self, shas: list[str]) -> np.ndarray:
+        """(len(shas), dims) float32 unit rows, in the order given; every sha is known."""
+        vectors: dict[str, np.ndarray] = {}
+        for store in self.stores:
+            vectors.update(store.vectors([sha for sha in shas if sha not in vectors]))
+        x = np.stack([vectors[sha] for sha in shas]).astype(np.float32)
+        return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
 def _model():
@@ -112,45 +134,76 @@ def _model():
     return LogisticRegression(C=3.0, class_weight="balanced", max_iter=2000)
 
 
-def train(output: Path, *, mark_weight: float = MARK_WEIGHT, folds: int = FOLDS) -> TrainReport:
+def train(output: Path, *, mark_weight: float = MARK_WEIGHT, folds: int = FOLDS,
+          max_weak: int = MAX_WEAK) -> TrainReport:
     pictures = _pictures(output)
-    vectors = _embeddings(output, sorted({sha for _, _, sha in pictures}))
-    if not vectors:
+    embeddings = _Embeddings(output)
+    try:
+        return _train(output, pictures, embeddings, mark_weight, folds, max_weak)
+    finally:
+        embeddings.close()
+
+
+def _train(output, pictures, embeddings, mark_weight, folds, max_weak) -> TrainReport:
+    known = embeddings.known(sorted({sha for _, _, sha in pictures}))
+    if not known:
         raise UsageError(f"{output}: no embeddings: add the `embed` enricher to the recipe "
                          "and run it")
     saved = load_saved_review(output)
     decisions = saved[1] if saved else {}
-    report = TrainReport(without_embedding=sum(1 for _, _, sha in pictures if sha not in vectors))
-    pictures = [p for p in pictures if p[2] in vectors]
-    ids = [record_id for record_id, _, _ in pictures]
-    terms = np.array([term for _, term, _ in pictures])
-    x = np.stack([vectors[sha] for _, _, sha in pictures]).astype(np.float32)
-    x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    report = TrainReport(without_embedding=sum(1 for _, _, sha in pictures if sha not in known))
+    pictures = [p for p in pictures if p[2] in known]
+    ids = np.array([record_id for record_id, _, _ in pictures], dtype=object)
+    shas = [sha for _, _, sha in pictures]
+    terms = np.array([term for _, term, _ in pictures], dtype=object)
     marks = np.array([{"keep": 1, "reject": 0}.get(decisions.get(i), -1) for i in ids])
+    rng = np.random.default_rng(0)
     learned: dict[str, dict[str, float]] = {}
     for term in sorted(set(terms)):
         mine = terms == term
-        # The weak label: found for this term or another; a mark says better, for its term.
-        y = mine.astype(int)
-        weight = np.ones(len(y))
-        marked = mine & (marks >= 0)
-        y[marked] = marks[marked]
-        weight[marked] = mark_weight
-        entry = TermReport(term, int(mine.sum()), int((marks[mine] == 1).sum()),
-                           int((marks[mine] == 0).sum()))
+        marked = np.flatnonzero(mine & (marks >= 0))
+        entry = TermReport(term, int(mine.sum()), int((marks[marked] == 1).sum()),
+                           int((marks[marked] == 0).sum()))
         report.terms.append(entry)
+        # The weak label: found for this term (1) or another (0); a mark says better.
+        weak_mine = _sample(np.flatnonzero(mine & (marks < 0)), max_weak, rng)
+        weak_others = _sample(np.flatnonzero(~mine), max_weak, rng)
+        fitted_on = np.concatenate([marked, weak_mine, weak_others])
+        y = np.concatenate([marks[marked], np.ones(len(weak_mine), int),
+                            np.zeros(len(weak_others), int)])
         if len(set(y)) < 2:
             entry.note = "needs pictures of another term or some rejected by hand"
             continue
-        entry.precision, entry.recall, entry.note = _cross_validate(
-            x, y, weight, np.flatnonzero(marked), folds)
-        scores = _out_of_fold_scores(x, y, weight, np.flatnonzero(mine & ~marked), folds)
-        scores[marked] = _model().fit(x, y, sample_weight=weight).predict_proba(x[marked])[:, 1]
-        for record_id, score in zip(np.array(ids)[mine], scores[mine], strict=True):
-            learned.setdefault(str(record_id), {})[term] = round(float(score), 4)
+        weight = np.concatenate([np.full(len(marked), mark_weight),
+                                 np.ones(len(weak_mine) + len(weak_others))])
+        x = embeddings.unit([shas[i] for i in fitted_on])
+        at_marks = np.arange(len(marked))
+        entry.precision, entry.recall, entry.note = _cross_validate(x, y, weight, at_marks,
+                                                                    folds)
+        at_weak_mine = np.arange(len(marked), len(marked) + len(weak_mine))
+        scores = _out_of_fold_scores(x, y, weight, at_weak_mine, folds)
+        model = _model().fit(x, y, sample_weight=weight)
+        if len(marked):
+            scores[at_marks] = model.predict_proba(x[at_marks])[:, 1]
+        for position, score in zip(fitted_on[:len(marked) + len(weak_mine)],
+                                   scores[:len(marked) + len(weak_mine)], strict=True):
+            learned.setdefault(str(ids[position]), {})[term] = round(float(score), 4)
+        # The term's pictures the model was not fitted on: unseen, scored by it directly.
+        rest = np.setdiff1d(np.flatnonzero(mine), fitted_on, assume_unique=True)
+        for start in range(0, len(rest), CHUNK):
+            chunk = rest[start:start + CHUNK]
+            chunk_scores = model.predict_proba(embeddings.unit([shas[i] for i in chunk]))[:, 1]
+            for position, score in zip(chunk, chunk_scores, strict=True):
+                learned.setdefault(str(ids[position]), {})[term] = round(float(score), 4)
     write_overlay(output, OVERLAY, learned)
     report.scored = len(learned)
     return report
+
+
+def _sample(indices: np.ndarray, most: int, rng) -> np.ndarray:
+    if len(indices) <= most:
+        return indices
+    return np.sort(rng.choice(indices, size=most, replace=False))
 
 
 def _out_of_fold_scores(x, y, weight, unmarked: np.ndarray, folds: int) -> np.ndarray:
