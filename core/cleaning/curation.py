@@ -141,17 +141,45 @@ def overlay_fields(output: Path) -> list[str]:
     return sorted(path.stem for path in folder.glob("*.json")) if folder.is_dir() else []
 
 
+class OverlayWriter:
+    """Writes the overlay ``field`` a record at a time (a million records' scores are never
+    one dict in memory) and puts it in place whole, atomically, when the ``with`` block
+    ends without an error: a reader sees the old overlay or the new one."""
+
+    def __init__(self, output: Path, field: str):
+        self.path = output / OVERLAYS / f"{field}.json"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.temp = self.path.with_suffix(".tmp")
+        self.count = 0
+
+    def __enter__(self) -> "OverlayWriter":
+        self.handle = self.temp.open("w", encoding="utf-8")
+        self.handle.write("{")
+        return self
+
+    def add(self, record_id: str, scores: dict[str, float]) -> None:
+        self.handle.write(("," if self.count else "") + json.dumps(record_id) + ":"
+                          + json.dumps(scores, sort_keys=True))
+        self.count += 1
+
+    def __exit__(self, kind, error, trace) -> None:
+        if kind is not None:
+            self.handle.close()
+            self.temp.unlink(missing_ok=True)
+            return
+        self.handle.write("}")
+        self.handle.flush()
+        os.fsync(self.handle.fileno())
+        self.handle.close()
+        self.temp.replace(self.path)
+
+
 def write_overlay(output: Path, field: str, scores: dict[str, dict[str, float]]) -> Path:
-    """Replaces the overlay ``field`` (whole, atomically: a reader sees the old or the new)."""
-    path = output / OVERLAYS / f"{field}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_suffix(".tmp")
-    with temp.open("w", encoding="utf-8") as handle:
-        json.dump(scores, handle, sort_keys=True)
-        handle.flush()
-        os.fsync(handle.fileno())
-    temp.replace(path)
-    return path
+    """Replaces the overlay ``field`` with ``scores`` (whole, atomically)."""
+    with OverlayWriter(output, field) as writer:
+        for record_id in sorted(scores):
+            writer.add(record_id, scores[record_id])
+    return writer.path
 
 
 def read_overlays(output: Path) -> dict[str, dict[str, dict]]:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..cleaning.curation import load_saved_review, write_overlay
+from ..cleaning.curation import OverlayWriter, load_saved_review
 from ..contract.shards import state_dirs
 from ..errors import UsageError
 from ..output.embeddings import EmbeddingStore
@@ -76,17 +76,33 @@ class TrainReport:
                          for row in rows)
 
 
-def _pictures(output: Path) -> list[tuple[str, str, str]]:
-    """(record id, term, sha256) of every stored picture that is not a copy."""
-    records_path = output / "records.jsonl"
-    if not records_path.is_file():
-        raise UsageError(f"{output}: no records.jsonl: give the folder a recipe's `output:` names")
-    found = []
-    for record in read_records(records_path):
-        sha = (record.get("file") or {}).get("sha256")
-        if sha and record.get("term") and not record.get("duplicate_of"):
-            found.append((record["id"], record["term"], sha))
-    return found
+class _Pictures:
+    """Every stored picture that is not a copy and has a term, compactly: a million of
+    them take tens of MB, not a million tuples of strings."""
+
+    def __init__(self, output: Path):
+        records_path = output / "records.jsonl"
+        if not records_path.is_file():
+            raise UsageError(f"{output}: no records.jsonl: give the folder a recipe's "
+                             "`output:` names")
+        self.ids: list[str] = []
+        shas: list[bytes] = []
+        terms: list[int] = []
+        self.term_names: list[str] = []
+        numbers: dict[str, int] = {}
+        for record in read_records(records_path):
+            sha = (record.get("file") or {}).get("sha256")
+            term = record.get("term")
+            if sha and isinstance(term, str) and term and not record.get("duplicate_of"):
+                self.ids.append(record["id"])
+                shas.append(sha.encode("ascii"))
+                terms.append(numbers.setdefault(term, len(numbers)))
+        self.term_names = sorted(numbers, key=numbers.get)
+        self.shas = np.array(shas, dtype="S64")
+        self.terms = np.array(terms, dtype=np.int32)
+
+    def sha(self, index: int) -> str:
+        return self.shas[index].decode("ascii")
 
 
 class _Embeddings:
@@ -108,13 +124,16 @@ class _Embeddings:
         for store in self.stores:
             store.close()
 
-    def known(self, shas: list[str]) -> set[str]:
-        found: set[str] = set()
+    def known(self, shas: np.ndarray) -> np.ndarray:
+        """Which of these (S64) sha256s have an embedding, as a mask."""
+        mask = np.zeros(len(shas), dtype=bool)
         for start in range(0, len(shas), CHUNK):
-            chunk = shas[start:start + CHUNK]
+            chunk = [sha.decode("ascii") for sha in shas[start:start + CHUNK]]
+            found: set[str] = set()
             for store in self.stores:
                 found |= store.known([sha for sha in chunk if sha not in found])
-        return found
+            mask[start:start + len(chunk)] = [sha in found for sha in chunk]
+        return mask
 
     def unit(self, shas: list[str]) -> np.ndarray:
         """(len(shas), dims) float32 unit rows, in the order given; every sha is known."""
@@ -136,7 +155,7 @@ def _model():
 
 def train(output: Path, *, mark_weight: float = MARK_WEIGHT, folds: int = FOLDS,
           max_weak: int = MAX_WEAK) -> TrainReport:
-    pictures = _pictures(output)
+    pictures = _Pictures(output)
     embeddings = _Embeddings(output)
     try:
         return _train(output, pictures, embeddings, mark_weight, folds, max_weak)
@@ -145,59 +164,63 @@ def train(output: Path, *, mark_weight: float = MARK_WEIGHT, folds: int = FOLDS,
 
 
 def _train(output, pictures, embeddings, mark_weight, folds, max_weak) -> TrainReport:
-    known = embeddings.known(sorted({sha for _, _, sha in pictures}))
-    if not known:
+    embedded = embeddings.known(pictures.shas)
+    if not embedded.any():
         raise UsageError(f"{output}: no embeddings: add the `embed` enricher to the recipe "
                          "and run it")
     saved = load_saved_review(output)
     decisions = saved[1] if saved else {}
-    report = TrainReport(without_embedding=sum(1 for _, _, sha in pictures if sha not in known))
-    pictures = [p for p in pictures if p[2] in known]
-    ids = np.array([record_id for record_id, _, _ in pictures], dtype=object)
-    shas = [sha for _, _, sha in pictures]
-    terms = np.array([term for _, term, _ in pictures], dtype=object)
-    marks = np.array([{"keep": 1, "reject": 0}.get(decisions.get(i), -1) for i in ids])
+    report = TrainReport(without_embedding=int((~embedded).sum()))
+    marks = np.full(len(pictures.ids), -1, dtype=np.int8)
+    for position, record_id in enumerate(pictures.ids):
+        decision = decisions.get(record_id)
+        if decision in ("keep", "reject"):
+            marks[position] = decision == "keep"
     rng = np.random.default_rng(0)
-    learned: dict[str, dict[str, float]] = {}
-    for term in sorted(set(terms)):
-        mine = terms == term
-        marked = np.flatnonzero(mine & (marks >= 0))
-        entry = TermReport(term, int(mine.sum()), int((marks[marked] == 1).sum()),
-                           int((marks[marked] == 0).sum()))
-        report.terms.append(entry)
-        # The weak label: found for this term (1) or another (0); a mark says better.
-        weak_mine = _sample(np.flatnonzero(mine & (marks < 0)), max_weak, rng)
-        weak_others = _sample(np.flatnonzero(~mine), max_weak, rng)
-        fitted_on = np.concatenate([marked, weak_mine, weak_others])
-        y = np.concatenate([marks[marked], np.ones(len(weak_mine), int),
-                            np.zeros(len(weak_others), int)])
-        if len(set(y)) < 2:
-            entry.note = "needs pictures of another term or some rejected by hand"
-            continue
-        weight = np.concatenate([np.full(len(marked), mark_weight),
-                                 np.ones(len(weak_mine) + len(weak_others))])
-        x = embeddings.unit([shas[i] for i in fitted_on])
-        at_marks = np.arange(len(marked))
-        entry.precision, entry.recall, entry.note = _cross_validate(x, y, weight, at_marks,
-                                                                    folds)
-        at_weak_mine = np.arange(len(marked), len(marked) + len(weak_mine))
-        scores = _out_of_fold_scores(x, y, weight, at_weak_mine, folds)
-        model = _model().fit(x, y, sample_weight=weight)
-        if len(marked):
-            scores[at_marks] = model.predict_proba(x[at_marks])[:, 1]
-        for position, score in zip(fitted_on[:len(marked) + len(weak_mine)],
-                                   scores[:len(marked) + len(weak_mine)], strict=True):
-            learned.setdefault(str(ids[position]), {})[term] = round(float(score), 4)
-        # The term's pictures the model was not fitted on: unseen, scored by it directly.
-        rest = np.setdiff1d(np.flatnonzero(mine), fitted_on, assume_unique=True)
-        for start in range(0, len(rest), CHUNK):
-            chunk = rest[start:start + CHUNK]
-            chunk_scores = model.predict_proba(embeddings.unit([shas[i] for i in chunk]))[:, 1]
-            for position, score in zip(chunk, chunk_scores, strict=True):
-                learned.setdefault(str(ids[position]), {})[term] = round(float(score), 4)
-    write_overlay(output, OVERLAY, learned)
-    report.scored = len(learned)
+    with OverlayWriter(output, OVERLAY) as learned:
+        for number, term in sorted(enumerate(pictures.term_names), key=lambda pair: pair[1]):
+            mine = (pictures.terms == number) & embedded
+            entry = TermReport(term, int(mine.sum()), int((marks[mine] == 1).sum()),
+                               int((marks[mine] == 0).sum()))
+            report.terms.append(entry)
+            _learn(pictures, embeddings, mine, embedded & ~mine, marks, entry, learned,
+                   mark_weight, folds, max_weak, rng)
+    report.scored = learned.count
     return report
+
+
+def _learn(pictures, embeddings, mine, others, marks, entry, learned, mark_weight, folds,
+           max_weak, rng) -> None:
+    """One term's model, its cross-validated figures, and the scores of its pictures."""
+    marked = np.flatnonzero(mine & (marks >= 0))
+    # The weak label: found for this term (1) or another (0); a mark says better.
+    weak_mine = _sample(np.flatnonzero(mine & (marks < 0)), max_weak, rng)
+    weak_others = _sample(np.flatnonzero(others), max_weak, rng)
+    fitted_on = np.concatenate([marked, weak_mine, weak_others])
+    y = np.concatenate([marks[marked].astype(int), np.ones(len(weak_mine), int),
+                        np.zeros(len(weak_others), int)])
+    if len(set(y)) < 2:
+        entry.note = "needs pictures of another term or some rejected by hand"
+        return
+    weight = np.concatenate([np.full(len(marked), mark_weight),
+                             np.ones(len(weak_mine) + len(weak_others))])
+    x = embeddings.unit([pictures.sha(i) for i in fitted_on])
+    at_marks = np.arange(len(marked))
+    entry.precision, entry.recall, entry.note = _cross_validate(x, y, weight, at_marks, folds)
+    seen = len(marked) + len(weak_mine)
+    scores = _out_of_fold_scores(x, y, weight, np.arange(len(marked), seen), folds)
+    model = _model().fit(x, y, sample_weight=weight)
+    if len(marked):
+        scores[at_marks] = model.predict_proba(x[at_marks])[:, 1]
+    for position, score in zip(fitted_on[:seen], scores[:seen], strict=True):
+        learned.add(pictures.ids[position], {entry.term: round(float(score), 4)})
+    # The term's pictures the model was not fitted on: unseen, scored by it directly.
+    rest = np.setdiff1d(np.flatnonzero(mine), fitted_on, assume_unique=True)
+    for start in range(0, len(rest), CHUNK):
+        chunk = rest[start:start + CHUNK]
+        chunk_scores = model.predict_proba(embeddings.unit([pictures.sha(i) for i in chunk]))
+        for position, score in zip(chunk, chunk_scores[:, 1], strict=True):
+            learned.add(pictures.ids[position], {entry.term: round(float(score), 4)})
 
 
 def _sample(indices: np.ndarray, most: int, rng) -> np.ndarray:
