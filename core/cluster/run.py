@@ -34,6 +34,7 @@ from distributed.utils import sync
 
 from ..cleaning.curation import write_scoring
 from ..contract.recipe import Recipe
+from ..contract.registry import build_plugin
 from ..contract.shards import SHARDS_DIR, Coordinator, Shard, state_dirs
 from ..download.http import TokenBuckets
 from ..errors import HarvestError, UsageError, one_line
@@ -366,7 +367,7 @@ class ClusterRun:
             log.info("%d shards planned", len(shards))
             self._check_workers(client)
             self._preload(client)
-            self._execute(client, shards, planner)
+            self._execute(client, shards)
         finally:
             try:
                 client.sync(client.scheduler.harvest_forget, run=self.run_id)
@@ -432,7 +433,7 @@ class ClusterRun:
         if chunk:
             client.sync(client.scheduler.harvest_load_copies, run=self.run_id, rows=chunk)
 
-    def _execute(self, client: Client, shards: list[Shard], engine) -> None:
+    def _execute(self, client: Client, shards: list[Shard]) -> None:
         recipe = _portable(self.recipe)
         tombstones = tuple(_tombstones(self.output / ".harvest" / "state.sqlite"))
         futures = {}
@@ -444,7 +445,7 @@ class ClusterRun:
             futures[future] = shard
         live = Summary(self.recipe.name)
         progress = Progress(live, enabled=self.show_progress)
-        merger = PartMerger(self.recipe, engine)
+        merger = PartMerger(self.recipe)
         watcher = _ProgressWatcher(client, self.run_id, live, progress)
         failed: list[str] = []
         watcher.start()
@@ -555,8 +556,7 @@ class PartMerger:
     a record twice; a part is deleted once merged.
     """
 
-    def __init__(self, recipe: Recipe, engine):
-        """``engine``: an Engine of the recipe on this machine, which builds the sinks."""
+    def __init__(self, recipe: Recipe):
         self.recipe = recipe
         self.state = RunState(recipe.output / ".harvest" / "state.sqlite")
         self.run_id = self.state.start_run()
@@ -565,7 +565,9 @@ class PartMerger:
         for spec in recipe.sinks:
             if spec.cls.shared:
                 continue
-            sink = engine._open(self.stack, spec)
+            sink = build_plugin(recipe, spec)
+            sink.open()
+            self.stack.callback(sink.close)
             sink.resume(self.state.checkpoint(spec.label))
             self.sinks.append((spec, sink))
 
