@@ -641,7 +641,7 @@ def _cmd_run(args, recipe: Recipe) -> int:
             option = "--verify-sinks" if args.verify_sinks else "--reconsider"
             raise UsageError(f"{option} works on one machine only: run it without "
                              "--cluster/--local-workers, then go on with the cluster")
-        from ..cluster.run import ClusterRun
+        from ..cluster.client import ClusterRun
 
         summary = ClusterRun(recipe, address=args.cluster, local_workers=args.local_workers,
                              progress=not args.no_progress).run()

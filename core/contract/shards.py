@@ -4,7 +4,7 @@ A shard is one source asked one query (one wording of one term), or one partitio
 it; shards never overlap, so each can run the normal pipeline on its own. On one
 machine a single pipeline runs every shard and the :class:`Coordinator` has nobody to
 ask; on a cluster each shard runs where the engine puts it and the coordinator asks
-the scheduler (``harvest.core.cluster.run``).
+the scheduler (``harvest.core.cluster.scheduler``).
 """
 
 from __future__ import annotations
