@@ -13,7 +13,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter, deque
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ from distributed.diagnostics.plugin import SchedulerPlugin
 
 from ..contract.shards import Coordinator
 from ..download.http import TokenBuckets
-from ..record import FileClaim
+from ..record import FileClaim, FileClaimAnswer
 
 PLUGIN_NAME = "harvest-coordinator"
 SLOT_BATCH_SECONDS = 0.25
@@ -75,17 +75,17 @@ class CoordinatorPlugin(SchedulerPlugin):
         return [record_id for record_id in ids if records.setdefault(record_id, shard) != shard]
 
     def claim_file(self, run: str, claim: list) -> dict:
-        """``claim``: a FileClaim; the answer is ``Coordinator.claim_file``'s."""
+        """``claim``: a FileClaim; the answer: a FileClaimAnswer's fields."""
         claim = FileClaim(*claim)
         claims = self._run(run)
         held = claims.files.get(claim.sha256)
         if held is not None:
-            return {"owner": held.record_id, "path": held.path}
+            return asdict(FileClaimAnswer(owner=held.record_id, path=held.path))
         if claims.paths.get(claim.path, claim.sha256) != claim.sha256:
-            return {"path_taken": True}
+            return asdict(FileClaimAnswer(path_taken=True))
         claims.files[claim.sha256] = claim
         claims.paths[claim.path] = claim.sha256
-        return {}
+        return asdict(FileClaimAnswer())
 
     def preload(self, run: str, shard: str, ids: list, files: list) -> None:
         """``files``: FileClaims."""
@@ -168,9 +168,9 @@ class SchedulerCoordinator(Coordinator):
         return set(self._call("harvest_claim_records", run=self.run, shard=self.shard,
                               ids=record_ids))
 
-    def claim_file(self, sha256: str, record_id: str, relpath: str) -> dict:
-        return self._call("harvest_claim_file", run=self.run,
-                          claim=list(FileClaim(sha256, record_id, relpath)))
+    def claim_file(self, sha256: str, record_id: str, relpath: str) -> FileClaimAnswer:
+        return FileClaimAnswer(**self._call("harvest_claim_file", run=self.run,
+                                            claim=list(FileClaim(sha256, record_id, relpath))))
 
     def report(self, counts: list) -> bool:
         return self._call("harvest_report", run=self.run, shard=self.shard, counts=counts)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..download.http import TokenBuckets
+from ..record import FileClaimAnswer
 
 SHARDS_DIR = Path(".harvest") / "shards"  # in an output: each cluster shard's own folder
 
@@ -80,11 +81,9 @@ class Coordinator:
         """Claims ids for this pipeline; returns those another pipeline holds already."""
         return set()
 
-    def claim_file(self, sha256: str, record_id: str, relpath: str) -> dict:
-        """Claims content and its path. ``{}``: both are this record's; ``{"owner": id,
-        "path": p}``: another record holds the same bytes at p; ``{"path_taken": True}``:
-        other bytes hold that path, choose another."""
-        return {}
+    def claim_file(self, sha256: str, record_id: str, relpath: str) -> FileClaimAnswer:
+        """Claims content and its path for ``record_id``."""
+        return FileClaimAnswer()
 
     def report(self, counts: list) -> bool:
         """Progress for the client to show; True when the client asks the run to stop."""
