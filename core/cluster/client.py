@@ -51,8 +51,8 @@ class ClientCoordinator(SchedulerCoordinator):
         super().__init__(run, MAIN_OWNER)
         self.client = client
 
-    def _call(self, op: str, **kwargs) -> Any:
-        return self.client.sync(getattr(self.client.scheduler, op), **kwargs)
+    def _call(self, handler: str, **kwargs) -> Any:
+        return self.client.sync(getattr(self.client.scheduler, handler), **kwargs)
 
     def reserve(self, key: str, rate: float, burst: float = 1.0) -> float:
         """One token at a time: the client plans, its calls are few."""
@@ -173,17 +173,6 @@ class ClusterRun:
             for start in range(0, max(len(ids), len(files), 1), PRELOAD_CHUNK):
                 coordinator.preload(owner, ids[start:start + PRELOAD_CHUNK],
                                     files[start:start + PRELOAD_CHUNK])
-        # Near-duplicate registry: every picture placed by earlier runs, here or on shards.
-        from ..cleaning.copies import stored_rows
-
-        chunk: list = []
-        for row in stored_rows(state_dirs(self.output)):
-            chunk.append(list(row))
-            if len(chunk) >= PRELOAD_CHUNK:
-                coordinator.load_copies(chunk)
-                chunk = []
-        if chunk:
-            coordinator.load_copies(chunk)
 
     def _execute(self, client: Client, coordinator: ClientCoordinator,
                  shards: list[Shard]) -> None:

@@ -3,29 +3,37 @@
 :class:`CoordinatorPlugin` holds token buckets (per-host rate limits and API quotas hold
 for the whole cluster) and, per run, the claims on record ids and image contents,
 checked and set in one step on the scheduler's event loop, so two workers never both keep
-one photo or one file. :class:`SchedulerCoordinator` is a pipeline's coordinator that
+one photo or one file, and the run's shared services (``Coordinator.service``): objects a
+pipeline made and installed, each hosted by its name, whose methods every worker calls
+in turn (the near-duplicate registry is one; the plugin knows none by name).
+:class:`SchedulerCoordinator` is a pipeline's coordinator that
 puts its questions to the plugin; the worker's and the client's differ only in how they
 reach the scheduler. The messages between the two are defined here, on both sides.
 """
 
 from __future__ import annotations
 
+import asyncio
+import pickle
 import threading
 import time
+import uuid
 from collections import Counter, deque
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from distributed.diagnostics.plugin import SchedulerPlugin
 
-from ..contract.shards import Coordinator
+from ..contract.shards import Coordinator, close_services, public_op
 from ..download.http import TokenBuckets
 from ..record import FileClaim, FileClaimAnswer
 
 PLUGIN_NAME = "harvest-coordinator"
 SLOT_BATCH_SECONDS = 0.25
 SLOT_BATCH_MAX = 64
+SERVICE_PIECE_BYTES = 8 << 20  # a shared service travels to the scheduler in pieces
 
 
 @dataclass
@@ -35,7 +43,8 @@ class _RunClaims:
     paths: dict  # path -> sha256
     progress: dict  # shard key -> [[source, term, outcome, n], ...]
     stop: bool = False
-    copies: Any = None  # the run's CopyRegistry (near-duplicates), made when first used
+    services: dict = field(default_factory=dict)  # name -> the object (Coordinator.service)
+    uploads: dict = field(default_factory=dict)  # upload id -> pieces of a pickled service
 
 
 class CoordinatorPlugin(SchedulerPlugin):
@@ -58,8 +67,9 @@ class CoordinatorPlugin(SchedulerPlugin):
             "harvest_progress": self.progress,
             "harvest_stop": self.stop,
             "harvest_forget": self.forget,
-            "harvest_load_copies": self.load_copies,
-            "harvest_place_copies": self.place_copies,
+            "harvest_service_hosted": self.service_hosted,
+            "harvest_service_install": self.service_install,
+            "harvest_service_call": self.service_call,
         })
 
     def _run(self, run: str) -> _RunClaims:
@@ -97,22 +107,25 @@ class CoordinatorPlugin(SchedulerPlugin):
                 claims.files[claim.sha256] = claim
                 claims.paths.setdefault(claim.path, claim.sha256)
 
-    def _copies(self, run: str):
+    def service_hosted(self, run: str, name: str) -> bool:
+        return name in self._run(run).services
+
+    async def service_install(self, run: str, name: str, upload: str, piece: bytes,
+                              last: bool) -> None:
+        """A service a pipeline made, pickled, in pieces; the first installed stays. It is
+        unpickled off the event loop (a registry rebuilds its index), the claims go on."""
         claims = self._run(run)
-        if claims.copies is None:
-            from ..cleaning.copies import CopyRegistry
+        claims.uploads.setdefault(upload, []).append(piece)
+        if not last:
+            return
+        blob = b"".join(claims.uploads.pop(upload))
+        service = await asyncio.get_running_loop().run_in_executor(None, pickle.loads, blob)
+        if claims.services.setdefault(name, service) is not service:
+            close_services({name: service})
 
-            claims.copies = CopyRegistry()
-        return claims.copies
-
-    def load_copies(self, run: str, rows: list) -> None:
-        self._copies(run).load(tuple(row) for row in rows)
-
-    def place_copies(self, run: str, batch: list, max_distance: int,
-                     max_dhash_distance: int) -> list:
-        decisions, changed = self._copies(run).place([tuple(item) for item in batch],
-                                                     max_distance, max_dhash_distance)
-        return [decisions, [list(row) for row in changed]]
+    def service_call(self, run: str, name: str, method: str, args: list) -> Any:
+        """``method``, not ``op``: Dask's messages name their handler ``op``."""
+        return getattr(self._run(run).services[name], public_op(method))(*args)
 
     def report(self, run: str, shard: str, counts: list) -> bool:
         claims = self._run(run)
@@ -130,7 +143,9 @@ class CoordinatorPlugin(SchedulerPlugin):
         self._run(run).stop = True
 
     def forget(self, run: str) -> None:
-        self.runs.pop(run, None)
+        claims = self.runs.pop(run, None)
+        if claims is not None:
+            close_services(claims.services)
 
 
 class SchedulerCoordinator(Coordinator):
@@ -143,7 +158,7 @@ class SchedulerCoordinator(Coordinator):
         self._slots: dict[str, deque] = {}
         self._slots_lock = threading.Lock()
 
-    def _call(self, op: str, **kwargs) -> Any:
+    def _call(self, handler: str, **kwargs) -> Any:
         raise NotImplementedError
 
     def reserve(self, key: str, rate: float, burst: float = 1.0) -> float:
@@ -175,24 +190,24 @@ class SchedulerCoordinator(Coordinator):
     def report(self, counts: list) -> bool:
         return self._call("harvest_report", run=self.run, shard=self.shard, counts=counts)
 
-    def place_copies(self, state_dirs: list[Path], batch: list, max_distance: int,
-                     max_dhash_distance: int) -> list[dict]:
-        """On the scheduler's registry, which the client loaded from every store of the
-        output; the rows that changed are kept in this shard's store too, for later runs."""
-        from ..cleaning.copies import CopyStore
+    def service(self, name: str, factory: Callable[[list[Path]], Any],
+                state_dirs: list[Path]) -> None:
+        """Made here (this process sees the output's state folders) and installed on the
+        scheduler, unless it hosts the service already; when two pipelines make it at
+        once, the first installed stays."""
+        if self._call("harvest_service_hosted", run=self.run, name=name):
+            return
+        blob = pickle.dumps(factory(state_dirs), protocol=pickle.HIGHEST_PROTOCOL)
+        upload = uuid.uuid4().hex
+        pieces = range(0, max(len(blob), 1), SERVICE_PIECE_BYTES)
+        for start in pieces:
+            self._call("harvest_service_install", run=self.run, name=name, upload=upload,
+                       piece=blob[start:start + SERVICE_PIECE_BYTES],
+                       last=start == pieces[-1])
 
-        decisions, changed = self._call("harvest_place_copies", run=self.run,
-                                        batch=[list(item) for item in batch],
-                                        max_distance=max_distance,
-                                        max_dhash_distance=max_dhash_distance)
-        with self._copies_lock:
-            if self._copies is None:
-                self._copies = (None, CopyStore(state_dirs[0]))
-            self._copies[1].save(tuple(row) for row in changed)
-        return decisions
-
-    def load_copies(self, rows: list) -> None:
-        self._call("harvest_load_copies", run=self.run, rows=rows)
+    def call(self, name: str, op: str, *args: Any) -> Any:
+        return self._call("harvest_service_call", run=self.run, name=name, method=op,
+                          args=list(args))
 
     def preload(self, owner: str, ids: list[str], files: list[FileClaim]) -> None:
         """Claims an earlier run holds (``owner``: its shard's key)."""

@@ -29,8 +29,8 @@ class ClusterCoordinator(SchedulerCoordinator):
         super().__init__(run, shard)
         self.worker = get_worker()
 
-    def _call(self, op: str, **kwargs) -> Any:
-        return sync(self.worker.loop, getattr(self.worker.scheduler, op), **kwargs)
+    def _call(self, handler: str, **kwargs) -> Any:
+        return sync(self.worker.loop, getattr(self.worker.scheduler, handler), **kwargs)
 
 
 @dataclass
