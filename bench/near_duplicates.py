@@ -35,7 +35,7 @@ SAMPLES = REPO.parent / "shared" / "testdata" / "exif-samples" / "jpg"
 
 
 def index_speed(n: int, radius: int) -> dict:
-    from harvest.core.cleaning.hamming import HammingIndex
+    from harvest.plugins.enrichers.near_duplicates_hamming import HammingIndex
 
     rng = np.random.default_rng(7)
     stored = rng.integers(0, 2**64 - 1, n, dtype=np.uint64)

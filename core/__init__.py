@@ -11,7 +11,6 @@ _HOME = {
     "output.crypto": ["PROTECTION_OPTIONS", "FieldCipher", "Keyring", "Protection", "check_protection"],
     "cleaning.curation": ["set_aside"],
     "output.records": ["filter_jsonl", "rewrite_jsonl"],
-    "cleaning.hamming": ["HammingIndex"],
     "errors": ["HarvestError", "PluginConfigError", "RecordError", "UsageError"],
     "options": ["BBox", "Bool", "Choice", "Date", "Float", "Int", "ListOf", "MapOf", "Option",
                 "OptionError", "OptionType", "Path", "Secret", "SecretValue", "Size", "Str",

@@ -63,6 +63,17 @@ class FileClaim(NamedTuple):
     path: str
 
 
+@dataclass(frozen=True)
+class FileClaimAnswer:
+    """What a claim on content and its path gets. By default both are the claimer's;
+    with ``owner``, another record holds the same bytes, at ``path``; ``path_taken``:
+    other bytes hold that path, choose another."""
+
+    owner: str | None = None
+    path: str | None = None
+    path_taken: bool = False
+
+
 @dataclass
 class Record:
     """A harvested image.

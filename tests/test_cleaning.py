@@ -14,7 +14,7 @@ from imagegen import make_image
 from PIL import Image, ImageEnhance
 
 from harvest.core.cleaning.curation import set_aside_ids
-from harvest.core.cleaning.hamming import HammingIndex
+from harvest.plugins.enrichers.near_duplicates_hamming import HammingIndex
 
 
 def variant(data: bytes, kind: str) -> bytes:

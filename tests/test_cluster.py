@@ -206,14 +206,14 @@ def test_rate_limit_holds_across_workers(flickr, recipe_file, harvest, tmp_path,
 
 
 def _reserve_many(key: str, count: int) -> list[float]:
-    from harvest.core.cluster.run import ClusterCoordinator
+    from harvest.core.cluster.worker import ClusterCoordinator
 
     coordinator = ClusterCoordinator("quota-test", "shard")
     return [coordinator.reserve(key, 10.0, 1.0) for _ in range(count)]
 
 
 def test_token_buckets_are_shared_by_the_workers(dask_cluster):
-    from harvest.core.cluster.run import PLUGIN_NAME, CoordinatorPlugin
+    from harvest.core.cluster.scheduler import PLUGIN_NAME, CoordinatorPlugin
 
     with Client(dask_cluster, set_as_default=False) as client:
         client.register_plugin(CoordinatorPlugin(), name=PLUGIN_NAME)

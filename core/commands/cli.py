@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from ..contract.recipe import Recipe, load_recipe
-from ..contract.registry import KINDS, load_registry
+from ..contract.registry import KINDS, build_plugin, load_registry
 from ..errors import HarvestError, UsageError, disk_full
 from ..output.crypto import DEFAULT_KEY_FILE
 from ..pipeline.stopping import StopSignals
@@ -191,9 +191,7 @@ def _open_sinks(target: Path):
     takedown and purge. A recipe opens every sink; an output folder opens those of the
     recipe its last run recorded, or, when that recipe is gone or names another output,
     reaches its JSONL records only and names the sinks it could not reach."""
-    from ..contract.registry import load_registry
     from ..output.takedown import remembered_sinks
-    from ..pipeline.engine import Engine
 
     unreached: list[str] = []
     if target.is_dir():
@@ -210,11 +208,10 @@ def _open_sinks(target: Path):
             return target, [], None, unreached
     else:
         recipe = load_recipe(target, load_registry())
-    engine = Engine(recipe, progress=False)
     sinks = []
     try:
         for spec in recipe.sinks:
-            sink = engine._build(spec)
+            sink = build_plugin(recipe, spec)
             sink.open()
             sinks.append((spec.label, sink))
     except BaseException:
@@ -404,13 +401,11 @@ def _cmd_rekey(args) -> int:
     from ..output.lock import OutputLock
     from ..output.records import rotation
     from ..output.takedown import crash_point
-    from ..pipeline.engine import Engine
 
     if not (args.new_key_file or args.new_key_env):
         raise UsageError("rekey: give --new-key-file or --new-key-env")
     new = Keyring.load(args.new_key_file, args.new_key_env)
     recipe = load_recipe(args.recipe, load_registry())
-    engine = Engine(recipe, progress=False)
     encrypted = [spec for spec in recipe.sinks
                  if spec.options.get("personal_fields") == "encrypt"]
     # Every sink must be able to re-encrypt before any is touched: half an output under
@@ -423,7 +418,7 @@ def _cmd_rekey(args) -> int:
     with OutputLock(recipe.output):
         for spec in encrypted:
             old = Keyring.load(spec.options.get("key_file"), spec.options.get("key_env"))
-            sink = engine._build(spec)
+            sink = build_plugin(recipe, spec)
             sink.open()
             try:
                 changed = sink.rekey(rotation(old, new))
@@ -682,7 +677,7 @@ def _cmd_run(args, recipe: Recipe) -> int:
             option = "--verify-sinks" if args.verify_sinks else "--reconsider"
             raise UsageError(f"{option} works on one machine only: run it without "
                              "--cluster/--local-workers, then go on with the cluster")
-        from ..cluster.run import ClusterRun
+        from ..cluster.client import ClusterRun
 
         summary = ClusterRun(recipe, address=args.cluster, local_workers=args.local_workers,
                              progress=not args.no_progress).run()

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import importlib
+import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import pluggy
 
 from .. import hookspecs
-from ..errors import UsageError
-from .plugin import Enricher, Plugin, Sink, Source
+from ..download.http import HttpClient
+from ..errors import PluginConfigError, UsageError
+from .plugin import Context, Enricher, Plugin, Sink, Source
+
+if TYPE_CHECKING:
+    from .recipe import PluginSpec, Recipe
 
 KINDS = {"sources": Source, "enrichers": Enricher, "sinks": Sink}
 ENTRY_POINT_GROUP = "harvest"
@@ -61,3 +67,31 @@ def load_registry() -> Registry:
         plugin_manager.register(importlib.import_module(module_name), name=module_name)
     plugin_manager.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
     return Registry(plugin_manager)
+
+
+def build_plugin(recipe: Recipe, spec: PluginSpec, context: Context | None = None) -> Plugin:
+    """One plugin of ``recipe``, built from its spec (not opened). ``context``: what a run
+    lends it; without one, the context of a plugin used outside a run (a command opening
+    the recipe's sinks, the cluster's client merging parts)."""
+    try:
+        return spec.cls(spec.options, context or standalone_context(recipe, spec))
+    except PluginConfigError:
+        raise
+    except (ValueError, TypeError) as exc:
+        raise PluginConfigError(f"{recipe.path}: {spec.key_path}: {exc}") from None
+
+
+def standalone_context(recipe: Recipe, spec: PluginSpec) -> Context:
+    """A plugin's context outside a run: the recipe's output and polite HTTP settings, a
+    coordinator of its own."""
+    settings = recipe.run
+    http = HttpClient(rate_per_host=settings.rate_per_host, timeout=settings.timeout,
+                      retries=settings.retries, backoff=settings.backoff,
+                      user_agent=settings.user_agent, pool_size=settings.concurrency,
+                      max_retry_after=settings.max_retry_after,
+                      check_peer=not settings.allow_private_addresses,
+                      api_deadline=settings.api_deadline,
+                      max_api_answer=settings.max_api_answer)
+    return Context(recipe_name=recipe.name, recipe_dir=recipe.directory,
+                   output_dir=recipe.output, terms=recipe.terms, http=http,
+                   log=logging.getLogger(f"harvest.{spec.kind}.{spec.label}"), name=spec.label)

@@ -4,7 +4,7 @@ A shard is one source asked one query (one wording of one term), or one partitio
 it; shards never overlap, so each can run the normal pipeline on its own. On one
 machine a single pipeline runs every shard and the :class:`Coordinator` has nobody to
 ask; on a cluster each shard runs where the engine puts it and the coordinator asks
-the scheduler (``harvest.core.cluster.run``).
+the scheduler (``harvest.core.cluster.scheduler``).
 """
 
 from __future__ import annotations
@@ -12,11 +12,13 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..download.http import TokenBuckets
+from ..record import FileClaimAnswer
 
 SHARDS_DIR = Path(".harvest") / "shards"  # in an output: each cluster shard's own folder
 
@@ -63,14 +65,15 @@ def _slug(text: str) -> str:
 class Coordinator:
     """What one pipeline asks of the pipelines running beside it.
 
-    Alone, every record and every file is its own and rate limits are this process's.
-    The cluster's coordinator answers the same questions for every worker at once.
+    Alone, every record and every file is its own, rate limits are this process's and
+    shared services are objects in it. The cluster's coordinator answers the same
+    questions for every worker at once.
     """
 
     def __init__(self):
         self._buckets = TokenBuckets()
-        self._copies = None
-        self._copies_lock = threading.Lock()  # a batch is placed whole, one at a time
+        self._services: dict[str, Any] = {}
+        self._services_lock = threading.Lock()  # one call at a time, as on a scheduler
 
     def reserve(self, key: str, rate: float, burst: float = 1.0) -> float:
         """Takes a token from bucket ``key``; returns the seconds to wait before using it."""
@@ -80,35 +83,47 @@ class Coordinator:
         """Claims ids for this pipeline; returns those another pipeline holds already."""
         return set()
 
-    def claim_file(self, sha256: str, record_id: str, relpath: str) -> dict:
-        """Claims content and its path. ``{}``: both are this record's; ``{"owner": id,
-        "path": p}``: another record holds the same bytes at p; ``{"path_taken": True}``:
-        other bytes hold that path, choose another."""
-        return {}
+    def claim_file(self, sha256: str, record_id: str, relpath: str) -> FileClaimAnswer:
+        """Claims content and its path for ``record_id``."""
+        return FileClaimAnswer()
 
     def report(self, counts: list) -> bool:
         """Progress for the client to show; True when the client asks the run to stop."""
         return False
 
-    def place_copies(self, state_dirs: list[Path], batch: list, max_distance: int,
-                     max_dhash_distance: int) -> list[dict]:
-        """Decides which pictures of ``batch`` are near-duplicates of pictures placed before
-        (see ``copies.CopyRegistry.place``), against every picture of the output. The
-        registry starts from the stores in ``state_dirs``; the rows that changed go to the
-        first of them."""
-        from ..cleaning.copies import CopyRegistry, CopyStore, stored_rows
+    def service(self, name: str, factory: Callable[[list[Path]], Any],
+                state_dirs: list[Path]) -> None:
+        """Makes sure the shared service ``name`` exists: one object every pipeline of the
+        run calls (``call``), one call at a time. Unless another pipeline made it already,
+        ``factory(state_dirs)`` makes it, from what earlier runs left in those state
+        folders. Alone, it lives in this process; on a cluster, on the scheduler, so the
+        object must pickle, its class be importable there, and its methods take and
+        answer plain lists, dicts, strings and numbers."""
+        with self._services_lock:
+            if name not in self._services:
+                self._services[name] = factory(state_dirs)
 
-        with self._copies_lock:
-            if self._copies is None:
-                registry = CopyRegistry()
-                registry.load(stored_rows(state_dirs))
-                self._copies = (registry, CopyStore(state_dirs[0]))
-            registry, store = self._copies
-            decisions, changed = registry.place(batch, max_distance, max_dhash_distance)
-            store.save(changed)
-        return decisions
+    def call(self, name: str, op: str, *args: Any) -> Any:
+        """Method ``op`` of the shared service ``name`` on ``args``."""
+        with self._services_lock:
+            return getattr(self._services[name], public_op(op))(*args)
 
     def close(self) -> None:
-        if self._copies is not None:
-            self._copies[1].close()
-            self._copies = None
+        with self._services_lock:
+            services, self._services = self._services, {}
+        close_services(services)
+
+
+def public_op(op: str) -> str:
+    """A shared service's method a caller may name: never a private one."""
+    if op.startswith("_"):
+        raise ValueError(f"not a shared service's operation: {op!r}")
+    return op
+
+
+def close_services(services: dict[str, Any]) -> None:
+    """Services let go of with their run; one with a ``close`` method is closed."""
+    for service in services.values():
+        close = getattr(service, "close", None)
+        if callable(close):
+            close()

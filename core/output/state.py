@@ -11,6 +11,8 @@ import hashlib
 import json
 import sqlite3
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -18,6 +20,7 @@ from typing import Any, NamedTuple
 from ..errors import DiskFull, disk_full
 from ..record import FileClaim, FileInfo
 
+STATE_FILE = "state.sqlite"  # in a state folder (``.harvest``)
 FINAL = ("done", "dropped", "rejected", "taken_down", "purged")
 
 SCHEMA = """
@@ -190,6 +193,20 @@ class RunState:
         no schema is added and nothing is committed to it. A state from before a table
         existed reads as having none of its rows."""
         return cls(path, _readonly=True)
+
+    @classmethod
+    @contextmanager
+    def reading(cls, path: Path) -> Iterator[RunState | None]:
+        """``open_readonly`` for the length of a ``with``; None when there is no state at
+        ``path`` (a shard that never ran, an output never harvested)."""
+        if not path.exists():
+            yield None
+            return
+        reader = cls.open_readonly(path)
+        try:
+            yield reader
+        finally:
+            reader.close()
 
     def _rows_or_none(self, query: str) -> list[tuple] | None:
         """The rows of ``query`` on a state that may be old or unreadable (None then)."""

@@ -36,7 +36,7 @@ from ..output.lock import OutputLock
 from ..output.state import FINAL, RunState
 from ..output.storage import image_relpath
 from ..output.takedown import remember_sinks
-from ..record import Query, Record
+from ..record import FileClaimAnswer, Query, Record
 from .placing import ImagePlacer
 from .stopping import DaemonPool, Interrupted, StopSignals
 from .storing import BatchStore
@@ -73,7 +73,7 @@ class Engine:
         self.images_root = recipe.output
         self.output = part_dir or recipe.output  # where the run state lives
         self.last_report = 0.0
-        self.early_claims: dict[str, tuple[str, dict]] = {}  # record id -> (path, claim)
+        self.early_claims: dict[str, tuple[str, FileClaimAnswer]] = {}  # record id -> (path, claim)
         self.state_dir = self.output / STATE_DIR
         self.temp_dir = self.state_dir / "tmp"
         self.resolver = recipe.resolver

@@ -88,14 +88,14 @@ class ImagePlacer:
             relpath = suffixed()
         claim = early[1] if early is not None and early[0] == relpath else \
             self.coordinator.claim_file(fetched.file.sha256, record.id, relpath)
-        if claim.get("path_taken"):
+        if claim.path_taken:
             relpath = suffixed()
             claim = self.coordinator.claim_file(fetched.file.sha256, record.id, relpath)
-            if claim.get("path_taken"):
+            if claim.path_taken:
                 raise RecordError(f"no free path for {relpath}", permanent=False)
         # With an owner, the path is where the owner's file is (a retried shard's own
         # record included: where its first try put it).
-        return claim.get("path", relpath), claim.get("owner")
+        return claim.path or relpath, claim.owner
 
     def _sha256(self, relpath: str) -> str | None:
         """The hash of the file at ``relpath``; None when there is none."""

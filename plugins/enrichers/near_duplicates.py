@@ -7,9 +7,10 @@ near-duplicates when their pHashes differ in at most ``max_distance`` bits and t
 dHashes in at most ``max_dhash_distance`` (two views of the picture must agree, which keeps
 distinct pictures of similar colours apart). The hashes live in the output folder
 (``.harvest/near-duplicates.sqlite``), so later runs compare against earlier ones, and in
-memory in a multi-index (core's ``HammingIndex``) that never compares all pairs. The
-decisions are the core's ``CopyRegistry``'s, which the pipeline's coordinator holds: on a
-cluster it lives on the scheduler, so copies are found across every worker.
+memory in a multi-index (``near_duplicates_hamming.HammingIndex``) that never compares all
+pairs. The decisions are the ``CopyRegistry``'s (``near_duplicates_registry``), a shared
+service of the pipeline's coordinator: on a cluster it lives on the scheduler, so copies
+are found across every worker.
 
 Which copy is kept: the largest (width x height), then the one with the most reusable
 license (public domain, then CC BY, CC BY-SA, other licenses, unknown), then the earliest.
@@ -31,6 +32,10 @@ from harvest.core import (
     inside,
     set_aside,
 )
+
+from .near_duplicates_registry import CopyRegistry, CopyStore
+
+SERVICE = "near_duplicates"  # the registry's name among the coordinator's shared services
 
 LICENSE_RANK = (("CC0", 5), ("PDM", 5), ("CC-BY-SA", 3), ("CC-BY-ND", 2), ("CC-BY-NC", 2),
                 ("CC-BY", 4))
@@ -75,6 +80,18 @@ class NearDuplicateEnricher(Enricher):
                help="mark later copies (near_duplicate_of) or drop them"),
     )
 
+    def open(self) -> None:
+        # Opened while a cluster's client plans too: the registry is loaded from every
+        # store of the output there, once, before any worker asks for it.
+        self.context.coordinator.service(SERVICE, CopyRegistry.from_stores,
+                                         self.context.output_state_dirs)
+        self.store: CopyStore | None = None  # what this pipeline placed, made when first used
+
+    def close(self) -> None:
+        if self.store is not None:
+            self.store.close()
+            self.store = None
+
     def enrich(self, records: list[Record]) -> None:
         output = self.context.output_dir.resolve()
         work = []
@@ -92,11 +109,12 @@ class NearDuplicateEnricher(Enricher):
             return
         batch = [item for _, item in work]
         work = [record for record, _ in work]
-        # The coordinator holds the registry: this pipeline's, or on a cluster the
-        # scheduler's, shared by every worker.
-        decisions = self.context.coordinator.place_copies(
-            self.context.output_state_dirs, batch, self.config["max_distance"],
+        decisions, changed = self.context.coordinator.call(
+            SERVICE, "place", batch, self.config["max_distance"],
             self.config["max_dhash_distance"])
+        if self.store is None:
+            self.store = CopyStore(self.context.state_dir)
+        self.store.save(changed)
         for record, decision in zip(work, decisions, strict=True):
             if "copy_of" in decision:
                 first_id, distance = decision["copy_of"], decision["distance"]

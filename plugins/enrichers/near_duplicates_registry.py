@@ -1,13 +1,15 @@
 """Which stored pictures are copies of one another (near-duplicates by perceptual hash),
-and which copy is kept: the registry an enricher hands its hashes to.
+and which copy is kept: the registry the ``near_duplicates`` enricher hands its hashes to.
 
 The registry holds, for every picture placed, its pHash (in a :class:`HammingIndex`), its
 dHash, its size in pixels and its license rank. ``place`` takes a batch and decides for
 each picture, in order: a copy of an earlier, at least as good picture (the largest, then
 the best licensed, then the earliest), or kept, with the earlier copies it beats set
-aside. One machine's pipeline has a registry of its own; on a cluster the registry lives
-on the scheduler (``cluster.CoordinatorPlugin``) and every worker's pipeline places its
-pictures there, one batch at a time, so two workers never both keep one picture.
+aside. The registry is a shared service of the pipeline's coordinator: one machine's
+pipeline has it in its own process; on a cluster it lives on the scheduler and every
+worker's pipeline places its pictures there, one batch at a time, so two workers never
+both keep one picture. Hence it travels (pickled, as its rows) and its ``place`` takes
+and answers plain lists.
 
 What was placed persists in ``.harvest/near-duplicates.sqlite`` of the output, or of a
 cluster shard's folder; a registry starts from every such file of the output, so later
@@ -22,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .hamming import HammingIndex
+from .near_duplicates_hamming import HammingIndex
 
 STORE_NAME = "near-duplicates.sqlite"
 _SIGN = 1 << 63
@@ -39,6 +41,22 @@ class CopyRegistry:
         self.rows: dict[int, list] = {}  # n -> [id, phash, dhash, pixels, rank, aside]
         self.by_id: dict[str, int] = {}
         self.next_n = 0
+
+    @classmethod
+    def from_stores(cls, state_dirs: Iterable[Path]) -> CopyRegistry:
+        """A registry of every picture the stores among ``state_dirs`` placed."""
+        registry = cls()
+        registry.load(stored_rows(state_dirs))
+        return registry
+
+    def __getstate__(self) -> dict:
+        """Only the rows travel (the index is rebuilt from them where they arrive), in the
+        order they were placed."""
+        return {"rows": [tuple(self.rows[n]) for n in sorted(self.rows)]}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__()
+        self.load(state["rows"])
 
     def __len__(self) -> int:
         return len(self.rows)
