@@ -202,22 +202,20 @@ def _write_embeddings(output: Path, destination: Path, exported: list[tuple[str,
             for store in stores:
                 vectors.update(store.vectors([sha for _, sha in chunk if sha not in vectors]))
             rows += sum(1 for _, sha in chunk if sha in vectors)
-        table = np.lib.format.open_memmap(destination / "embeddings.npy", mode="w+",
-                                          dtype=np.float16, shape=(rows, dims))
-        at = 0
-        with (destination / "embeddings-ids.txt").open("w", encoding="utf-8") as ids:
+        with (destination / "embeddings.npy").open("wb") as table, \
+                (destination / "embeddings-ids.txt").open("w", encoding="utf-8") as ids:
+            np.lib.format.write_array_header_1_0(
+                table, {"descr": np.dtype(np.float16).str, "fortran_order": False,
+                        "shape": (rows, dims)})
             for start in range(0, len(exported), EMBEDDING_CHUNK):
                 chunk = exported[start:start + EMBEDDING_CHUNK]
                 vectors = {}
                 for store in stores:
                     vectors.update(store.vectors([sha for _, sha in chunk if sha not in vectors]))
-                found = [(record_id, vectors[sha]) for record_id, sha in chunk if sha in vectors]
-                for record_id, vector in found:
-                    table[at] = vector
-                    ids.write(f"{record_id}\n")
-                    at += 1
-        table.flush()
-        del table
+                for record_id, sha in chunk:
+                    if sha in vectors:
+                        table.write(vectors[sha].astype(np.float16).tobytes())
+                        ids.write(f"{record_id}\n")
     finally:
         for store in stores:
             store.close()

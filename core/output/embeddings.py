@@ -3,7 +3,7 @@
 
 An output's embeddings are one file of float16 rows (``embeddings-<dims>.f16``) and an
 index (``embeddings.sqlite``: sha256 -> row), so that a million pictures take one
-sequential file that is read a slice at a time (``numpy.memmap``), never all in memory.
+sequential file that is read a slice at a time, never all in memory.
 """
 
 from __future__ import annotations
@@ -137,10 +137,14 @@ class EmbeddingStore:
                 f"SELECT sha256, row FROM rows WHERE sha256 IN ({marks})", chunk))
         if not rows:
             return {}
-        table = np.memmap(self.path, dtype=np.float16, mode="r").reshape(-1, self.dims)
-        return {sha: np.asarray(table[row], dtype=np.float32) for sha, row in rows.items()}
-
-
+        # Read row by row, not mapped: a mapping would keep every page it touched resident
+        # in this process, which for a whole-output pass is the whole file.
+        found = {}
+        with open(self.path, "rb") as handle:
+            for sha, row in sorted(rows.items(), key=lambda item: item[1]):
+                data = os.pread(handle.fileno(), self.row_bytes, row * self.row_bytes)
+                found[sha] = np.frombuffer(data, dtype=np.float16).astype(np.float32)
+        return found
 
 
 def forget_embeddings(state_dirs: list[Path], shas: set[str]) -> int:

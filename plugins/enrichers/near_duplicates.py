@@ -51,8 +51,8 @@ def license_rank(license_id: str | None) -> int:
 
 
 def perceptual_hashes(path) -> tuple[int, int, int, int]:
-    """(pHash, dHash) of an image file, then the same of the picture mirrored left to
-    right, as unsigned 64-bit integers."""
+    """(pHash, dHash) of an image file as displayed (EXIF orientation applied), then the
+    same of the picture mirrored left to right, as unsigned 64-bit integers."""
     import imagehash
     from PIL import Image, ImageOps
 
@@ -60,7 +60,9 @@ def perceptual_hashes(path) -> tuple[int, int, int, int]:
         if image.format == "JPEG":
             image.draft("L", (64, 64))
         image.load()
-        grey = image.convert("L")
+        # The picture as displayed: a camera or phone stores it sideways and says so in
+        # its EXIF orientation, and the same picture saved upright must hash the same.
+        grey = ImageOps.exif_transpose(image).convert("L")
     mirror = ImageOps.mirror(grey)
     return tuple(int(str(hasher(picture)), 16) for picture in (grey, mirror)
                  for hasher in (imagehash.phash, imagehash.dhash))
