@@ -96,6 +96,9 @@ class Record:
     expect_sha1: str | None = field(default=None, repr=False, compare=False)
     # Set by the engine, never by a source: may this record's url be a file: URL?
     local_file_ok: bool = field(default=False, repr=False, compare=False)
+    # The enrichers' picture analyses, done in the download worker (name -> result, or
+    # the failure's text); never stored.
+    analyses: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def id(self) -> str:

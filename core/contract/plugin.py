@@ -173,6 +173,14 @@ class Enricher(Plugin):
         """Filters this enricher applies that sources may push to their servers."""
         return {}
 
+    def picture_analyses(self) -> tuple[str, ...]:
+        """Work to do in the download workers on each picture, while it is fresh there and
+        the cores are many: ``"package.module:function"`` names of functions taking the
+        picture's path and returning something that pickles. Asked once the enricher is
+        open; the results reach ``enrich`` as ``record.analyses[name]`` (a text when the
+        analysis failed). Nothing by default."""
+        return ()
+
 
 @dataclass(frozen=True)
 class Refusal:

@@ -25,6 +25,7 @@ from urllib3.util import parse_url
 from ..errors import DiskFull, RecordError, disk_full
 from ..output.storage import folder_fd
 from ..record import FileInfo
+from .analyses import run_analyses
 from .http import HttpClient
 from .netguard import (
     DEADLINES,
@@ -164,6 +165,9 @@ class Fetched(Shaped):
     sends it back whole."""
 
     temp_path: Path = field(kw_only=True)
+    # The enrichers' picture analyses, by name (see ``analyses``): computed here, in the
+    # download worker, on the file as it will be stored.
+    analyses: dict = field(default_factory=dict, kw_only=True)
 
 
 def _waiting(temp_path: Path, shaped: Shaped | None, size: int, sha256: str, width: int,
@@ -181,8 +185,10 @@ class Fetcher:
                  deadline: float = 120.0, allow_file_urls: bool = False,
                  decode_memory: int | None = None, images: ImageSettings | None = None,
                  respect_robots: bool = False, respect_tdmrep: bool = False,
-                 respect_noindex: bool = False, share: int = 1, max_crawl_delay: float = 60.0):
+                 respect_noindex: bool = False, share: int = 1, max_crawl_delay: float = 60.0,
+                 analyses: tuple[str, ...] = ()):
         self.deadline = deadline
+        self.analyses = tuple(analyses)
         self.max_crawl_delay = max_crawl_delay
         self.on_notice = None  # set by the engine: a line for the run's summary
         self.images = images if images is not None and images.active else None
@@ -211,7 +217,8 @@ class Fetcher:
 
     @classmethod
     def for_run(cls, settings, temp_dir: Path, *, http: HttpClient | None = None,
-                share: int = 1, threads: int | None = None, reserve=None) -> Fetcher:
+                share: int = 1, threads: int | None = None, reserve=None,
+                analyses: tuple[str, ...] = ()) -> Fetcher:
         """The downloader a run's settings (``recipe.RunSettings``) describe. ``share``:
         the number of processes downloading for the run; this one gets that fraction of
         the decode memory, and of the per-host rate unless ``reserve`` paces every
@@ -234,12 +241,18 @@ class Fetcher:
                    images=settings.images, respect_robots=settings.respect_robots,
                    respect_tdmrep=settings.respect_tdmrep,
                    respect_noindex=settings.respect_noindex, share=rate_share,
-                   max_crawl_delay=settings.max_crawl_delay)
+                   max_crawl_delay=settings.max_crawl_delay, analyses=analyses)
 
     def fetch(self, url: str, *, local_files: bool = False,
               expect_sha1: str | None = None) -> Fetched:
         """``local_files``: the record comes from a source that reads the local disk by
         design (a folder the recipe names); anything else needs ``run.allow_file_urls``."""
+        fetched = self._fetch(url, local_files, expect_sha1)
+        if self.analyses:
+            fetched.analyses = run_analyses(self.analyses, fetched.temp_path)
+        return fetched
+
+    def _fetch(self, url: str, local_files: bool, expect_sha1: str | None) -> Fetched:
         scheme = urlsplit(url).scheme.lower()
         if scheme == "file":
             if not (local_files or self.allow_file_urls):

@@ -41,10 +41,12 @@ WORKER_CHECK_SECONDS = 0.5
 class ProcessFetchPool:
     """``submit(url, local_files) -> Future[Fetched]``, served by worker processes."""
 
-    def __init__(self, settings, temp_dir: Path, workers: int, on_notice=None):
+    def __init__(self, settings, temp_dir: Path, workers: int, on_notice=None,
+                 analyses: tuple[str, ...] = ()):
         """``settings``: the run's ``RunSettings``; each worker builds its downloader from
         them with its share of the decode memory, and all pace each host together.
-        ``on_notice(text)``: the workers' lines for the run's summary."""
+        ``on_notice(text)``: the workers' lines for the run's summary. ``analyses``: the
+        enrichers' picture analyses, run by the workers on each picture."""
         self.on_notice = on_notice or (lambda text: None)
         context = multiprocessing.get_context("spawn")
         self.jobs = context.Queue()
@@ -57,7 +59,7 @@ class ProcessFetchPool:
         threads = -(-settings.concurrency // workers)  # concurrency shared out, rounded up
         self.spacing = SharedSpacing(context)
         self.worker_args = (settings, str(temp_dir), workers, threads, self.jobs,
-                            self.results, os.getpid(), self.spacing)
+                            self.results, os.getpid(), self.spacing, tuple(analyses))
         self.workers = workers
         self.processes: list = []
 
@@ -221,12 +223,12 @@ def _die_with_parent(parent: int) -> None:
 
 
 def _worker(settings, temp_dir: str, share: int, threads: int, jobs, results,
-            parent: int, spacing: SharedSpacing) -> None:
+            parent: int, spacing: SharedSpacing, analyses: tuple[str, ...] = ()) -> None:
     _die_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
     fetcher = Fetcher.for_run(settings, Path(temp_dir), share=share, threads=threads,
-                              reserve=spacing.reserve)
+                              reserve=spacing.reserve, analyses=analyses)
     outbox: list = []
     outbox_lock = threading.Lock()
 

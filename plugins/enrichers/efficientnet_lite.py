@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 import pickle
 import struct
+import threading
 from collections import OrderedDict
 from pathlib import Path
 from typing import NamedTuple
@@ -317,12 +318,16 @@ class SharedNetwork:
     BATCH = 32
 
     @classmethod
-    def analyse(cls, paths: dict[str, Path]) -> dict[str, Analysis | Exception]:
-        """sha256 -> the picture's analysis, or why it could not be read."""
+    def analyse(cls, paths: dict[str, Path],
+                done: dict[str, Analysis] | None = None) -> dict[str, Analysis | Exception]:
+        """sha256 -> the picture's analysis, or why it could not be read. ``done``: those
+        a download worker made already (``analyse_file``)."""
         results: dict[str, Analysis | Exception] = {}
         todo = []
         for sha, path in paths.items():
-            if sha in cls._recent:
+            if done and isinstance(done.get(sha), Analysis):
+                results[sha] = cls._recent[sha] = done[sha]
+            elif sha in cls._recent:
                 cls._recent.move_to_end(sha)
                 results[sha] = cls._recent[sha]
             else:
@@ -346,3 +351,21 @@ class SharedNetwork:
         while len(cls._recent) > cls.KEEP:
             cls._recent.popitem(last=False)
         return results
+
+
+ANALYSIS = "harvest.plugins.enrichers.efficientnet_lite:analyse_file"
+_worker_network: Network | None = None
+_worker_lock = threading.Lock()
+
+
+def analyse_file(path: Path) -> Analysis:
+    """A picture analysis (``Enricher.picture_analyses``): run in a download worker, one
+    thread of onnxruntime each, as many at once as the workers' download threads."""
+    global _worker_network
+    with _worker_lock:
+        if _worker_network is None:
+            _worker_network = Network(threads=1)
+    with load_image(path) as image:
+        pixels = preprocess(image)[None]
+    features, logits = _worker_network.run(pixels)
+    return Analysis(features[0], softmax(logits)[0])

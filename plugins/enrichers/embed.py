@@ -55,10 +55,15 @@ class EmbedEnricher(Enricher):
         if store is not None:
             store.close()
 
+    def picture_analyses(self) -> tuple[str, ...]:
+        return (self.lite.ANALYSIS,)
+
     def enrich(self, records: list[Record]) -> None:
         paths = {r.file.sha256: self.context.output_dir / r.file.path
                  for r in records if r.file is not None}
-        analyses = self.lite.SharedNetwork.analyse(paths)
+        done = {r.file.sha256: r.analyses.get(self.lite.ANALYSIS) for r in records
+                if r.file is not None}
+        analyses = self.lite.SharedNetwork.analyse(paths, done)
         self.store.add({sha: a.features for sha, a in analyses.items()
                         if not isinstance(a, Exception)})
         top = self.config["top"]

@@ -182,10 +182,15 @@ class RelevanceScorer(Enricher):
             names += [f"typicality.{term}" for term in terms]
         return names
 
+    def picture_analyses(self) -> tuple[str, ...]:
+        return (self.lite.ANALYSIS,)
+
     def enrich(self, records: list[Record]) -> None:
         paths = {r.file.sha256: self.context.output_dir / r.file.path
                  for r in records if r.file is not None}
-        analyses = self.lite.SharedNetwork.analyse(paths)
+        done = {r.file.sha256: r.analyses.get(self.lite.ANALYSIS) for r in records
+                if r.file is not None}
+        analyses = self.lite.SharedNetwork.analyse(paths, done)
         good = {sha: a for sha, a in analyses.items() if not isinstance(a, Exception)}
         typical = self.store is not None
         if typical:
