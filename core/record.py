@@ -77,6 +77,9 @@ class Record:
     expect_sha1: str | None = field(default=None, repr=False, compare=False)
     # Set by the engine, never by a source: may this record's url be a file: URL?
     local_file_ok: bool = field(default=False, repr=False, compare=False)
+    # Set by the engine: the recipe's name for the source that yielded it (two instances
+    # of one plugin share ``source``, which is in the id); the summary counts under it.
+    source_label: str = field(default="", repr=False, compare=False)
 
     @property
     def id(self) -> str:
