@@ -99,6 +99,9 @@ class Record:
     # The enrichers' picture analyses, done in the download worker (name -> result, or
     # the failure's text); never stored.
     analyses: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    # Set by the engine: the recipe's name for the source that yielded it (two instances
+    # of one plugin share ``source``, which is in the id); the summary counts under it.
+    source_label: str = field(default="", repr=False, compare=False)
 
     @property
     def id(self) -> str:

@@ -45,6 +45,7 @@ class ShardJob:
 def run_shard(job: ShardJob) -> dict:
     """A Dask task: the normal pipeline on one shard. Returns its summary."""
     from ..pipeline.engine import Engine
+    from ..pipeline.scope import ShardScope
     from ..pipeline.stopping import Interrupted
 
     part_dir = Path(job.part_dir)
@@ -63,8 +64,8 @@ def run_shard(job: ShardJob) -> dict:
         coordinator = ClusterCoordinator(job.run, job.shard.key)
         if coordinator.report([]):  # the client stopped the run before this shard began
             return {"shard": job.shard.key, "summary": Summary(job.recipe.name).to_dict()}
-        engine = Engine(job.recipe, progress=False, shards=[job.shard], part_dir=part_dir,
-                        coordinator=coordinator, tombstones=set(job.tombstones))
+        scope = ShardScope([job.shard], part_dir, tombstones=set(job.tombstones))
+        engine = Engine(job.recipe, progress=False, scope=scope, coordinator=coordinator)
         summary = engine.run()
         try:
             engine.report_progress()

@@ -12,29 +12,27 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import replace
-from pathlib import Path
 
-from ..contract.shards import Coordinator
 from ..download.fetch import Fetched
 from ..errors import RecordError
-from ..output.state import RunState
 from ..output.storage import image_relpath, move_inside, open_inside
 from ..record import Record
-from .summary import Summary
+from .downloading import Download
+from .run import RunContext
 
 
 class ImagePlacer:
-    def __init__(self, output: Path, state: RunState, coordinator: Coordinator,
-                 summary: Summary):
-        self.images_root = output
-        self.output_root = output.resolve()
-        self.state = state
-        self.coordinator = coordinator
-        self.summary = summary
+    def __init__(self, context: RunContext):
+        self.context = context
+        self.images_root = context.folders.output
+        self.output_root = self.images_root.resolve()
+        self.state = context.state
+        self.coordinator = context.coordinator
 
-    def place(self, record: Record, fetched: Fetched, early=None) -> None:
+    def place(self, record: Record, download: Download) -> None:
         """Stores the file once per content; a second record with the same bytes points at
-        it. ``early``: the content claim the download thread made (cluster shards)."""
+        it. ``download.claim``: the content claim the download thread made (cluster shards)."""
+        fetched, early = download.fetched, download.claim
         if fetched.file.sha256 in self.state.tombstones:
             fetched.temp_path.unlink(missing_ok=True)
             raise RecordError("taken down: this picture was removed by `harvest takedown`")
@@ -44,14 +42,14 @@ class ImagePlacer:
             record.file, first_id = known
             if first_id != record.id:
                 record.duplicate_of = first_id
-                self.summary.count(record.source, record.term, "duplicate")
+                self.context.count(record, "duplicate")
         else:
             relpath, owner = self._free_path(record, fetched, early)
             if owner not in (None, record.id):
                 # Another shard of the cluster stored these bytes first, at relpath.
                 fetched.temp_path.unlink(missing_ok=True)
                 record.duplicate_of = owner
-                self.summary.count(record.source, record.term, "duplicate")
+                self.context.count(record, "duplicate")
             else:
                 try:
                     move_inside(fetched.temp_path, self.output_root, relpath)
@@ -66,13 +64,11 @@ class ImagePlacer:
             record.fields["original"] = fetched.original.content()
         if fetched.faces:
             record.fields["blurred_faces"] = fetched.faces
-        self.summary.count(record.source, record.term, "downloaded")
-        self.state.set_status(record.id, record.source, record.term, "downloaded",
-                              sha256=fetched.file.sha256, duplicate_of=record.duplicate_of)
+        self.context.finish(record, "files", "downloaded")
 
     def _free_path(self, record: Record, fetched: Fetched, early) -> tuple[str, str | None]:
         """Where the file goes, and the record that holds these bytes when another one
-        does (then the path is that record's). ``early``: the claim ``_fetch`` made."""
+        does (then the path is that record's). ``early``: the claim the download thread made."""
         folder = record.term or record.source
         relpath = image_relpath(folder, record.source, record.source_id, fetched.file.format)
 
@@ -121,6 +117,6 @@ class ImagePlacer:
         record.file, first_id = stored
         if first_id != record.id:
             record.duplicate_of = first_id
-        self.summary.count(record.source, record.term, "downloaded")
+        self.context.count(record, "downloaded")  # the run state says so already
         return True
 

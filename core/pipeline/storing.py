@@ -10,14 +10,11 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 
 from ..contract.recipe import PluginSpec
 from ..errors import DiskFull, PluginConfigError, disk_full, one_line
-from ..output.state import RunState
 from ..record import Record
-from ..secrets import SecretResolver
-from .summary import Summary
+from .run import RunContext
 
 FLUSH_SECONDS = 5.0
 SINK_RETRY_INTERVAL = 2.0
@@ -28,19 +25,13 @@ log = logging.getLogger("harvest.engine")
 
 
 class BatchStore:
-    def __init__(self, *, enrichers: list, sinks: list, state: RunState, summary: Summary,
-                 resolver: SecretResolver, output, batch_size: int, sink_retry_seconds: float,
-                 record_failed: Callable, check_stop: Callable[[], None]):
+    def __init__(self, context: RunContext, enrichers: list, sinks: list):
+        """``enrichers``, ``sinks``: (spec, opened plugin) pairs, in the recipe's order."""
+        self.context = context
         self.enrichers = enrichers
         self.sinks = sinks
-        self.state = state
-        self.summary = summary
-        self.resolver = resolver
-        self.output = output
-        self.batch_size = batch_size
-        self.sink_retry_seconds = sink_retry_seconds
-        self.record_failed = record_failed
-        self.check_stop = check_stop
+        self.state = context.state
+        self.resolver = context.recipe.resolver
         self.batch: list[Record] = []
         self.last_flush = time.monotonic()
         self.held_ids: set[str] = set()  # in the batch or pending: found again, not redone
@@ -73,9 +64,10 @@ class BatchStore:
             self.state.commit()
             for label, missing in lacking.items():
                 log.warning("verify: sink %s lacks %d stored record(s)", label, len(missing))
-        self.summary.notes.append(f"verify: {reopened} stored record(s) missing from a sink; "
-                                  f"written again when their sources yield them"
-                                  if reopened else "verify: every sink has every stored record")
+        self.context.summary.notes.append(
+            f"verify: {reopened} stored record(s) missing from a sink; written again when "
+            f"their sources yield them" if reopened else
+            "verify: every sink has every stored record")
 
     def add(self, record: Record) -> None:
         if self.resolver.revealed:
@@ -85,7 +77,7 @@ class BatchStore:
             record.fields = self.resolver.redact_value(record.fields)
         self.batch.append(record)
         self.held_ids.add(record.id)
-        if (len(self.batch) >= self.batch_size
+        if (len(self.batch) >= self.context.settings.batch_size
                 or time.monotonic() - self.last_flush >= FLUSH_SECONDS):
             self.flush()
 
@@ -117,10 +109,8 @@ class BatchStore:
             for refusal in sink.refused():
                 lacking.setdefault(spec.label, set()).add(refusal.record_id)
                 log.info("sink %s: %s: %s", spec.label, refusal.record_id, refusal.reason)
-                self.summary.note_reason(refusal.source, f"sink {spec.label}", refusal.reason)
-                if refusal.record_id not in failed:  # once, however many sinks refused it
-                    failed.add(refusal.record_id)
-                    self.summary.count(refusal.source, refusal.term, "failed")
+                self.context.refused(refusal, spec.label, first=refusal.record_id not in failed)
+                failed.add(refusal.record_id)
         for label, ids in lacking.items():
             log.warning("sink %s could not store %d record(s); the next run writes them "
                         "again", label, len(ids))
@@ -157,7 +147,7 @@ class BatchStore:
                     # say so: the next run must not give it to them again.
                     for label in written:
                         self.state.mark_delivered(label, ids)
-                    raise DiskFull(self.output) from None
+                    raise DiskFull(self.context.folders.root) from None
                 reason = one_line(exc)
                 log.warning("sink %s failed a batch of %d; keeping it to retry: %s",
                             spec.label, len(todo), reason[:300])
@@ -175,9 +165,7 @@ class BatchStore:
             self._hold(batch, waiting)
             return False
         for record in batch:
-            self.summary.count(record.source, record.term, "stored")
-            self.state.set_status(record.id, record.source, record.term, "done",
-                                  sha256=record.file.sha256 if record.file else None)
+            self.context.finish(record, "sink", "stored")
         self.state.forget_delivered(ids)
         self.held_ids.difference_update(ids)
         return True
@@ -203,10 +191,10 @@ class BatchStore:
 
     def drain(self) -> None:
         """At the end: keeps retrying held batches for ``sink_retry_seconds``."""
-        deadline = time.monotonic() + self.sink_retry_seconds
+        deadline = time.monotonic() + self.context.settings.sink_retry_seconds
         while self.pending and time.monotonic() < deadline:
             while time.monotonic() < min(self.next_pending_retry, deadline):
-                self.check_stop()
+                self.context.check_stop()
                 time.sleep(WAIT_SLICE)
             self._retry_pending()
             self.state.commit()
@@ -217,9 +205,8 @@ class BatchStore:
     def _give_up(self, batch: list[Record]) -> None:
         reason = "; ".join(f"{label}: {error}" for label, error in self.last_sink_error.items())
         self.held_ids.difference_update(record.id for record in batch)
-        for record in batch:
-            self.summary.fail(record.source, record.term, "sink", f"not stored yet ({reason})",
-                              "failed")
+        for record in batch:  # the run state keeps them as downloaded
+            self.context.count(record, "failed", "sink", f"not stored yet ({reason})")
 
     def _enrich(self, spec: PluginSpec, enricher, batch: list[Record]) -> list[Record]:
         stage = f"enrich {spec.label}"
@@ -237,15 +224,13 @@ class BatchStore:
                 except PluginConfigError:
                     raise
                 except Exception as exc:
-                    self.record_failed(record, stage, f"{exc.__class__.__name__}: {exc}",
-                                        permanent=False)
+                    self.context.finish(record, stage, "failed",
+                                        f"{exc.__class__.__name__}: {exc}")
             batch = survivors
         kept = []
         for record in batch:
             if record.dropped:
-                self.summary.fail(record.source, record.term, stage, record.dropped, "dropped")
-                self.state.set_status(record.id, record.source, record.term, "dropped",
-                                      reason=f"{stage}: {record.dropped}")
+                self.context.finish(record, stage, "dropped", record.dropped)
             else:
                 kept.append(record)
         return kept
