@@ -464,3 +464,26 @@ def test_the_cleaning_demo_gives_the_review_page_its_sliders(harvest, tmp_path):
     shapes = [r["relevance"]["imagenet.animals"] for r in review.records]
     assert len(shapes) >= 8 and max(shapes) < 0.5  # coloured shapes are no animals
     review.db.close()
+
+
+def test_the_network_runs_in_the_download_workers(recipe_file, harvest, tmp_path, monkeypatch):
+    """With worker processes, every picture's forward pass is made there: the engine's
+    process cannot build the network at all here, and every picture is still embedded."""
+    from collections import OrderedDict
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the network was built in the engine's process")
+
+    monkeypatch.setattr(lite, "Network", refuse)
+    monkeypatch.setattr(lite.SharedNetwork, "_network", None)
+    monkeypatch.setattr(lite.SharedNetwork, "_recent", OrderedDict())
+    _photos(tmp_path / "photos", BUILDINGS + NOT_BUILDINGS)
+    recipe = EMBED_RECIPE.format(dims=256).replace("output: out", "output: out\n    run: {workers: 2}")
+    code, out, err = harvest("run", str(recipe_file(recipe)))
+    assert code == 0, err
+    records = _records(tmp_path / "out")
+    assert len(records) == 10
+    assert all("imagenet" in r and "typicality.building" in r["relevance"] for r in records.values())
+    store = EmbeddingStore(tmp_path / "out" / ".harvest")
+    assert len(store) == 10
+    store.close()

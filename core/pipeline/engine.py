@@ -129,6 +129,8 @@ class Engine:
                 enrichers = [(spec, self._open(stack, spec)) for spec in self.recipe.enrichers]
                 for _, enricher in enrichers:
                     self.hints.update(enricher.source_hints())
+                self.fetcher.analyses = tuple(dict.fromkeys(
+                    name for _, enricher in enrichers for name in enricher.picture_analyses()))
                 sources = [(spec, self._open(stack, spec)) for spec in self.recipe.sources]
                 for spec, sink in sinks:
                     sink.resume(state.checkpoint(spec.label))

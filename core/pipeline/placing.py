@@ -64,6 +64,7 @@ class ImagePlacer:
             record.fields["original"] = fetched.original.content()
         if fetched.faces:
             record.fields["blurred_faces"] = fetched.faces
+        record.analyses = fetched.analyses
         self.context.finish(record, "files", "downloaded")
 
     def _free_path(self, record: Record, fetched: Fetched, early) -> tuple[str, str | None]:

@@ -115,7 +115,7 @@ class LocalScope:
             return ThreadDownloads(settings.concurrency,
                                    lambda record: Download(_fetch(fetcher, record)))
         return ProcessDownloads(ProcessFetchPool(settings, context.folders.temp, workers,
-                                                 context.summary.note))
+                                                 context.summary.note, fetcher.analyses))
 
     def tick(self, context: RunContext) -> None:
         """Nobody else watches this run."""
