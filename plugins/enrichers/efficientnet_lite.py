@@ -259,6 +259,9 @@ class Network:
 
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        # Idle threads sleep instead of spinning: the cores are the downloads' too.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.log_severity_level = 3
         graph = build_graph(read_legacy_state_dict(weights_path()))
         self.session = onnxruntime.InferenceSession(graph, options,
@@ -356,6 +359,7 @@ class SharedNetwork:
 ANALYSIS = "harvest.plugins.enrichers.efficientnet_lite:analyse_file"
 _worker_network: Network | None = None
 _worker_lock = threading.Lock()
+_worker_turn = threading.Lock()
 
 
 def analyse_file(path: Path) -> Analysis:
@@ -367,5 +371,6 @@ def analyse_file(path: Path) -> Analysis:
             _worker_network = Network(threads=1)
     with load_image(path) as image:
         pixels = preprocess(image)[None]
-    features, logits = _worker_network.run(pixels)
+    with _worker_turn:  # one forward pass at a time a process: a core each, not a crowd
+        features, logits = _worker_network.run(pixels)
     return Analysis(features[0], softmax(logits)[0])
