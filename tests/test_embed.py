@@ -478,3 +478,35 @@ def test_the_network_runs_in_the_download_workers(recipe_file, harvest, tmp_path
     store = EmbeddingStore(tmp_path / "out" / ".harvest")
     assert len(store) == 10
     store.close()
+
+
+@test_review.needs_browser
+def test_the_train_button_in_the_browser(recipe_file, harvest, tmp_path, review_server):
+    """The page as a user drives it: marks made, Train pressed; the page comes back with
+    the cross-validated figures, a learned.building slider and the "most uncertain first"
+    sort."""
+    from playwright.sync_api import expect
+
+    from harvest.core.commands.review import Review
+
+    _photos(tmp_path / "photos", BUILDINGS + NOT_BUILDINGS)
+    assert harvest("run", str(recipe_file(EMBED_RECIPE.format(dims=256))))[0] == 0
+    output = tmp_path / "out"
+    records = _records(output)
+    review = Review(output)
+    for names, decision in ((BUILDINGS[:3], "keep"), (NOT_BUILDINGS[:3], "reject")):
+        for name in names:
+            review.decide(records[name.replace("/", "-")]["id"], decision)
+    review.db.close()
+    server = review_server(output)
+    with test_review.review_page(server) as page:
+        expect(page.locator("#training")).to_contain_text("Not trained yet")
+        page.locator("#train").click()
+        expect(page.locator('[id="slider-learned.building"]')).to_be_attached(timeout=30_000)
+        page.wait_for_selector("body[data-ready=yes]")
+        expect(page.locator("#training table")).to_contain_text("building")
+        expect(page.locator("#training table")).to_contain_text("3/3")
+        uncertain = page.locator("#sort option", has_text="most uncertain first")
+        expect(uncertain).to_have_count(1)
+        page.locator("#sort").select_option(uncertain.get_attribute("value"))
+        expect(page.locator(".tile")).to_have_count(10)
