@@ -101,20 +101,23 @@ def copies(image: Image.Image) -> dict[str, Image.Image]:
         "brightness -20%": jpeg(ImageEnhance.Brightness(image).enhance(0.8)),
         "20 px border": jpeg(ImageOps.expand(image, 20, fill=(0, 0, 0))),
         "mirrored": jpeg(ImageOps.mirror(image)),
+        "rotated 90": jpeg(image.transpose(Image.Transpose.ROTATE_90)),
+        "rotated 180": jpeg(image.transpose(Image.Transpose.ROTATE_180)),
     }
 
 
 def quality(max_distance: int, max_dhash: int) -> dict:
-    from harvest.plugins.enrichers.near_duplicates import perceptual_hashes
+    from harvest.plugins.enrichers.near_duplicates import VIEWS, perceptual_hashes
 
     def hashes(picture):
         out = io.BytesIO()
         picture.save(out, "JPEG", quality=95)
-        return perceptual_hashes(io.BytesIO(out.getvalue()))
+        return perceptual_hashes(io.BytesIO(out.getvalue()), tuple(VIEWS))
 
-    def match(a, b):  # as the enricher: b as it is, or b mirrored
-        return any((a[0] ^ b[k]).bit_count() <= max_distance
-                   and (a[1] ^ b[k + 1]).bit_count() <= max_dhash for k in (0, 2))
+    def match(a, b):  # as the enricher: b as it is, or b mirrored or turned
+        ways = [(b[0], b[1])] + [(phash, dhash) for _, phash, dhash in b[2]]
+        return any((a[0] ^ phash).bit_count() <= max_distance
+                   and (a[1] ^ dhash).bit_count() <= max_dhash for phash, dhash in ways)
 
     originals = pictures()
     own = [hashes(p) for p in originals]

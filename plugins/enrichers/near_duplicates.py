@@ -21,6 +21,8 @@ earlier one (already stored) is set aside: ``harvest export`` leaves it out.
 
 from __future__ import annotations
 
+from PIL import Image, ImageOps
+
 from harvest.core import (
     Bool,
     Choice,
@@ -50,11 +52,17 @@ def license_rank(license_id: str | None) -> int:
     return 1
 
 
-def perceptual_hashes(path) -> tuple[int, int, int, int]:
-    """(pHash, dHash) of an image file as displayed (EXIF orientation applied), then the
-    same of the picture mirrored left to right, as unsigned 64-bit integers."""
+VIEWS = {"mirrored": ImageOps.mirror,
+         "rotated 90": lambda image: image.transpose(Image.Transpose.ROTATE_270),
+         "rotated 180": lambda image: image.transpose(Image.Transpose.ROTATE_180),
+         "rotated 270": lambda image: image.transpose(Image.Transpose.ROTATE_90)}
+
+
+def perceptual_hashes(path, views=()) -> tuple[int, int, list[tuple[str, int, int]]]:
+    """(pHash, dHash) of an image file as displayed (EXIF orientation applied), as
+    unsigned 64-bit integers, then (name, pHash, dHash) of each of
+    ``views`` (names of ``VIEWS``: the picture mirrored, rotated...)."""
     import imagehash
-    from PIL import Image, ImageOps
 
     with Image.open(path) as image:
         if image.format == "JPEG":
@@ -63,9 +71,12 @@ def perceptual_hashes(path) -> tuple[int, int, int, int]:
         # The picture as displayed: a camera or phone stores it sideways and says so in
         # its EXIF orientation, and the same picture saved upright must hash the same.
         grey = ImageOps.exif_transpose(image).convert("L")
-    mirror = ImageOps.mirror(grey)
-    return tuple(int(str(hasher(picture)), 16) for picture in (grey, mirror)
-                 for hasher in (imagehash.phash, imagehash.dhash))
+
+    def hashes(picture) -> tuple[int, int]:
+        return int(str(imagehash.phash(picture)), 16), int(str(imagehash.dhash(picture)), 16)
+
+    phash, dhash = hashes(grey)
+    return phash, dhash, [(name, *hashes(VIEWS[name](grey))) for name in views]
 
 
 class NearDuplicateEnricher(Enricher):
@@ -78,6 +89,8 @@ class NearDuplicateEnricher(Enricher):
                help="most dHash bits two copies may differ in (a second opinion)"),
         Option("mirrored", Bool(), True,
                help="also find copies flipped left to right (as blogs and ads do)"),
+        Option("rotated", Bool(), True,
+               help="also find copies turned by 90, 180 or 270 degrees"),
         Option("action", Choice("mark", "drop"), "mark",
                help="mark later copies (near_duplicate_of) or drop them"),
     )
@@ -88,6 +101,8 @@ class NearDuplicateEnricher(Enricher):
         self.context.coordinator.service(SERVICE, CopyRegistry.from_stores,
                                          self.context.output_state_dirs)
         self.store: CopyStore | None = None  # what this pipeline placed, made when first used
+        self.views = (("mirrored",) if self.config["mirrored"] else ()) + (
+            ("rotated 90", "rotated 180", "rotated 270") if self.config["rotated"] else ())
 
     def close(self) -> None:
         if self.store is not None:
@@ -100,13 +115,12 @@ class NearDuplicateEnricher(Enricher):
         for record in records:
             if record.file is None or record.duplicate_of:
                 continue  # an exact copy: its original carries the hashes
-            phash, dhash, mirror_phash, mirror_dhash = perceptual_hashes(
-                inside(output, record.file.path))
+            phash, dhash, views = perceptual_hashes(inside(output, record.file.path),
+                                                    self.views)
             record.fields["phash"], record.fields["dhash"] = f"{phash:016x}", f"{dhash:016x}"
-            mirror = (mirror_phash, mirror_dhash) if self.config["mirrored"] else (None, None)
             work.append((record, (record.id, phash, dhash, record.file.width
                                   * record.file.height,
-                                  license_rank(record.fields.get("license")), *mirror)))
+                                  license_rank(record.fields.get("license")), views)))
         if not work:
             return
         batch = [item for _, item in work]
@@ -122,8 +136,10 @@ class NearDuplicateEnricher(Enricher):
                 first_id, distance = decision["copy_of"], decision["distance"]
                 record.fields["near_duplicate_of"] = first_id
                 record.fields["near_duplicate_distance"] = distance
-                if decision.get("mirrored"):
+                if decision.get("view") == "mirrored":
                     record.fields["near_duplicate_mirrored"] = True
+                elif decision.get("view"):
+                    record.fields["near_duplicate_view"] = decision["view"]
                 if self.config["action"] == "drop":
                     record.drop(f"near duplicate of {first_id} (distance {distance})")
                 continue

@@ -82,55 +82,54 @@ class CopyRegistry:
     def place(self, batch: list[tuple], max_distance: int,
               max_dhash_distance: int) -> tuple[list[dict], list[Row]]:
         """``batch``: (record id, pHash, dHash, pixels, license rank) per picture, and
-        optionally the pHash and dHash of the picture mirrored left to right, which then
-        matches mirrored copies too. Returns a decision per picture, ``{"copy_of": id,
-        "distance": d, "mirrored": bool}`` or ``{"set_aside": [[id, distance], ...]}``,
-        and the rows that changed (to persist)."""
+        optionally its other views: a list of (name, pHash, dHash) of the picture turned
+        (``mirrored``, ``rotated 90``...), by which it also matches copies turned so.
+        Returns a decision per picture, ``{"copy_of": id, "distance": d, "view": name or
+        None}`` or ``{"set_aside": [[id, distance], ...]}``, and the rows that changed (to
+        persist)."""
         decisions: list[dict] = []
         changed: list[Row] = []
         if not batch:
             return decisions, changed
-        phashes = np.array([item[1] for item in batch], dtype=np.uint64)
-        # Each candidate with the dHash to check it against (the mirror's, for a mirror).
-        candidates: list[dict[int, tuple[int, int, bool]]] = [
-            {n: (d, item[2], False) for n, d in matches}
-            for item, matches in zip(batch, self.index.search(phashes, max_distance),
-                                     strict=True)]
-        # The batch against itself, at once; the index only knows what came before it.
-        within = np.bitwise_count(phashes[:, None] ^ phashes[None, :])
-        mirrored = [i for i, item in enumerate(batch) if len(item) > 5 and item[5] is not None]
-        within_mirror = None
-        if mirrored:
-            mirrors = np.array([batch[i][5] for i in mirrored], dtype=np.uint64)
-            for i, matches in zip(mirrored, self.index.search(mirrors, max_distance),
-                                  strict=True):
-                for n, d in matches:
-                    if n not in candidates[i] or d < candidates[i][n][0]:
-                        candidates[i][n] = (d, batch[i][6], True)
-            within_mirror = {i: np.bitwise_count(np.uint64(batch[i][5]) ^ phashes)
-                             for i in mirrored}
+        # Every view of every picture: (picture, name, pHash, dHash); the picture as it is
+        # first, its name None.
+        views = [(i, None, item[1], item[2]) for i, item in enumerate(batch)]
+        views += [(i, name, phash, dhash) for i, item in enumerate(batch) if len(item) > 5
+                  for name, phash, dhash in item[5] or ()]
+        phashes = np.array([view[2] for view in views], dtype=np.uint64)
+        # Each candidate with the dHash to check it against (the view's own).
+        candidates: list[dict[int, tuple[int, int, str | None]]] = [{} for _ in batch]
+        for (i, name, _, dhash), matches in zip(views, self.index.search(phashes, max_distance),
+                                                strict=True):
+            for n, d in matches:
+                if n not in candidates[i] or d < candidates[i][n][0]:
+                    candidates[i][n] = (d, dhash, name)
+        # The batch against itself, at once (the index only knows what came before it):
+        # each view of a picture against the earlier pictures as they are.
+        upright = phashes[:len(batch)]
+        within = np.bitwise_count(phashes[:, None] ^ upright[None, :])
         placed: list[int] = []
         for i, item in enumerate(batch):
             found = candidates[i]
-            for j in range(i):
-                ways = [(int(within[i, j]), item[2], False)]
-                if within_mirror is not None and i in within_mirror:
-                    ways.append((int(within_mirror[i][j]), item[6], True))
-                for way in ways:
-                    if way[0] <= max_distance and (placed[j] not in found
-                                                   or way[0] < found[placed[j]][0]):
-                        found[placed[j]] = way
+            for v, (picture, name, _, dhash) in enumerate(views):
+                if picture != i:
+                    continue
+                for j in range(i):
+                    distance = int(within[v, j])
+                    if distance <= max_distance and (placed[j] not in found
+                                                     or distance < found[placed[j]][0]):
+                        found[placed[j]] = (distance, dhash, name)
             n, decision, rows = self._place_one(item, found, max_dhash_distance)
             placed.append(n)
             decisions.append(decision)
             changed.extend(rows)
         return decisions, changed
 
-    def _place_one(self, item, found: dict[int, tuple[int, int, bool]],
+    def _place_one(self, item, found: dict[int, tuple[int, int, str | None]],
                    max_dhash_distance: int):
         record_id, phash, dhash, pixels, rank = item[:5]
         own = self.by_id.get(record_id)  # a batch placed again after a crash
-        copies = [(n, distance, mirror) for n, (distance, compare, mirror) in found.items()
+        copies = [(n, distance, view) for n, (distance, compare, view) in found.items()
                   if n != own and n in self.rows and not self.rows[n][5]
                   and int(self.rows[n][2] ^ compare).bit_count() <= max_dhash_distance]
         best = max(copies, key=lambda c: (self.rows[c[0]][3], self.rows[c[0]][4], -c[0]),
@@ -138,7 +137,7 @@ class CopyRegistry:
         changed: list[Row] = []
         if best is not None and (self.rows[best[0]][3], self.rows[best[0]][4]) >= (pixels, rank):
             decision = {"copy_of": self.rows[best[0]][0], "distance": best[1],
-                        "mirrored": best[2]}
+                        "view": best[2]}
             aside = True
         else:
             decision = {"set_aside": []}
