@@ -65,7 +65,13 @@ def test_the_site_builds_strictly(tmp_path):
 def test_readme_is_short_and_its_recipe_is_valid(harvest, tmp_path, monkeypatch):
     readme = (REPO / "README.md").read_text(encoding="utf-8")
     assert len(readme.encode()) < 10_500
-    assert readme.index("pip install -e '.[test]'") < readme.index("## The demo")
+    # Two commands before the demo: a light install that runs it, then the tests' own.
+    setup = readme[readme.index("## Set-up"):readme.index("## The demo")]
+    commands = re.findall(r"```sh\n(.*?)\n```", setup, re.S)
+    assert commands[0].endswith("pip install -e . && harvest run configs/demo.yml"), commands
+    assert commands[1] == "pip install -e '.[test]' && python -m pytest -q", commands
+    ci = (REPO / ".ci" / "run").read_text(encoding="utf-8")
+    assert commands[1] in ci.splitlines(), "`.ci/run` runs the README's test command"
     recipe = re.search(r"## A recipe\n\n```yaml\n(.*?)```", readme, re.S).group(1)
     (tmp_path / "recipe.yml").write_text(recipe, encoding="utf-8")
     monkeypatch.setenv("FLICKR_KEY", "k" * 32)  # the other spelling than the default's
