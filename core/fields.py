@@ -96,7 +96,8 @@ RECORD_FIELDS: tuple[RecordField, ...] = (
     RecordField("near_duplicate_of", "str", "id of the kept picture this one nearly copies "
                 "(not a training sample)", "near_duplicates",
                 "review, export, takedown --near-duplicates, shard sinks"),
-    RecordField("near_duplicate_distance", "int", "Hamming distance to it", "near_duplicates",
+    RecordField("near_duplicate_distance", "int", "Hamming distance to the nearest picture "
+                "of its group", "near_duplicates",
                 "review"),
     RecordField("phash", "str", "64-bit perceptual hash, hex", "near_duplicates",
                 "near_duplicates (later runs and shards)"),

@@ -332,3 +332,49 @@ def test_copies_turned_by_a_quarter_are_found_unless_told_not_to(recipe_file, ha
     assert {f"p{k}-0.jpg" for k in range(3, 6)} <= kept
     views = {r.get("near_duplicate_view") for r in records.values() if r.get("near_duplicate_of")}
     assert views <= {"rotated 90", "rotated 180", "rotated 270"}
+
+
+def test_groups_do_not_depend_on_the_order_pictures_arrive_in(recipe_file, harvest, tmp_path):
+    """A photo, a crop of it, and a tighter crop that is near the first crop but not the
+    photo: in every one of the six orders, one group, and the photo kept. Matched only
+    against each group's kept picture, the order C, A, B left two groups (issue 26)."""
+    import itertools
+
+    from harvest.plugins.enrichers.near_duplicates import perceptual_hashes
+
+    def jpeg(image) -> bytes:
+        out = io.BytesIO()
+        image.save(out, "JPEG", quality=90)
+        return out.getvalue()
+
+    def distance(a: bytes, b: bytes) -> int:
+        return (perceptual_hashes(io.BytesIO(a))[0] ^ perceptual_hashes(io.BytesIO(b))[0]).bit_count()
+
+    chain = None
+    for name in ("exif-org/ricoh-rdc5300.jpg", "gps/DSCN0042.jpg", "exif-org/sony-cybershot.jpg",
+                 "exif-org/fujifilm-mx1700.jpg"):
+        image = Image.open(SAMPLES / name).convert("RGB")
+        image.thumbnail((480, 480))
+        w, h = image.size
+        a, b, c = (jpeg(image.crop((int(w * f), int(h * f), w - int(w * f), h - int(h * f))))
+                   for f in (0, 0.04, 0.09))
+        if distance(a, b) <= 8 and distance(b, c) <= 8 and distance(a, c) >= 11:
+            chain = {"A": a, "B": b, "C": c}
+            break
+    assert chain, "no sample photo makes a chain A ~ B ~ C with A far from C"
+    for number, order in enumerate(itertools.permutations("ABC")):
+        photos = tmp_path / f"photos{number}"
+        photos.mkdir()
+        for position, key in enumerate(order):
+            (photos / f"{position}-{key}.jpg").write_bytes(chain[key])
+        output = tmp_path / f"out{number}"
+        text = recipe(photos, output).replace("sinks: [jsonl]",
+                                              "sinks: [jsonl]\nrun: {concurrency: 1, workers: 1}")
+        status, _, err = harvest("run", recipe_file(text, f"r{number}.yml"), "--no-progress")
+        assert status == 0, err
+        records = {r["source_id"].split("-")[1][0]: r for r in read_jsonl(output / "records.jsonl")}
+        aside = set_aside_ids(output)
+        kept = sorted(key for key, r in records.items()
+                      if not r.get("near_duplicate_of") and r["id"] not in aside)
+        assert kept == ["A"], (order, kept, {k: r.get("near_duplicate_of") for k, r in records.items()},
+                               aside)

@@ -142,11 +142,12 @@ class NearDuplicateEnricher(Enricher):
                     record.fields["near_duplicate_view"] = decision["view"]
                 if self.config["action"] == "drop":
                     record.drop(f"near duplicate of {first_id} (distance {distance})")
-                continue
-            for earlier_id, distance in decision["set_aside"]:
+            for earlier_id, distance, kept_id in decision["set_aside"]:
+                why = ("which is larger or better licensed" if kept_id == record.id else
+                       f"through {record.id}, which links their groups")
                 set_aside(self.context.output_dir, earlier_id,
-                          f"near duplicate of {record.id} (distance {distance}), which is "
-                          f"larger or better licensed", self.context.name)
+                          f"near duplicate of {kept_id} (distance {distance}), {why}",
+                          self.context.name)
 
 
 @hookimpl

@@ -29,8 +29,8 @@ from .near_duplicates_hamming import HammingIndex
 STORE_NAME = "near-duplicates.sqlite"
 _SIGN = 1 << 63
 
-# (record id, pHash, dHash, pixels, license rank, set aside)
-Row = tuple[str, int, int, int, int, bool]
+# (record id, pHash, dHash, pixels, license rank, set aside, the record id it is a copy of)
+Row = tuple[str, int, int, int, int, bool, str | None]
 
 
 class CopyRegistry:
@@ -38,7 +38,7 @@ class CopyRegistry:
 
     def __init__(self):
         self.index = HammingIndex(max_radius=11)
-        self.rows: dict[int, list] = {}  # n -> [id, phash, dhash, pixels, rank, aside]
+        self.rows: dict[int, list] = {}  # n -> [id, phash, dhash, pixels, rank, aside, copy_of]
         self.by_id: dict[str, int] = {}
         self.next_n = 0
 
@@ -65,19 +65,34 @@ class CopyRegistry:
         """Adds rows from a store; a picture already known keeps its place, and is set aside
         when any store says so."""
         ns, phashes = [], []
-        for record_id, phash, dhash, pixels, rank, aside in rows:
+        for record_id, phash, dhash, pixels, rank, aside, *copy_of in rows:
+            copy_of = copy_of[0] if copy_of else None
             known = self.by_id.get(record_id)
             if known is not None:
-                self.rows[known][5] = self.rows[known][5] or bool(aside)
+                row = self.rows[known]
+                row[5] = row[5] or bool(aside)
+                row[6] = row[6] or copy_of
                 continue
             n = self.next_n
             self.next_n += 1
-            self.rows[n] = [record_id, phash, dhash, pixels, rank, bool(aside)]
+            self.rows[n] = [record_id, phash, dhash, pixels, rank, bool(aside), copy_of]
             self.by_id[record_id] = n
             ns.append(n)
             phashes.append(phash)
         self.index.add(np.array(phashes, dtype=np.uint64), np.array(ns, dtype=np.int64))
         self.index.merge()
+
+    def head(self, n: int) -> int | None:
+        """The picture kept of ``n``'s group: ``n`` itself, or where its ``copy_of`` chain
+        ends. None for a copy whose group is not known (stored by an older harvest)."""
+        seen = set()
+        while self.rows[n][5]:
+            target = self.by_id.get(self.rows[n][6]) if self.rows[n][6] else None
+            if target is None or target in seen:
+                return None
+            seen.add(n)
+            n = target
+        return n
 
     def place(self, batch: list[tuple], max_distance: int,
               max_dhash_distance: int) -> tuple[list[dict], list[Row]]:
@@ -127,32 +142,48 @@ class CopyRegistry:
 
     def _place_one(self, item, found: dict[int, tuple[int, int, str | None]],
                    max_dhash_distance: int):
+        """A picture matches a group when it matches any of its pictures, kept or not; the
+        groups it matches become one, keeping the best picture of them and of it (the
+        largest, then the best licensed, then the earliest). So the groups a harvest ends
+        with do not depend on the order its pictures arrived in."""
         record_id, phash, dhash, pixels, rank = item[:5]
         own = self.by_id.get(record_id)  # a batch placed again after a crash
-        copies = [(n, distance, view) for n, (distance, compare, view) in found.items()
-                  if n != own and n in self.rows and not self.rows[n][5]
-                  and int(self.rows[n][2] ^ compare).bit_count() <= max_dhash_distance]
-        best = max(copies, key=lambda c: (self.rows[c[0]][3], self.rows[c[0]][4], -c[0]),
-                   default=None)
+        groups: dict[int, tuple[int, str | None]] = {}  # head -> (distance, view) nearest
+        for n, (distance, compare, view) in found.items():
+            if n == own or n not in self.rows:
+                continue
+            if int(self.rows[n][2] ^ compare).bit_count() > max_dhash_distance:
+                continue
+            head = self.head(n)
+            if head is None or head == own:
+                continue
+            if head not in groups or distance < groups[head][0]:
+                groups[head] = (distance, view)
+        best = max(groups, key=lambda h: (self.rows[h][3], self.rows[h][4], -h), default=None)
         changed: list[Row] = []
-        if best is not None and (self.rows[best[0]][3], self.rows[best[0]][4]) >= (pixels, rank):
-            decision = {"copy_of": self.rows[best[0]][0], "distance": best[1],
-                        "view": best[2]}
-            aside = True
-        else:
-            decision = {"set_aside": []}
-            aside = False
-            for n, distance, _ in sorted(copies):  # this copy is better: the earlier step aside
-                self.rows[n][5] = True
-                changed.append(tuple(self.rows[n]))
-                decision["set_aside"].append([self.rows[n][0], distance])
         if own is None:
             own = self.next_n
             self.next_n += 1
             self.index.add(np.array([phash], dtype=np.uint64), np.array([own]))
             self.by_id[record_id] = own
-        self.rows[own] = [record_id, phash, dhash, pixels, rank, aside]
+        if best is not None and (self.rows[best][3], self.rows[best][4]) >= (pixels, rank):
+            kept = best
+            decision = {"copy_of": self.rows[best][0], "distance": groups[best][0],
+                        "view": groups[best][1], "set_aside": []}
+            self.rows[own] = [record_id, phash, dhash, pixels, rank, True, self.rows[best][0]]
+        else:
+            kept = own
+            decision = {"set_aside": []}
+            self.rows[own] = [record_id, phash, dhash, pixels, rank, False, None]
         changed.append(tuple(self.rows[own]))
+        for head, (distance, _) in sorted(groups.items()):
+            if head == kept:
+                continue
+            # Kept until now; the better picture of the joined group is kept instead.
+            self.rows[head][5] = True
+            self.rows[head][6] = self.rows[kept][0]
+            changed.append(tuple(self.rows[head]))
+            decision["set_aside"].append([self.rows[head][0], distance, self.rows[kept][0]])
         return own, decision, changed
 
 
@@ -166,14 +197,19 @@ class CopyStore:
                         "id TEXT UNIQUE NOT NULL, phash INTEGER NOT NULL, dhash INTEGER NOT "
                         "NULL, pixels INTEGER NOT NULL, rank INTEGER NOT NULL, "
                         "set_aside INTEGER NOT NULL DEFAULT 0)")
+        columns = {row[1] for row in self.db.execute("PRAGMA table_info(hashes)")}
+        if "copy_of" not in columns:  # a store of an older harvest
+            self.db.execute("ALTER TABLE hashes ADD COLUMN copy_of TEXT")
+        self.db.commit()
 
     def save(self, rows: Iterable[Row]) -> None:
         self.db.executemany(
-            "INSERT INTO hashes (id, phash, dhash, pixels, rank, set_aside) "
-            "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET "
-            "set_aside = MAX(set_aside, excluded.set_aside)",
-            [(record_id, _signed(phash), _signed(dhash), pixels, rank, int(aside))
-             for record_id, phash, dhash, pixels, rank, aside in rows])
+            "INSERT INTO hashes (id, phash, dhash, pixels, rank, set_aside, copy_of) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET "
+            "set_aside = MAX(set_aside, excluded.set_aside), "
+            "copy_of = coalesce(excluded.copy_of, copy_of)",
+            [(record_id, _signed(phash), _signed(dhash), pixels, rank, int(aside), copy_of)
+             for record_id, phash, dhash, pixels, rank, aside, copy_of in rows])
         self.db.commit()
 
     def close(self) -> None:
@@ -189,9 +225,13 @@ def stored_rows(state_dirs: Iterable[Path]) -> Iterable[Row]:
             continue
         db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
         try:
-            for record_id, phash, dhash, pixels, rank, aside in db.execute(
-                    "SELECT id, phash, dhash, pixels, rank, set_aside FROM hashes ORDER BY n"):
-                yield record_id, _unsigned(phash), _unsigned(dhash), pixels, rank, bool(aside)
+            columns = {row[1] for row in db.execute("PRAGMA table_info(hashes)")}
+            copy_of = "copy_of" if "copy_of" in columns else "NULL"
+            for record_id, phash, dhash, pixels, rank, aside, group in db.execute(
+                    f"SELECT id, phash, dhash, pixels, rank, set_aside, {copy_of} FROM hashes "
+                    "ORDER BY n"):
+                yield (record_id, _unsigned(phash), _unsigned(dhash), pixels, rank, bool(aside),
+                       group)
         finally:
             db.close()
 
