@@ -22,6 +22,13 @@ def test_demo_recipe_runs_offline(tmp_path, harvest):
     assert len([p for p in (output / "images").rglob("*") if p.is_file()]) == 10
     summary = json.loads((output / ".harvest" / "last-run.json").read_text())
     assert summary["totals"]["rejected"] == 1 and summary["totals"]["stored"] == 11
+    # Offline scorers: the review page has sliders to show.
+    from harvest.core.commands.review import Review
+
+    review = Review(output)
+    keys = {k["key"] for k in review.keys}
+    assert {"quality.blur", "quality.brightness"} <= keys, keys
+    review.db.close()
 
 
 def test_every_shipped_recipe_validates(harvest, monkeypatch):

@@ -216,6 +216,9 @@ def test_other_pages_cannot_drive_or_read_the_review(scored_harvest, tmp_path, r
     record_id = read_jsonl(scored_harvest / "records.jsonl")[0]["id"]
     decision = json.dumps({"id": record_id, "decision": "reject"}).encode()
     assert request(f"{base}/api/meta")[0] == 403  # no token
+    status, page = request(f"{base}/")  # a person who opened the address without its token
+    assert status == 403 and b"carries a token" in page and b"<p" in page
+    assert b"data-ready" not in page and token.encode() not in page
     assert request(f"{base}/api/meta?token=wrong")[0] == 403
     assert request(f"{base}/api/meta", headers={"X-Harvest-Token": token})[0] == 200
     # A form on another site can post text/plain without a preflight: refused.

@@ -55,6 +55,11 @@ MAX_BODY = 1024 * 1024  # the page's largest request (every threshold, filter, s
 SHA256 = re.compile(r"[0-9a-f]{64}")
 STATIC = Path(__file__).parent / "static"
 TRAINING_REPORT = Path(".harvest") / "train-report.json"
+NO_TOKEN_PAGE = ("<!doctype html><meta charset=utf-8><title>harvest review</title>"
+                 "<p style='font:16px system-ui;margin:3em'>This page needs the address "
+                 "<code>harvest review</code> printed when it started: it carries a token "
+                 "(<code>?token=...</code>), so that other pages cannot drive this one. "
+                 "Copy it from the terminal.</p>")
 
 
 class Review:
@@ -564,6 +569,8 @@ def create_app(review: Review, token: str, port: int, allow_remote: bool = False
             return jsonify({"error": "wrong Host: open the address harvest review printed"}), 403
         given = request.headers.get("X-Harvest-Token") or request.args.get("token") or ""
         if not hmac.compare_digest(given.encode(), token.encode()):
+            if request.method == "GET" and request.path == "/":  # a person, in a browser
+                return NO_TOKEN_PAGE, 403, {"Content-Type": "text/html; charset=utf-8"}
             return jsonify({"error": "no or wrong token: open the address harvest review "
                                      "printed (it carries the token)"}), 403
         if request.method == "POST":
