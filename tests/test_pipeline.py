@@ -67,3 +67,25 @@ sinks: [{{use: jsonl, options: {{personal_fields: clear}}}}]
     assert three["keep"] is False
     assert flickr.searches[0]["license"] == "4,5,7,9,10"
     assert "country MY not in the recipe's countries" in out
+
+
+def test_a_run_that_stores_nothing_says_why_and_what_to_do(recipe_file, harvest, tmp_path):
+    """Every record rejected: the summary ends saying so, with the most common reason
+    (which names the option that changes it when there is one); run again, it says that
+    nothing is new and how to send those records through again (issue 28)."""
+    from imagegen import truncated_jpeg
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(3):
+        (photos / f"{i}.jpg").write_bytes(truncated_jpeg(500 + i))
+    recipe = recipe_file(f"""
+        output: {tmp_path / "out"}
+        sources: [{{use: folder, options: {{path: {photos}}}}}]
+    """)
+    status, out, err = harvest("run", recipe, "--no-progress")
+    last = out.strip().splitlines()[-1]
+    assert "nothing stored: all 3 records found were rejected" in last, out
+    assert "corrupt image" in last
+    status, out, err = harvest("run", recipe, "--no-progress")
+    assert "nothing new" in out and "--reconsider rejected,dropped,failed" in out, out

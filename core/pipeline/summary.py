@@ -96,6 +96,24 @@ class Summary:
         """The summary as JSON (``.harvest/last-run.json``)."""
         path.write_text(json.dumps(self.to_dict(), ensure_ascii=False, indent=2), encoding="utf-8")
 
+    @staticmethod
+    def _hints(data: dict) -> list[str]:
+        """What to do when a run stored nothing: said, not left to be guessed from zeros."""
+        totals = data["totals"]
+        found, skipped, stored = totals["found"], totals["skipped"], totals["stored"]
+        if not found or stored:
+            return []
+        if skipped == found:
+            return ["nothing new: every record found ended in an earlier run; after changing "
+                    "the recipe, `harvest run RECIPE --reconsider rejected,dropped,failed` "
+                    "sends those that did not make it through again"]
+        if not data["failures"]:
+            return []
+        top = max(data["failures"], key=lambda failure: failure["count"])
+        return [f"nothing stored: all {found - skipped} records found were rejected, dropped "
+                f"or failed; the most common reason ({top['count']}): "
+                f"{printable(top['reason'], 200)}"]
+
     def render(self) -> str:
         data = self.to_dict()
         header = ["source", "term", *OUTCOMES]
@@ -115,6 +133,7 @@ class Summary:
                 lines.append(f"    {failure['count']:>5}  {printable(failure['source'], 40)} "
                              f"{printable(failure['stage'], 40)}: "
                              f"{printable(failure['reason'], 300)}")
+        lines.extend(f"  {hint}" for hint in self._hints(data))
         for note in self.notes:
             lines.append(f"  {note}")
         if self.pending_note:
