@@ -291,3 +291,15 @@ def test_a_logged_traceback_is_redacted_too():
     text = written.getvalue()
     assert "Traceback" in text and "OSError" in text and "***" in text
     assert not [form for form in encodings(secret) if form in text.encode()], text
+
+
+@pytest.mark.parametrize("recipe, expected", [
+    ("sources: [{use: foldr, options: {path: .}}]", "unknown source 'foldr': did you mean 'folder'?"),
+    ("sources: [{use: folder, options: {path: ., recursiv: true}}]",
+     "unknown option: did you mean 'recursive'?"),
+    ("sources: [{use: folder, option: {path: .}}]", "unknown key: did you mean 'options'?"),
+    ("source: [{use: folder, options: {path: .}}]", "unknown key: did you mean 'sources'?"),
+])
+def test_a_misspelt_name_gets_a_suggestion(recipe, expected, recipe_file, harvest, tmp_path):
+    code, out, err = harvest("validate", recipe_file(f"output: {tmp_path / 'out'}\n{recipe}\n"))
+    assert code == 2 and expected in err and len(err.strip().splitlines()) == 1, err

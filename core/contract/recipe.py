@@ -199,6 +199,16 @@ def format_path(key_path: Sequence) -> str:
     return text
 
 
+
+def did_you_mean(given, known) -> str:
+    """``: did you mean 'folder'?`` for a name close to a known one, else nothing."""
+    import difflib
+
+    if not isinstance(given, str):
+        return ""
+    close = difflib.get_close_matches(given, [str(k) for k in known], n=1, cutoff=0.6)
+    return f": did you mean {close[0]!r}?" if close else ""
+
 class _Checker:
     def __init__(self, path: Path, lines: _Lines, resolver: SecretResolver):
         self.path, self.lines, self.resolver = path, lines, resolver
@@ -243,7 +253,8 @@ class _Checker:
         for name in given:
             if name not in by_name:
                 known = ", ".join(by_name) or "none"
-                raise self.fail(key_path + (name,), f"unknown option (known: {known})")
+                raise self.fail(key_path + (name,),
+                                f"unknown option{did_you_mean(name, by_name)} (known: {known})")
         result: dict[str, Any] = {}
         for option in declared:
             here = key_path + (option.name,)
@@ -331,13 +342,16 @@ def _parse_plugins(checker: _Checker, kind: str, raw: Any, registry: Registry,
             raise checker.fail(here, "expected a mapping with `use: NAME` (and `options:`)")
         unknown = set(item) - {"use", "name", "options"}
         if unknown:
-            raise checker.fail(here + (sorted(unknown)[0],),
-                               "unknown key (expected use, name, options)")
+            wrong = sorted(unknown)[0]
+            raise checker.fail(here + (wrong,), f"unknown key"
+                               f"{did_you_mean(wrong, ('use', 'name', 'options'))} "
+                               "(expected use, name, options)")
         use = item["use"]
         info = registry.get(kind, use) if isinstance(use, str) else None
         if info is None:
             known = ", ".join(registry.names(kind)) or "none installed"
-            raise checker.fail(here + ("use",), f"unknown {kind[:-1]} {use!r} (known: {known})")
+            raise checker.fail(here + ("use",), f"unknown {kind[:-1]} {use!r}"
+                               f"{did_you_mean(use, registry.names(kind))} (known: {known})")
         label = str(item.get("name") or use)
         if label in labels:
             raise checker.fail(here, f"two {kind} are called {label!r}; give one a `name:`")
@@ -385,7 +399,8 @@ def load_recipe(path: str | Path, registry: Registry, *, environ: Mapping[str, s
     provisional = _Checker(path, lines, SecretResolver(environ=environ))
     for key in data:
         if key not in TOP_LEVEL:
-            raise provisional.fail((key,), f"unknown key (expected one of {', '.join(TOP_LEVEL)})")
+            raise provisional.fail((key,), f"unknown key{did_you_mean(key, TOP_LEVEL)} "
+                                           f"(expected one of {', '.join(TOP_LEVEL)})")
     if data.get("credentials") is not None:
         credentials = provisional.value(PathType(), data["credentials"], ("credentials",), base_dir)
         resolver_file = Path(credentials)
