@@ -303,3 +303,17 @@ def test_a_logged_traceback_is_redacted_too():
 def test_a_misspelt_name_gets_a_suggestion(recipe, expected, recipe_file, harvest, tmp_path):
     code, out, err = harvest("validate", recipe_file(f"output: {tmp_path / 'out'}\n{recipe}\n"))
     assert code == 2 and expected in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_validate_refuses_an_output_folder_that_cannot_be_made(recipe_file, harvest, tmp_path):
+    """It said ok, and the run then failed (issue 28)."""
+    (tmp_path / "a-file").write_text("not a folder")
+    for output, expected in ((tmp_path / "a-file", "the output is a file"),
+                             (tmp_path / "a-file" / "out", "a-file is a file")):
+        recipe = recipe_file(f"output: {output}\nsources: [{{use: folder, options: {{path: .}}}}]\n")
+        code, out, err = harvest("validate", recipe)
+        assert code == 2 and expected in err and len(err.strip().splitlines()) == 1, err
+        assert not (tmp_path / "a-file").is_dir()
+    code, out, err = harvest("validate", recipe_file(
+        f"output: {tmp_path / 'new' / 'out'}\nsources: [{{use: folder, options: {{path: .}}}}]\n"))
+    assert code == 0 and not (tmp_path / "new").exists(), err

@@ -650,6 +650,9 @@ def _cmd_review(args) -> int:
 
 
 def _cmd_validate(args, recipe: Recipe) -> int:
+    from ..output.storage import check_output
+
+    check_output(recipe.output)
     counts = ", ".join(_count(len(items), noun) for items, noun in (
         (recipe.terms, "term"), (recipe.sources, "source"),
         (recipe.enrichers, "enricher"), (recipe.sinks, "sink")))

@@ -135,6 +135,26 @@ OWN_PATHS = ("images", ".harvest", ".harvest/tmp", ".harvest/state.sqlite",
              ".harvest/sinks.json", ".harvest/.sinks.json.tmp")
 
 
+def check_output(output: Path) -> None:
+    """What ``prepare_output`` would refuse, found without creating anything (for
+    ``harvest validate``): a file where the folder should be, or an existing folder above
+    it that is not a writable folder."""
+    from ..errors import UsageError
+
+    if output.exists() and not output.is_dir():
+        raise UsageError(f"{output}: the output is a file, not a folder")
+    existing = output
+    while not existing.exists():
+        if existing.parent == existing:
+            break
+        existing = existing.parent
+    if existing != output and not existing.is_dir():
+        raise UsageError(f"{output}: cannot create the output folder: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"{output}: cannot create the output folder: {existing} is not "
+                         "writable")
+
+
 def prepare_output(output: Path) -> None:
     """Makes the output folder ready to write, or raises UsageError in one line: a path
     that is a file, a folder that cannot be written, or a symbolic link planted where
