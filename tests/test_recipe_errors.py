@@ -317,3 +317,11 @@ def test_validate_refuses_an_output_folder_that_cannot_be_made(recipe_file, harv
     code, out, err = harvest("validate", recipe_file(
         f"output: {tmp_path / 'new' / 'out'}\nsources: [{{use: folder, options: {{path: .}}}}]\n"))
     assert code == 0 and not (tmp_path / "new").exists(), err
+
+
+def test_a_face_confidence_under_the_detectors_floor_is_refused(recipe_file, harvest, tmp_path):
+    """NudeNet reports nothing under 0.25: 0.2 promised faces it never finds (issue 26)."""
+    recipe = recipe_file(f"output: {tmp_path / 'out'}\nimages: {{blur_faces: true, "
+                         "blur_min_confidence: 0.2}\nsources: [{use: folder, options: {path: .}}]\n")
+    code, out, err = harvest("validate", recipe)
+    assert code == 2 and "blur_min_confidence" in err and "0.25" in err, err

@@ -49,9 +49,12 @@ IMAGE_OPTIONS: tuple[Option, ...] = (
                 "bytes stay in memory, never on disk (needs the safety extra)"),
     Option("blur_method", Choice(*BLUR_METHODS), "gaussian",
            help="gaussian: a strong blur; pixelate: about six blocks across a face"),
-    Option("blur_min_confidence", Float(0.0, 1.0), 0.2,
-           help="blur faces found with at least this confidence (low: a missed face is "
-                "worse than a blurred ear)"),
+    # NudeNet keeps no detection under 0.25 (its non-maximum suppression's floor), so a
+    # lower value would promise faces it never reports.
+    Option("blur_min_confidence", Float(0.25, 1.0), 0.25,
+           help="blur faces found with at least this confidence, 0.25 (the detector's "
+                "floor: it reports nothing weaker) or more; low, as a missed face is worse "
+                "than a blurred ear"),
     Option("blur_margin", Float(0.0, 1.0), 0.2,
            help="grow each face box by this fraction of its size on every side"),
 )

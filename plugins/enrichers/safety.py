@@ -31,8 +31,9 @@ class SafetyScorer(LabelScorer):
     fixed_scores = ("nsfw", "faces", "face_confidence")
     scores_field = "safety"
     options = tuple(o for o in LabelScorer.options if o.name != "synonyms") + (
-        Option("min_confidence", Float(0.0, 1.0), 0.3,
-               help="detections below this confidence are ignored"),
+        Option("min_confidence", Float(0.25, 1.0), 0.3,
+               help="detections below this confidence are ignored (0.25 at least: the "
+                    "detector reports nothing weaker)"),
     )
 
     @classmethod
