@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import pickle
 import shutil
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -69,6 +70,50 @@ def test_a_weights_file_that_asks_for_code_is_refused(tmp_path, monkeypatch):
     (tmp_path / "short.pth").write_bytes((tmp_path / "evil.pth").read_bytes()[:20])
     with pytest.raises(lite.WeightsError):
         lite.read_legacy_state_dict(tmp_path / "short.pth")
+    # Code in a header pickle, before the state dict: refused too (it ran before).
+    with (tmp_path / "header.pth").open("wb") as handle:
+        pickle.dump(_Runs(), handle, protocol=2)
+    with pytest.raises(lite.WeightsError):
+        lite.read_legacy_state_dict(tmp_path / "header.pth")
+    assert not (tmp_path / "ran-code").exists()
+
+
+def test_a_tensor_reaching_past_its_storage_is_refused(tmp_path):
+    """A storage of 4 floats declared as 4,000,000 read past the buffer (a segfault)."""
+    with (tmp_path / "long.pth").open("wb") as handle:
+        for header in (0x1950A86A20F9469CFC6C, 1001, {"little_endian": True}):
+            pickle.dump(header, handle, protocol=2)
+
+        class Persist(pickle.Pickler):
+            def persistent_id(self, obj):
+                return ("storage", "FloatStorage", "0", "cpu", 4) if obj is marker else None
+
+        marker = object()
+
+        class Rebuild:
+            def __reduce__(self):
+                import torch_stub
+                return (torch_stub._rebuild_tensor_v2, (marker, 0, (2000, 2000), (2000, 1)))
+
+        import sys
+        import types
+        stub = types.ModuleType("torch._utils")
+        stub._rebuild_tensor_v2 = lambda *a: None
+        stub._rebuild_tensor_v2.__module__ = "torch._utils"
+        stub._rebuild_tensor_v2.__qualname__ = "_rebuild_tensor_v2"
+        sys.modules.setdefault("torch", types.ModuleType("torch"))
+        sys.modules["torch._utils"] = stub
+        sys.modules["torch_stub"] = stub
+        try:
+            Persist(handle, protocol=2).dump({"_fc.weight": Rebuild()})
+        finally:
+            del sys.modules["torch._utils"], sys.modules["torch_stub"]
+            if not hasattr(sys.modules["torch"], "__file__"):
+                del sys.modules["torch"]
+        pickle.dump(["0"], handle, protocol=2)
+        handle.write(struct.pack("<q", 4) + np.zeros(4, np.float32).tobytes())
+    with pytest.raises(lite.WeightsError, match="past the end"):
+        lite.read_legacy_state_dict(tmp_path / "long.pth")
 
 
 def test_the_real_weights_read_without_torch():
@@ -92,12 +137,15 @@ def test_the_projection_is_orthonormal_and_keeps_distances():
     assert 0.75 < ratio.min() and ratio.max() < 1.25
 
 
-def test_a_row_cut_short_by_a_crash_is_written_again(tmp_path):
+def test_rows_a_crash_left_unnamed_are_written_over(tmp_path):
+    """Killed after a row was synced but before the index named it, or in the middle of
+    one: the next add writes over them, so no picture's embedding stays in the file where
+    the index (and so a takedown) cannot find it."""
     store = EmbeddingStore(tmp_path, 16)
     one = {"aa" * 32: np.arange(1280, dtype=np.float32)}
     store.add(one)
-    with store.path.open("ab") as handle:  # killed while writing the next row
-        handle.write(b"\x01" * 7)
+    with store.path.open("ab") as handle:  # killed after a whole row, then in the next
+        handle.write(b"\x01" * (16 * 2 + 7))
     two = {"bb" * 32: np.ones(1280, np.float32)}
     store.add(two)
     store.add(two)
@@ -395,8 +443,8 @@ def test_the_review_page_trains_and_shows_the_figures(recipe_file, harvest, tmp_
 def test_a_takedown_forgets_the_embedding_and_the_learned_score(recipe_file, harvest,
                                                                 tmp_path, killed):
     """What was computed from a picture goes with it: its embedding row is zeroed and
-    unnamed, its learned score leaves the overlay, and typicality no longer counts it;
-    killed -9 before that, the next takedown finishes it."""
+    unnamed, its learned score leaves the overlay, its review thumbnail is deleted, and
+    typicality no longer counts it; killed -9 before that, the next takedown finishes it."""
     from test_takedown import killed_at
 
     _photos(tmp_path / "photos", BUILDINGS + NOT_BUILDINGS)
@@ -418,6 +466,10 @@ def test_a_takedown_forgets_the_embedding_and_the_learned_score(recipe_file, har
     row = store.db.execute("SELECT row FROM rows WHERE sha256 = ?", (bytes.fromhex(sha),)).fetchone()[0]
     assert store.vectors([sha])[sha].any()
     store.close()
+    review = Review(output)
+    thumb = review.thumbnail(sha)  # what the page showed of it
+    review.db.close()
+    assert thumb is not None and thumb.is_file()
     if killed:
         killed_at(killed, "takedown", output, "--sha256", sha)
     code, out, err = harvest("takedown", str(output), "--sha256", sha)
@@ -429,6 +481,7 @@ def test_a_takedown_forgets_the_embedding_and_the_learned_score(recipe_file, har
     store.close()
     learned = json.loads((output / ".harvest" / "scores" / "learned.json").read_text())
     assert gone["id"] not in learned and len(learned) == len(records) - 1
+    assert not thumb.exists()
 
 
 def test_typicality_without_embed_is_a_one_line_error(recipe_file, harvest, tmp_path):
@@ -510,3 +563,22 @@ def test_the_train_button_in_the_browser(recipe_file, harvest, tmp_path, review_
         expect(uncertain).to_have_count(1)
         page.locator("#sort").select_option(uncertain.get_attribute("value"))
         expect(page.locator(".tile")).to_have_count(10)
+
+
+def test_a_per_term_threshold_judges_only_the_pictures_of_its_term():
+    """learned.monkey exists only for monkey pictures: a slider on it must not drop every
+    cage picture (it did, and with typicality thresholds for two terms, a page or export
+    kept nothing)."""
+    from harvest.core.cleaning.curation import Verdicts
+
+    monkey = {"id": "m", "term": "monkey", "learned": {"monkey": 0.9},
+              "relevance": {"typicality.monkey": 0.8}}
+    cage = {"id": "c", "term": "cage", "learned": {"cage": 0.2},
+            "relevance": {"typicality.cage": 0.3}}
+    unscored = {"id": "u", "term": "monkey"}
+    rule = {"op": ">=", "value": 0.5, "enabled": True}
+    judge = Verdicts({"learned.monkey": rule}, {})
+    assert [judge(r)[0] for r in (monkey, cage, unscored)] == [True, True, False]
+    judge = Verdicts({"relevance.typicality.monkey": rule, "relevance.typicality.cage": rule}, {})
+    assert [judge(r)[0] for r in (monkey, cage)] == [True, False]
+    assert "typicality.cage" in judge(cage)[2]

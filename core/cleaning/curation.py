@@ -47,6 +47,15 @@ def score_of(record: dict, key: str) -> float | None:
     return float(value)
 
 
+def _scored_otherwise(record: dict, key: str) -> bool:
+    """Whether the record has the key's scores field but not this score in it: a score
+    given per term (``typicality.<term>``, ``learned.<term>``) exists only for the
+    pictures of that term, and a threshold on it does not judge the others."""
+    group, _, name = key.partition(".")
+    scores = record.get(group)
+    return isinstance(scores, dict) and bool(scores) and name not in scores
+
+
 def copy_reason(record: dict, aside: dict[str, str]) -> str | None:
     """Why a record is left out as a copy of another picture (None: it is not one): a
     byte-for-byte copy, a near duplicate, or a record set aside for a better copy. The
@@ -93,6 +102,8 @@ class Verdicts:
             score = self.score(record, key)
             if score is None and "." not in key:
                 score = 0.0  # a term the scorer did not see in the picture
+            if score is None and _scored_otherwise(record, key):
+                continue  # a score of another term (typicality.cage on a monkey picture)
             if score is None or not Thresholds.holds((op, value), score):
                 shown = "none" if score is None else f"{score:.3g}"
                 return False, False, f"{key} {shown} fails {op} {value:.3g}"
@@ -138,7 +149,8 @@ OVERLAYS = Path(".harvest") / "scores"
 
 def overlay_fields(output: Path) -> list[str]:
     folder = output / OVERLAYS
-    return sorted(path.stem for path in folder.glob("*.json")) if folder.is_dir() else []
+    return sorted(path.stem for path in folder.glob("*.json")
+                  if not path.name.startswith(".")) if folder.is_dir() else []
 
 
 class OverlayWriter:
@@ -149,11 +161,17 @@ class OverlayWriter:
     def __init__(self, output: Path, field: str):
         self.path = output / OVERLAYS / f"{field}.json"
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.temp = self.path.with_suffix(".tmp")
         self.count = 0
 
     def __enter__(self) -> "OverlayWriter":
-        self.handle = self.temp.open("w", encoding="utf-8")
+        import tempfile
+
+        # A temporary name of its own: a train from the page and one from the command
+        # line, or a takedown, may write the same overlay at once (the last one wins).
+        descriptor, name = tempfile.mkstemp(prefix=f".{self.path.stem}.", suffix=".tmp",
+                                            dir=self.path.parent)
+        self.temp = Path(name)
+        self.handle = os.fdopen(descriptor, "w", encoding="utf-8")
         self.handle.write("{")
         return self
 
@@ -183,13 +201,18 @@ def write_overlay(output: Path, field: str, scores: dict[str, dict[str, float]])
 
 
 def read_overlays(output: Path) -> dict[str, dict[str, dict]]:
-    """field -> record id -> scores. An unreadable overlay is left out."""
+    """field -> record id -> scores. An unreadable overlay is an error naming it: left
+    out, a threshold on its scores would judge every record as unscored."""
+    from ..errors import UsageError
+
     overlays = {}
     for field in overlay_fields(output):
+        path = output / OVERLAYS / f"{field}.json"
         try:
-            data = json.loads((output / OVERLAYS / f"{field}.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"{path}: unreadable score overlay ({exc}); run what wrote it "
+                             f"again (harvest train for learned.json) or remove it") from None
         if isinstance(data, dict):
             overlays[field] = {key: value for key, value in data.items()
                                if isinstance(value, dict)}

@@ -277,9 +277,14 @@ def _carry_out_removals(output: Path, sinks, unreached: list[str], carried: _Car
                     crash_point(f"removed:{label}")
                 carried.records += len(ids)
             carried.files += delete_files(output, set(paths))
-            # What was computed from the pictures goes with them: embeddings, learned scores.
-            forget_embeddings(state_dirs(output), set(entry.get("sha256") or ()))
+            # What was computed from the pictures goes with them: embeddings, learned
+            # scores, the review page's thumbnails (a small copy of each).
+            shas = set(entry.get("sha256") or ())
+            forget_embeddings(state_dirs(output), shas)
             forget_in_overlays(output, ids)
+            for sha in shas:
+                if len(sha) == 64 and sha.isalnum():
+                    (output / ".harvest" / "thumbs" / f"{sha}.jpg").unlink(missing_ok=True)
             carried.intents += 1
             crash_point("deleted")
             if with_records and unreached:

@@ -195,27 +195,28 @@ def _write_embeddings(output: Path, destination: Path, exported: list[tuple[str,
         dims = stores[0].dims
         if any(store.dims != dims for store in stores):
             raise UsageError(f"{output}: embeddings of different sizes in one output")
+        # One pass over the stores (a takedown between two would make the header lie),
+        # the rows into a scratch file, then the .npy: its header needs their count.
+        rows_path = destination / ".embeddings.rows"
         rows = 0
-        for start in range(0, len(exported), EMBEDDING_CHUNK):
-            chunk = exported[start:start + EMBEDDING_CHUNK]
-            vectors: dict[str, np.ndarray] = {}
-            for store in stores:
-                vectors.update(store.vectors([sha for _, sha in chunk if sha not in vectors]))
-            rows += sum(1 for _, sha in chunk if sha in vectors)
-        with (destination / "embeddings.npy").open("wb") as table, \
+        with rows_path.open("wb") as body, \
                 (destination / "embeddings-ids.txt").open("w", encoding="utf-8") as ids:
-            np.lib.format.write_array_header_1_0(
-                table, {"descr": np.dtype(np.float16).str, "fortran_order": False,
-                        "shape": (rows, dims)})
             for start in range(0, len(exported), EMBEDDING_CHUNK):
                 chunk = exported[start:start + EMBEDDING_CHUNK]
-                vectors = {}
+                vectors: dict[str, np.ndarray] = {}
                 for store in stores:
                     vectors.update(store.vectors([sha for _, sha in chunk if sha not in vectors]))
                 for record_id, sha in chunk:
                     if sha in vectors:
-                        table.write(vectors[sha].astype(np.float16).tobytes())
+                        body.write(vectors[sha].astype(np.float16).tobytes())
                         ids.write(f"{record_id}\n")
+                        rows += 1
+        with (destination / "embeddings.npy").open("wb") as table, rows_path.open("rb") as body:
+            np.lib.format.write_array_header_1_0(
+                table, {"descr": np.dtype(np.float16).str, "fortran_order": False,
+                        "shape": (rows, dims)})
+            shutil.copyfileobj(body, table, 1 << 20)
+        rows_path.unlink()
     finally:
         for store in stores:
             store.close()

@@ -37,8 +37,8 @@ def projection(dims: int) -> np.ndarray | None:
 
 class EmbeddingStore:
     """Pictures' embeddings by sha256, appended to one file of float16 rows. A row is
-    written and synced before the index names it, so a crash leaves at most an unnamed
-    row, which the next run writes again."""
+    written and synced before the index names it; rows a crash left unnamed are written
+    over by the next ``add``."""
 
     def __init__(self, folder: Path, dims: int | None = None):
         """``dims`` None: the store already there (FileNotFoundError if there is none)."""
@@ -72,6 +72,7 @@ class EmbeddingStore:
 
     def known(self, shas: list[str]) -> set[str]:
         found: set[str] = set()
+        shas = [sha for sha in shas if _is_sha256(sha)]
         for start in range(0, len(shas), 500):
             chunk = [bytes.fromhex(sha) for sha in shas[start:start + 500]]
             marks = ",".join("?" * len(chunk))
@@ -91,9 +92,13 @@ class EmbeddingStore:
             return
         rows = self.reduce(np.stack([features[sha] for sha in new]))
         with open(self.path, "ab") as handle:
-            size = handle.seek(0, os.SEEK_END)
-            if size % self.row_bytes:  # a row cut short by a crash: write over it
-                size -= size % self.row_bytes
+            # Rows past the last one the index names were written by a run that crashed
+            # before naming them (whole or cut short): written over, so that no
+            # picture's embedding stays in the file unnamed, where a takedown cannot
+            # find it.
+            named = self.db.execute("SELECT max(row) FROM rows").fetchone()[0]
+            size = 0 if named is None else (named + 1) * self.row_bytes
+            if handle.seek(0, os.SEEK_END) != size:
                 handle.truncate(size)
             first = size // self.row_bytes
             handle.write(rows.tobytes())
@@ -108,7 +113,7 @@ class EmbeddingStore:
         before the index forgets them, so nothing derived from them stays. Done again
         after a crash, it finishes."""
         rows: list[tuple[bytes, int]] = []
-        keys = [bytes.fromhex(sha) for sha in shas if len(sha) == 64]
+        keys = [bytes.fromhex(sha) for sha in shas if _is_sha256(sha)]
         for start in range(0, len(keys), 500):
             chunk = keys[start:start + 500]
             marks = ",".join("?" * len(chunk))
@@ -130,6 +135,7 @@ class EmbeddingStore:
     def vectors(self, shas: list[str]) -> dict[str, np.ndarray]:
         """The stored embeddings (float32) of these pictures, by sha256."""
         rows: dict[str, int] = {}
+        shas = [sha for sha in shas if _is_sha256(sha)]  # a hand-edited record: no row
         for start in range(0, len(shas), 500):
             chunk = [bytes.fromhex(sha) for sha in shas[start:start + 500]]
             marks = ",".join("?" * len(chunk))
@@ -145,6 +151,10 @@ class EmbeddingStore:
                 data = os.pread(handle.fileno(), self.row_bytes, row * self.row_bytes)
                 found[sha] = np.frombuffer(data, dtype=np.float16).astype(np.float32)
         return found
+
+
+def _is_sha256(text) -> bool:
+    return isinstance(text, str) and len(text) == 64 and all(c in "0123456789abcdef" for c in text)
 
 
 def forget_embeddings(state_dirs: list[Path], shas: set[str]) -> int:

@@ -113,20 +113,29 @@ def read_legacy_state_dict(path: Path) -> dict[str, np.ndarray]:
     data = Path(path).read_bytes()
     stream = io.BytesIO(data)
     try:
-        magic = pickle.load(stream)
-        protocol = pickle.load(stream)
-        pickle.load(stream)  # sys info: endianness and type sizes
+        # Every pickle of the file through the restricted unpickler: the headers and the
+        # list of keys are plain data, and none may reach for a class either.
+        magic = _StateDictUnpickler(stream).load()
+        protocol = _StateDictUnpickler(stream).load()
+        _StateDictUnpickler(stream).load()  # sys info: endianness and type sizes
         if magic != _LEGACY_MAGIC or protocol != 1001:
             raise WeightsError(f"{path}: not a legacy torch file")
         state = _StateDictUnpickler(stream).load()
-        keys = pickle.load(stream)
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as exc:
+        keys = _StateDictUnpickler(stream).load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as exc:
         raise WeightsError(f"{path}: unreadable ({exc})") from exc
+    if not isinstance(state, dict) or not isinstance(keys, list):
+        raise WeightsError(f"{path}: not a state dict")
     storages: dict[str, np.ndarray] = {}
     dtypes = {ref.storage.key: ref.storage.dtype for ref in state.values()
               if isinstance(ref, _TensorRef)}
     for key in keys:
-        (count,) = struct.unpack("<q", stream.read(8))
+        header = stream.read(8)
+        if len(header) != 8:
+            raise WeightsError(f"{path}: truncated before storage {key}")
+        (count,) = struct.unpack("<q", header)
+        if count < 0:
+            raise WeightsError(f"{path}: storage {key} has a negative size")
         dtype = np.dtype(dtypes.get(str(key), np.float32)).newbyteorder("<")
         raw = stream.read(count * dtype.itemsize)
         if len(raw) != count * dtype.itemsize:
@@ -136,7 +145,18 @@ def read_legacy_state_dict(path: Path) -> dict[str, np.ndarray]:
     for name, ref in state.items():
         if not isinstance(ref, _TensorRef):
             continue
-        flat = storages[ref.storage.key]
+        flat = storages.get(ref.storage.key)
+        if flat is None:
+            raise WeightsError(f"{path}: {name} names a storage the file does not hold")
+        # The view must lie inside its storage: as_strided would read past it otherwise.
+        if ref.offset < 0 or any(n < 0 for n in ref.size) or any(st < 0 for st in ref.stride) \
+                or len(ref.size) != len(ref.stride):
+            raise WeightsError(f"{path}: {name} has a negative offset, size or stride")
+        last = ref.offset + sum((n - 1) * st for n, st in zip(ref.size, ref.stride, strict=True))
+        if 0 in ref.size:
+            last = ref.offset - 1
+        if last >= len(flat):
+            raise WeightsError(f"{path}: {name} reaches past the end of its storage")
         itemsize = flat.dtype.itemsize
         view = np.lib.stride_tricks.as_strided(
             flat[ref.offset:], shape=ref.size, strides=[s * itemsize for s in ref.stride])
@@ -241,12 +261,16 @@ def preprocess(image) -> np.ndarray:
 
 
 def load_image(path: Path):
-    """The picture, decoded at the smallest JPEG scale that still covers the crop."""
-    from PIL import Image
+    """The picture as displayed (EXIF orientation applied), decoded at the smallest JPEG
+    scale that still covers the crop."""
+    from PIL import Image, ImageOps
 
     image = Image.open(path)
     if image.format == "JPEG":
         image.draft("RGB", (round(SIDE / CROP), round(SIDE / CROP)))
+    # As displayed: a phone's photo stored sideways is seen upright, as near_duplicates
+    # hashes it.
+    ImageOps.exif_transpose(image, in_place=True)
     return image
 
 
@@ -360,6 +384,9 @@ class SharedNetwork:
 
     _network: Network | None = None
     _recent: OrderedDict = OrderedDict()
+    # Several pipelines may share a process (shards on a Dask worker's threads): one
+    # network, and the memo read and changed by one of them at a time.
+    _lock = threading.RLock()
     KEEP = 2048
     BATCH = 32
 
@@ -368,6 +395,11 @@ class SharedNetwork:
                 done: dict[str, Analysis] | None = None) -> dict[str, Analysis | Exception]:
         """sha256 -> the picture's analysis, or why it could not be read. ``done``: those
         a download worker made already (``analyse_file``)."""
+        with cls._lock:
+            return cls._analyse(paths, done)
+
+    @classmethod
+    def _analyse(cls, paths, done) -> dict[str, Analysis | Exception]:
         results: dict[str, Analysis | Exception] = {}
         todo = []
         for sha, path in paths.items():
@@ -406,8 +438,8 @@ _worker_turn = threading.Lock()
 
 
 def analyse_file(path: Path) -> Analysis:
-    """A picture analysis (``Enricher.picture_analyses``): run in a download worker, one
-    thread of onnxruntime each, as many at once as the workers' download threads."""
+    """A picture analysis (``Enricher.picture_analyses``): run in a download worker on one
+    onnxruntime thread, one forward pass at a time a worker."""
     global _worker_network
     with _worker_lock:
         if _worker_network is None:
