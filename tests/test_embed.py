@@ -582,3 +582,16 @@ def test_a_per_term_threshold_judges_only_the_pictures_of_its_term():
     judge = Verdicts({"relevance.typicality.monkey": rule, "relevance.typicality.cage": rule}, {})
     assert [judge(r)[0] for r in (monkey, cage)] == [True, False]
     assert "typicality.cage" in judge(cage)[2]
+
+
+def test_train_without_scikit_learn_is_one_line(tmp_path, harvest, monkeypatch):
+    """A clean CI without scikit-learn showed a ModuleNotFoundError traceback, and the
+    page an internal error: one line naming the extra instead."""
+    import sys
+
+    (tmp_path / "out" / ".harvest").mkdir(parents=True)
+    (tmp_path / "out" / "records.jsonl").write_text("")
+    monkeypatch.setitem(sys.modules, "sklearn", None)  # import sklearn raises ImportError
+    code, out, err = harvest("train", str(tmp_path / "out"))
+    assert code == 2 and "scikit-learn" in err and "relevance" in err
+    assert len(err.strip().splitlines()) == 1

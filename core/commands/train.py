@@ -145,16 +145,18 @@ class _Embeddings:
 
 
 def _model():
-    try:
-        from sklearn.linear_model import LogisticRegression
-    except ImportError as exc:
-        raise UsageError("harvest train needs scikit-learn: "
-                         "pip install 'harvest-dataset[relevance]'") from exc
+    from sklearn.linear_model import LogisticRegression
+
     return LogisticRegression(C=3.0, class_weight="balanced", max_iter=2000)
 
 
 def train(output: Path, *, mark_weight: float = MARK_WEIGHT, folds: int = FOLDS,
           max_weak: int = MAX_WEAK) -> TrainReport:
+    try:
+        import sklearn  # noqa: F401
+    except ImportError:
+        raise UsageError("harvest train needs scikit-learn: "
+                         "pip install 'harvest-dataset[relevance]'") from None
     pictures = _Pictures(output)
     embeddings = _Embeddings(output)
     try:
