@@ -44,6 +44,20 @@ class Str(OptionType):
         return value
 
 
+_INTEGER = re.compile(r"[+-]?[0-9]+")
+_DECIMAL = re.compile(r"[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+)?")
+
+
+def _quoted_number(value, kind):
+    """A number written in quotes (``shard_size: '1000'``, as YAML from a spreadsheet or
+    a template gives it) is that number; any other text stays text (and is refused)."""
+    if isinstance(value, str):
+        text = value.strip().replace("_", "")
+        if (_INTEGER if kind is int else _DECIMAL).fullmatch(text):
+            return kind(text)
+    return value
+
+
 class Int(OptionType):
     name = "integer"
 
@@ -51,6 +65,7 @@ class Int(OptionType):
         self.min, self.max = min, max
 
     def convert(self, value):
+        value = _quoted_number(value, int)
         if isinstance(value, bool) or not isinstance(value, int):
             raise ValueError(f"expected an integer{_range_hint(self.min, self.max)}")
         _check_range(value, self.min, self.max)
@@ -64,6 +79,7 @@ class Float(OptionType):
         self.min, self.max = min, max
 
     def convert(self, value):
+        value = _quoted_number(value, float)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"expected a number{_range_hint(self.min, self.max)}")
         _check_range(value, self.min, self.max)

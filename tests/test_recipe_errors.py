@@ -325,3 +325,24 @@ def test_a_face_confidence_under_the_detectors_floor_is_refused(recipe_file, har
                          "blur_min_confidence: 0.2}\nsources: [{use: folder, options: {path: .}}]\n")
     code, out, err = harvest("validate", recipe)
     assert code == 2 and "blur_min_confidence" in err and "0.25" in err, err
+
+
+def test_a_quoted_number_is_the_number(recipe_file, harvest, tmp_path):
+    """`shard_size: '1000'` was refused as not an integer (issue 28); text stays refused."""
+    from harvest.core.options import Float, Int
+
+    assert Int(1, None).convert("1000") == 1000 and Int().convert(" -3 ") == -3
+    assert Float(0, 1).convert("0.25") == 0.25 and Float().convert("1e-3") == 0.001
+    for bad in ("ten", "1.5", "0x10", "nan", "", "1 000"):
+        with pytest.raises(ValueError):
+            Int().convert(bad)
+    for bad in ("nan", "inf", "one", "1,5"):
+        with pytest.raises(ValueError):
+            Float().convert(bad)
+    recipe = recipe_file(f"output: {tmp_path / 'out'}\nrun: {{concurrency: '8'}}\n"
+                         "sources: [{use: folder, options: {path: ., shard_size: '1000'}}]\n")
+    code, out, err = harvest("validate", recipe)
+    assert code == 0, err
+    code, out, err = harvest("validate", recipe_file(recipe.read_text().replace("'8'", "'eight'"),
+                                                     "bad.yml"))
+    assert code == 2 and "run.concurrency" in err, err
