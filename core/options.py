@@ -14,7 +14,8 @@ _MISSING = object()
 class OptionError(ValueError):
     """A problem with one option, found by a plugin's ``check_options``."""
 
-    def __init__(self, option: str, message: str):
+    def __init__(self, option: str | None, message: str):
+        """``option`` None: the problem is the plugin's as a whole (a missing extra)."""
         super().__init__(message)
         self.option = option
 

@@ -346,3 +346,17 @@ def test_a_quoted_number_is_the_number(recipe_file, harvest, tmp_path):
     code, out, err = harvest("validate", recipe_file(recipe.read_text().replace("'8'", "'eight'"),
                                                      "bad.yml"))
     assert code == 2 and "run.concurrency" in err, err
+
+
+def test_a_missing_extra_names_the_plugin_not_an_option(recipe_file, harvest, tmp_path,
+                                                         monkeypatch):
+    """It said sinks[1].options.use, a key the recipe cannot have (issue 28)."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    recipe = recipe_file(f"output: {tmp_path / 'out'}\n"
+                         "sources: [{use: folder, options: {path: .}}]\n"
+                         "sinks: [jsonl, parquet]\n")
+    code, out, err = harvest("validate", recipe)
+    assert code == 2 and "sinks[1].use" in err and "options" not in err.split(":")[2], err
+    assert "harvest-dataset[parquet]" in err

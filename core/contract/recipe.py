@@ -360,8 +360,9 @@ def _parse_plugins(checker: _Checker, kind: str, raw: Any, registry: Registry,
                                   base_dir)
         try:
             info.cls.check_options(options)
-        except OptionError as exc:
-            raise checker.fail(here + ("options", exc.option), str(exc)) from None
+        except OptionError as exc:  # option None: the plugin itself (a missing extra)
+            where = here + ("use",) if exc.option is None else here + ("options", exc.option)
+            raise checker.fail(where, str(exc)) from None
         specs.append(PluginSpec(kind, use, label, format_path(here), info.cls, options))
     return specs
 

@@ -41,7 +41,7 @@ class SafetyScorer(LabelScorer):
         try:
             import nudenet  # noqa: F401
         except ImportError:
-            raise OptionError("use", "the safety enricher needs NudeNet: "
+            raise OptionError(None, "the safety enricher needs NudeNet: "
                                      "pip install 'harvest-dataset[safety]'") from None
 
     def open(self) -> None:

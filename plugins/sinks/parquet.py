@@ -54,7 +54,7 @@ class ParquetSink(ShardedSink):
         try:
             import pyarrow.parquet  # noqa: F401
         except ImportError:
-            raise OptionError("use", "the parquet sink needs pyarrow: "
+            raise OptionError(None, "the parquet sink needs pyarrow: "
                                      "pip install 'harvest-dataset[parquet]'") from None
 
     def build(self, documents: Iterator[dict], path: Path, shard: int) -> dict:
