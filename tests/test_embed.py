@@ -485,12 +485,21 @@ def test_a_takedown_forgets_the_embedding_and_the_learned_score(recipe_file, har
 
 
 def test_typicality_without_embed_is_a_one_line_error(recipe_file, harvest, tmp_path):
+    """On a fresh output, and on one where an earlier run made the store (it passed
+    there, and new pictures silently got no typicality)."""
     _photos(tmp_path / "photos", BUILDINGS[:1])
-    recipe = recipe_file(EMBED_RECIPE.format(dims=256).replace(
-        "      - use: embed\n        options: {dims: 256}\n", ""))
-    code, out, err = harvest("run", str(recipe))
+    full = recipe_file(EMBED_RECIPE.format(dims=256))
+    without = EMBED_RECIPE.format(dims=256).replace("      - use: embed\n        options: {dims: 256}\n", "")
+    reversed_order = EMBED_RECIPE.format(dims=256).replace(
+        "      - use: embed\n        options: {dims: 256}\n", "").replace(
+        "    sinks:", "      - use: embed\n        options: {dims: 256}\n    sinks:")
+    code, out, err = harvest("run", str(recipe_file(without, "without.yml")))
     assert code == 2 and "typicality needs the embed enricher" in err
     assert len(err.strip().splitlines()) == 1
+    assert harvest("run", str(full))[0] == 0
+    for text, name in ((without, "without.yml"), (reversed_order, "reversed.yml")):
+        code, out, err = harvest("run", str(recipe_file(text, name)))
+        assert code == 2 and "typicality needs the embed enricher before it" in err, (name, err)
 
 
 def test_the_cleaning_demo_gives_the_review_page_its_sliders(harvest, tmp_path):

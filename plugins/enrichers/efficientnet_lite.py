@@ -335,6 +335,11 @@ class Analysis(NamedTuple):
     probabilities: np.ndarray  # (1000,) float32, softmax of the logits
 
 
+# The state folders an open `embed` enricher writes to, in this process: `relevance` needs
+# one for its own before it opens, on a resumed run too (when the store already exists).
+EMBEDDING_WRITERS: set[Path] = set()
+
+
 def require(plugin: str) -> None:
     """One line naming the extra to install when the network cannot run here."""
     from harvest.core import PluginConfigError

@@ -43,11 +43,13 @@ class EmbedEnricher(Enricher):
         self.lite = efficientnet_lite
         self.names = efficientnet_lite.ImageNetTable().names
         self.store = EmbeddingStore(self.context.state_dir, self.config["dims"])
+        efficientnet_lite.EMBEDDING_WRITERS.add(self.context.state_dir.resolve())
 
     def close(self) -> None:
         store = getattr(self, "store", None)
         if store is not None:
             store.close()
+            self.lite.EMBEDDING_WRITERS.discard(self.context.state_dir.resolve())
 
     def picture_analyses(self) -> tuple[str, ...]:
         return (self.lite.ANALYSIS,)

@@ -156,6 +156,8 @@ class RelevanceScorer(Enricher):
         self.store = None
         if "typicality" in self.config["scores"]:
             try:
+                if self.context.state_dir.resolve() not in efficientnet_lite.EMBEDDING_WRITERS:
+                    raise FileNotFoundError  # no embed before it: nothing new would be embedded
                 self.store = EmbeddingStore(self.context.state_dir)
             except FileNotFoundError:
                 raise PluginConfigError(f"{self.context.name}: typicality needs the embed "
