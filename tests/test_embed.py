@@ -604,3 +604,38 @@ def test_train_without_scikit_learn_is_one_line(tmp_path, harvest, monkeypatch):
     code, out, err = harvest("train", str(tmp_path / "out"))
     assert code == 2 and "scikit-learn" in err and "relevance" in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_embed_relevance_and_train_on_a_cluster(recipe_file, harvest, tmp_path, dask_cluster):
+    """The folder cut into shards that run on two Dask workers: each shard's embeddings go
+    to its own state folder, and train and export --embeddings find all of them."""
+    _photos(tmp_path / "photos", BUILDINGS + NOT_BUILDINGS)
+    recipe = EMBED_RECIPE.format(dims=256).replace(
+        "{path: photos, term: building}", "{path: photos, term: building, shard_size: 3}")
+    assert "shard_size: 3" in recipe
+    code, out, err = harvest("run", str(recipe_file(recipe)), "--cluster",
+                             dask_cluster.scheduler_address, "--no-progress")
+    assert code == 0, err
+    output = tmp_path / "out"
+    records = _records(output)
+    assert len(records) == 10
+    assert all("imagenet" in r and "imagenet.building" in r["relevance"] for r in records.values())
+    from harvest.core.contract.shards import state_dirs
+
+    stores = [d for d in state_dirs(output) if (d / "embeddings.sqlite").is_file()]
+    assert len(stores) >= 2  # the shards' own
+    from harvest.core.commands.review import Review
+
+    review = Review(output)
+    for names, decision in ((BUILDINGS[:3], "keep"), (NOT_BUILDINGS[:3], "reject")):
+        for name in names:
+            review.decide(records[name.replace("/", "-")]["id"], decision)
+    review.db.close()
+    code, out, err = harvest("train", str(output))
+    assert code == 0 and "without an embedding" not in out, (out, err)
+    learned = json.loads((output / ".harvest" / "scores" / "learned.json").read_text())
+    assert len(learned) == 10
+    code, out, err = harvest("export", str(output), str(tmp_path / "dataset"), "--all",
+                             "--format", "manifest", "--embeddings")
+    assert code == 0, err
+    assert np.load(tmp_path / "dataset" / "embeddings.npy").shape == (10, 256)
