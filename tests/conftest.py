@@ -32,6 +32,11 @@ def isolated_home(tmp_path_factory, monkeypatch):
 
 @pytest.fixture
 def flickr(monkeypatch):
+    from harvest.plugins.sources import flickr as flickr_source
+
+    # The license table is read once per process and endpoint; a later fake server can get
+    # an earlier one's port, and would then never be asked for it.
+    flickr_source._LICENSE_TABLES.clear()
     fake = FakeFlickr().start()
     monkeypatch.setenv("FLICKER_KEY", fake.api_key)
     monkeypatch.setenv("FLICKER_SECRET", "test-secret-abcdef")
