@@ -482,6 +482,10 @@ def test_a_takedown_forgets_the_embedding_and_the_learned_score(recipe_file, har
     learned = json.loads((output / ".harvest" / "scores" / "learned.json").read_text())
     assert gone["id"] not in learned and len(learned) == len(records) - 1
     assert not thumb.exists()
+    # The next run's typicality sample lets the picture go, freeing its place.
+    assert sha in (output / ".harvest" / "typicality-relevance.json").read_text()
+    assert harvest("run", str(recipe))[0] == 0
+    assert sha not in (output / ".harvest" / "typicality-relevance.json").read_text()
 
 
 def test_typicality_without_embed_is_a_one_line_error(recipe_file, harvest, tmp_path):

@@ -86,6 +86,14 @@ class TermSample:
         kept.append(sha)
         return True
 
+    def keep_only(self, known: set[str]) -> bool:
+        """Forgets the pictures whose embedding is gone (taken down, purged), freeing their
+        places in the sample: was any forgotten?"""
+        before = sum(map(len, self.shas.values()))
+        self.shas = {term: [sha for sha in shas if sha in known]
+                     for term, shas in self.shas.items()}
+        return sum(map(len, self.shas.values())) != before
+
     def save(self) -> None:
         temp = self.path.with_suffix(".tmp")
         temp.write_text(json.dumps(self.shas), encoding="utf-8")
@@ -166,6 +174,9 @@ class RelevanceScorer(Enricher):
             self.sample = TermSample(
                 self.context.state_dir / f"typicality-{self.context.name}.json",
                 self.config["sample"])
+            sampled = [sha for shas in self.sample.shas.values() for sha in shas]
+            if self.sample.keep_only(self.store.known(sampled)):
+                self.sample.save()
 
     def close(self) -> None:
         if getattr(self, "store", None) is not None:
