@@ -180,21 +180,13 @@ def _write_embeddings(output: Path, destination: Path, exported: list[tuple[str,
     import numpy as np
 
     from ..contract.shards import state_dirs
-    from ..output.embeddings import EmbeddingStore
+    from ..output.embeddings import OutputEmbeddings
 
-    stores = []
-    for folder in state_dirs(output):
-        try:
-            stores.append(EmbeddingStore(folder))
-        except FileNotFoundError:
-            continue
-    try:
-        if not stores:
+    with OutputEmbeddings(state_dirs(output)) as embeddings:
+        if embeddings.dims is None:
             raise UsageError(f"{output}: no embeddings to export: add the `embed` enricher "
                              "to the recipe and run it")
-        dims = stores[0].dims
-        if any(store.dims != dims for store in stores):
-            raise UsageError(f"{output}: embeddings of different sizes in one output")
+        dims = embeddings.dims
         # One pass over the stores (a takedown between two would make the header lie),
         # the rows into a scratch file, then the .npy: its header needs their count.
         rows_path = destination / ".embeddings.rows"
@@ -203,9 +195,7 @@ def _write_embeddings(output: Path, destination: Path, exported: list[tuple[str,
                 (destination / "embeddings-ids.txt").open("w", encoding="utf-8") as ids:
             for start in range(0, len(exported), EMBEDDING_CHUNK):
                 chunk = exported[start:start + EMBEDDING_CHUNK]
-                vectors: dict[str, np.ndarray] = {}
-                for store in stores:
-                    vectors.update(store.vectors([sha for _, sha in chunk if sha not in vectors]))
+                vectors = embeddings.vectors([sha for _, sha in chunk])
                 for record_id, sha in chunk:
                     if sha in vectors:
                         body.write(vectors[sha].astype(np.float16).tobytes())
@@ -217,9 +207,6 @@ def _write_embeddings(output: Path, destination: Path, exported: list[tuple[str,
                         "shape": (rows, dims)})
             shutil.copyfileobj(body, table, 1 << 20)
         rows_path.unlink()
-    finally:
-        for store in stores:
-            store.close()
 
 
 NEUTRAL_TITLE = "Harvested images"

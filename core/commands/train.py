@@ -20,7 +20,7 @@ import numpy as np
 from ..cleaning.curation import OverlayWriter, load_saved_review
 from ..contract.shards import state_dirs
 from ..errors import UsageError
-from ..output.embeddings import EmbeddingStore
+from ..output.embeddings import OutputEmbeddings
 from ..output.records import read_records
 
 OVERLAY = "learned"
@@ -105,41 +105,25 @@ class _Pictures:
         return self.shas[index].decode("ascii")
 
 
-class _Embeddings:
-    """The output's embedding stores (its own, each cluster shard's), read a slice at a
-    time: a million pictures' embeddings are never in memory at once."""
+class _Embeddings(OutputEmbeddings):
+    """The output's embeddings as training reads them, a slice at a time: a million
+    pictures' embeddings are never in memory at once."""
 
     def __init__(self, output: Path):
-        self.stores = []
-        for folder in state_dirs(output):
-            try:
-                self.stores.append(EmbeddingStore(folder))
-            except FileNotFoundError:
-                continue
-        if len({store.dims for store in self.stores}) > 1:
-            self.close()
-            raise UsageError(f"{output}: embeddings of different sizes in one output")
-
-    def close(self) -> None:
-        for store in self.stores:
-            store.close()
+        super().__init__(state_dirs(output))
 
     def known(self, shas: np.ndarray) -> np.ndarray:
         """Which of these (S64) sha256s have an embedding, as a mask."""
         mask = np.zeros(len(shas), dtype=bool)
         for start in range(0, len(shas), CHUNK):
             chunk = [sha.decode("ascii") for sha in shas[start:start + CHUNK]]
-            found: set[str] = set()
-            for store in self.stores:
-                found |= store.known([sha for sha in chunk if sha not in found])
+            found = super().known(chunk)
             mask[start:start + len(chunk)] = [sha in found for sha in chunk]
         return mask
 
     def unit(self, shas: list[str]) -> np.ndarray:
         """(len(shas), dims) float32 unit rows, in the order given; every sha is known."""
-        vectors: dict[str, np.ndarray] = {}
-        for store in self.stores:
-            vectors.update(store.vectors([sha for sha in shas if sha not in vectors]))
+        vectors = self.vectors(shas)
         x = np.stack([vectors[sha] for sha in shas]).astype(np.float32)
         return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 

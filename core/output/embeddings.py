@@ -157,17 +157,52 @@ def _is_sha256(text) -> bool:
     return isinstance(text, str) and len(text) == 64 and all(c in "0123456789abcdef" for c in text)
 
 
-def forget_embeddings(state_dirs: list[Path], shas: set[str]) -> int:
-    """Forgets these pictures in every embedding store of an output (its own, each
-    cluster shard's)."""
-    forgotten = 0
-    for folder in state_dirs:
-        try:
-            store = EmbeddingStore(folder)
-        except FileNotFoundError:
-            continue
-        try:
-            forgotten += store.forget(shas)
-        finally:
+class OutputEmbeddings:
+    """Every embedding store among an output's state folders (its own, each cluster
+    shard's), read as one; a ``with`` block closes them."""
+
+    def __init__(self, state_dirs: list[Path]):
+        from ..errors import UsageError
+
+        self.stores: list[EmbeddingStore] = []
+        for folder in state_dirs:
+            try:
+                self.stores.append(EmbeddingStore(folder))
+            except FileNotFoundError:
+                continue
+        if len({store.dims for store in self.stores}) > 1:
+            self.close()
+            raise UsageError(f"{state_dirs[0].parent}: embeddings of different sizes in one "
+                             "output")
+        self.dims = self.stores[0].dims if self.stores else None
+
+    def __enter__(self) -> "OutputEmbeddings":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for store in self.stores:
             store.close()
-    return forgotten
+
+    def known(self, shas: list[str]) -> set[str]:
+        found: set[str] = set()
+        for store in self.stores:
+            found |= store.known([sha for sha in shas if sha not in found])
+        return found
+
+    def vectors(self, shas: list[str]) -> dict[str, np.ndarray]:
+        found: dict[str, np.ndarray] = {}
+        for store in self.stores:
+            found.update(store.vectors([sha for sha in shas if sha not in found]))
+        return found
+
+    def forget(self, shas: set[str]) -> int:
+        return sum(store.forget(shas) for store in self.stores)
+
+
+def forget_embeddings(state_dirs: list[Path], shas: set[str]) -> int:
+    """Forgets these pictures in every embedding store of an output."""
+    with OutputEmbeddings(state_dirs) as embeddings:
+        return embeddings.forget(shas)
