@@ -246,3 +246,29 @@ def test_takedown_of_an_output_folder_reaches_its_shard_sinks(flickr, recipe_fil
     for sink, ids in everywhere(output).items():
         assert not {first, second} & ids and len(ids) == 4, sink
     assert [a["ids"] for a in audit_lines(output)] == [[first], [second]]
+
+
+def test_a_derived_store_declaration_is_checked_before_any_sql(tmp_path):
+    """derived.json sits in the output folder, where anyone may have written it: a name
+    that is not a plain SQL name is refused (nothing deleted from anywhere), naming the file."""
+    import sqlite3
+
+    from harvest.core.errors import UsageError
+    from harvest.core.output.derived import declare, forget_derived
+
+    state = tmp_path / ".harvest"
+    declare(state, "labels.sqlite", "labels", "sha256", "sha256")
+    db = sqlite3.connect(state / "labels.sqlite")
+    db.execute("CREATE TABLE labels (sha256 TEXT PRIMARY KEY, labels TEXT)")
+    db.executemany("INSERT INTO labels VALUES (?, '{}')", [("a" * 64,), ("b" * 64,)])
+    db.commit()
+    db.close()
+    assert forget_derived([state], {"a" * 64}, set()) == 1
+    (state / "derived.json").write_text(json.dumps([{
+        "file": "labels.sqlite", "table": 'labels" WHERE 1; --', "column": "sha256",
+        "key": "sha256"}]))
+    with pytest.raises(UsageError, match="derived.json"):
+        forget_derived([state], {"b" * 64}, set())
+    db = sqlite3.connect(state / "labels.sqlite")
+    assert db.execute("SELECT count(*) FROM labels").fetchone()[0] == 1
+    db.close()

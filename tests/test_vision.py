@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from conftest import read_jsonl
 from fakes import FakeVision
@@ -135,3 +137,30 @@ def test_bad_threshold_is_a_recipe_error(vision_server, tmp_path, recipe_file, h
     status, _, err = harvest("validate", recipe)
     assert status == 2
     assert "enrichers[0].options.keep_if" in err and "expected a comparison" in err
+
+
+def test_a_takedown_deletes_the_labels_and_hashes_kept_of_the_picture(vision_server, tmp_path,
+                                                                      recipe_file, harvest):
+    """The labels Cloud Vision returned for a picture and its perceptual hashes are kept in
+    the plugins' own stores; a takedown deletes them there too, overwritten in the files,
+    even when the recipe is gone and only the output folder is given."""
+    folder = gallery(tmp_path, [("red", RED)] * 3 + [("blue", BLUE)] * 3)
+    output = tmp_path / "out"
+    recipe = recipe_file(recipe_text(folder, output, vision_server.url, """
+  - use: near_duplicates"""))
+    status, _, err = harvest("run", recipe, "--no-progress")
+    assert status == 0, err
+    gone = by_name(output)["blue03"]
+    sha, record_id = gone["file"]["sha256"], gone["id"]
+    labels = output / ".harvest" / "scores-vision.sqlite"
+    hashes = output / ".harvest" / "near-duplicates.sqlite"
+    assert sha.encode() in labels.read_bytes() and record_id.encode() in hashes.read_bytes()
+    Path(recipe).unlink()
+
+    status, _, err = harvest("takedown", str(output), "--sha256", sha)
+    assert status == 0, err
+    assert sha.encode() not in labels.read_bytes()
+    assert record_id.encode() not in hashes.read_bytes()
+    kept = by_name(output)["red00"]
+    assert kept["file"]["sha256"].encode() in labels.read_bytes()
+    assert kept["id"].encode() in hashes.read_bytes()

@@ -257,6 +257,7 @@ def _carry_out_removals(output: Path, sinks, unreached: list[str], carried: _Car
     stays pending."""
     from ..cleaning.curation import forget_in_overlays
     from ..contract.shards import state_dirs
+    from ..output.derived import forget_derived
     from ..output.embeddings import forget_embeddings
     from ..output.records import filter_jsonl
     from ..output.state import RunState
@@ -277,10 +278,12 @@ def _carry_out_removals(output: Path, sinks, unreached: list[str], carried: _Car
                     crash_point(f"removed:{label}")
                 carried.records += len(ids)
             carried.files += delete_files(output, set(paths))
-            # What was computed from the pictures goes with them: embeddings, learned
+            # What was computed from the pictures goes with them: embeddings, what plugins
+            # keep in their own stores (a service's labels, perceptual hashes), learned
             # scores, the review page's thumbnails (a small copy of each).
             shas = set(entry.get("sha256") or ())
             forget_embeddings(state_dirs(output), shas)
+            forget_derived(state_dirs(output), shas, ids)
             forget_in_overlays(output, ids)
             for sha in shas:
                 if len(sha) == 64 and sha.isalnum():

@@ -13,6 +13,7 @@ import pluggy
 
 from ..errors import one_line
 from ..options import Option
+from ..output.derived import declare
 from ..record import Query, Record, Term
 from .shards import Coordinator, state_dirs
 
@@ -51,6 +52,15 @@ class Context:
     def state_dir(self) -> Path:
         """Where a plugin may keep files of its own (caches), beside the run state."""
         return (self.part_dir or self.output_dir) / ".harvest"
+
+    def declare_derived(self, file_name: str, table: str, column: str,
+                        key: str = "sha256") -> None:
+        """Declares a store of the plugin's own (an SQLite ``file_name`` in ``state_dir``)
+        that holds what it computed from pictures, one row per picture in ``table``, whose
+        ``column`` is the picture's sha256 (``key="sha256"``) or its record's id
+        (``"record_id"``): a takedown or purge deletes those rows with the pictures.
+        Declare it when the plugin opens, before the store holds a row."""
+        declare(self.state_dir, file_name, table, column, key)
 
     @property
     def output_state_dirs(self) -> list[Path]:

@@ -85,6 +85,7 @@ class LabelScorer(Enricher):
         self.cache = sqlite3.connect(self.context.state_dir / f"scores-{self.context.name}.sqlite")
         self.cache.execute("CREATE TABLE IF NOT EXISTS labels (sha256 TEXT PRIMARY KEY, "
                            "labels TEXT NOT NULL)")
+        self.context.declare_derived(f"scores-{self.context.name}.sqlite", "labels", "sha256")
 
     def close(self) -> None:
         cache = getattr(self, "cache", None)

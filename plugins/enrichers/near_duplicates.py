@@ -35,7 +35,7 @@ from harvest.core import (
     set_aside,
 )
 
-from .near_duplicates_registry import CopyRegistry, CopyStore
+from .near_duplicates_registry import STORE_NAME, CopyRegistry, CopyStore
 
 SERVICE = "near_duplicates"  # the registry's name among the coordinator's shared services
 
@@ -101,6 +101,7 @@ class NearDuplicateEnricher(Enricher):
         self.context.coordinator.service(SERVICE, CopyRegistry.from_stores,
                                          self.context.output_state_dirs)
         self.store: CopyStore | None = None  # what this pipeline placed, made when first used
+        self.context.declare_derived(STORE_NAME, "hashes", "id", key="record_id")
         self.views = (("mirrored",) if self.config["mirrored"] else ()) + (
             ("rotated 90", "rotated 180", "rotated 270") if self.config["rotated"] else ())
 
