@@ -643,3 +643,45 @@ def test_embed_relevance_and_train_on_a_cluster(recipe_file, harvest, tmp_path, 
                              "--format", "manifest", "--embeddings")
     assert code == 0, err
     assert np.load(tmp_path / "dataset" / "embeddings.npy").shape == (10, 256)
+
+
+def test_train_and_export_embeddings_killed_midway(recipe_file, harvest, tmp_path):
+    """kill -9 while train writes its scores: the overlay readers see stays the old one,
+    whole, and the next train replaces it and clears what the killed one left. kill -9
+    while export writes the embeddings: no dataset at the destination; the next export
+    equals one never stopped."""
+    from test_takedown import killed_at
+
+    from harvest.core.commands.review import Review
+
+    _photos(tmp_path / "photos", BUILDINGS + NOT_BUILDINGS)
+    recipe = recipe_file(EMBED_RECIPE.format(dims=256))
+    assert harvest("run", str(recipe))[0] == 0
+    output = tmp_path / "out"
+    records = _records(output)
+    assert harvest("train", str(output))[0] == 0
+    learned = output / ".harvest" / "scores" / "learned.json"
+    before = learned.read_bytes()
+    for name, decision in (("gps-DSCN0025.jpg", "keep"), ("gps-DSCN0012.jpg", "reject")):
+        review = Review(output)
+        review.decide(records[name]["id"], decision)
+        review.db.close()
+    killed_at("learned-term", "train", output)
+    assert learned.read_bytes() == before
+    assert len(list(learned.parent.glob(".learned.*.tmp"))) == 1  # what the kill left
+    assert harvest("train", str(output))[0] == 0
+    assert learned.read_bytes() != before and json.loads(learned.read_text())
+    assert list(learned.parent.glob(".*.tmp")) == []
+
+    destination = tmp_path / "dataset"
+    killed_at("embeddings-rows", "export", output, destination, "--format", "manifest",
+              "--embeddings")
+    assert not destination.exists()
+    assert harvest("export", str(output), str(destination), "--format", "manifest",
+                   "--embeddings")[0] == 0
+    assert [p.name for p in tmp_path.iterdir() if "partial" in p.name] == []
+    whole = tmp_path / "whole"
+    assert harvest("export", str(output), str(whole), "--format", "manifest",
+                   "--embeddings")[0] == 0
+    for name in ("embeddings.npy", "embeddings-ids.txt", "manifest.jsonl"):
+        assert (destination / name).read_bytes() == (whole / name).read_bytes(), name

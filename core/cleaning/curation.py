@@ -4,6 +4,7 @@ its own, below both, so that neither imports the other."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 from pathlib import Path
@@ -170,10 +171,24 @@ class OverlayWriter:
         # line, or a takedown, may write the same overlay at once (the last one wins).
         descriptor, name = tempfile.mkstemp(prefix=f".{self.path.stem}.", suffix=".tmp",
                                             dir=self.path.parent)
+        # Locked while it is written: an unlocked one is what a writer killed -9 left.
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
         self.temp = Path(name)
         self.handle = os.fdopen(descriptor, "w", encoding="utf-8")
+        self._remove_abandoned()
         self.handle.write("{")
         return self
+
+    def _remove_abandoned(self) -> None:
+        for temp in self.path.parent.glob(f".{self.path.stem}.*.tmp"):
+            if temp == self.temp:
+                continue
+            try:
+                with open(temp, "rb") as handle:
+                    fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    temp.unlink(missing_ok=True)
+            except OSError:  # written by a live writer now, or gone already
+                continue
 
     def add(self, record_id: str, scores: dict[str, float]) -> None:
         self.handle.write(("," if self.count else "") + json.dumps(record_id) + ":"

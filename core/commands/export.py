@@ -201,6 +201,7 @@ def _write_embeddings(output: Path, destination: Path, exported: list[tuple[str,
                         body.write(vectors[sha].astype(np.float16).tobytes())
                         ids.write(f"{record_id}\n")
                         rows += 1
+        crash_point("embeddings-rows")
         with (destination / "embeddings.npy").open("wb") as table, rows_path.open("rb") as body:
             np.lib.format.write_array_header_1_0(
                 table, {"descr": np.dtype(np.float16).str, "fortran_order": False,

@@ -22,6 +22,7 @@ from ..contract.shards import state_dirs
 from ..errors import UsageError
 from ..output.embeddings import OutputEmbeddings
 from ..output.records import read_records
+from ..output.takedown import crash_point
 
 OVERLAY = "learned"
 MARK_WEIGHT = 10.0
@@ -171,6 +172,7 @@ def _train(output, pictures, embeddings, mark_weight, folds, max_weak) -> TrainR
             report.terms.append(entry)
             _learn(pictures, embeddings, mine, embedded & ~mine, marks, entry, learned,
                    mark_weight, folds, max_weak, rng)
+            crash_point("learned-term")
     report.scored = learned.count
     return report
 
