@@ -30,11 +30,12 @@ from ..contract.shards import SHARDS_DIR, Shard, state_dirs
 from ..errors import HarvestError, UsageError, one_line
 from ..output.lock import OutputLock
 from ..output.state import STATE_FILE, RunState
-from ..output.takedown import remember_sinks
+from ..output.takedown import crash_point, remember_sinks
 from ..pipeline.summary import Progress, Summary
 from ..secrets import SecretResolver
 from .scheduler import PLUGIN_NAME, CoordinatorPlugin, SchedulerCoordinator
-from .worker import ShardJob, check_output, run_shard
+from .transfer import ShardStore, TransferError, shard_of
+from .worker import ShardJob, check_output, check_store, run_shard
 
 MAIN_OWNER = "-"  # claims held by records already in the output (an earlier run)
 PRELOAD_CHUNK = 20_000
@@ -50,6 +51,9 @@ class ClientCoordinator(SchedulerCoordinator):
     def __init__(self, client: Client, run: str):
         super().__init__(run, MAIN_OWNER)
         self.client = client
+
+    def own(self) -> None:
+        self._call("harvest_own", run=self.run, client=self.client.id)
 
     def _call(self, handler: str, **kwargs) -> Any:
         return self.client.sync(getattr(self.client.scheduler, handler), **kwargs)
@@ -73,6 +77,9 @@ class ClusterRun:
         self.summary = Summary(recipe.name, recipe.resolver.redact)
         self.shards_incomplete = 0
         self.merged: set[str] = set()
+        settings = recipe.run
+        self.store = ShardStore(settings.cluster_store, settings.cluster_store_options) \
+            if settings.cluster_store else None
 
     def check_sinks(self) -> None:
         from ..contract.plugin import Sink
@@ -120,12 +127,22 @@ class ClusterRun:
         coordinator = ClientCoordinator(client, self.run_id)
         try:
             client.register_plugin(CoordinatorPlugin(), name=PLUGIN_NAME)
+            coordinator.own()
             # Planning calls the APIs too (Flickr's probes): from the same buckets.
             shards = Engine(self.recipe, progress=False, coordinator=coordinator).plan()
             log.info("%d shards planned", len(shards))
             self._check_workers(client)
-            self._preload(coordinator)
-            self._execute(client, coordinator, shards)
+            merger = PartMerger(self.recipe)
+            try:
+                # Before the claims are loaded: what an earlier client left committed in
+                # the store holds claims too.
+                shards = self._received_before(shards, merger)
+                self._preload(coordinator)
+            except BaseException:
+                self.summary.outcome = "failed"
+                merger.close(self.summary)
+                raise
+            self._execute(client, coordinator, shards, merger)
         finally:
             try:
                 coordinator.forget()
@@ -139,6 +156,9 @@ class ClusterRun:
         return self.summary
 
     def _check_workers(self, client: Client) -> None:
+        if self.store is not None:
+            self._check_store(client)
+            return
         token = uuid.uuid4().hex
         probe = self.output / ".harvest" / f"cluster-probe-{token}"
         probe.write_text(token)
@@ -159,11 +179,27 @@ class ClusterRun:
                              f"worker at the same path; worker {worker} cannot see it "
                              f"({problem})")
 
+    def _check_store(self, client: Client) -> None:
+        """Workers that share no folder with the client: each must write to the store."""
+        self.store.check()
+        if not client.scheduler_info().get("workers"):
+            try:
+                client.wait_for_workers(1, timeout=60)
+            except TimeoutError:
+                raise UsageError(f"--cluster {self.address}: no worker joined the cluster "
+                                 f"within 60 s") from None
+        answers = client.run(check_store, self.store.url, self.store.storage_options)
+        blind = {worker: problem for worker, problem in answers.items() if problem}
+        if blind:
+            worker, problem = next(iter(blind.items()))
+            raise UsageError(f"run.cluster_store: worker {worker} cannot write to it "
+                             f"({problem})")
+
     def _preload(self, coordinator: ClientCoordinator) -> None:
         """Claims of earlier runs, so that a resumed run never takes a record twice: each
         shard's, then the output's own."""
         main, *shards = state_dirs(self.output)
-        owners = [(state_dir.parent.name, state_dir) for state_dir in shards]
+        owners = [(shard_of(state_dir.parent.name), state_dir) for state_dir in shards]
         for owner, state_dir in [*owners, (MAIN_OWNER, main)]:
             with RunState.reading(state_dir / STATE_FILE) as reader:
                 claims = reader and reader.claims()
@@ -175,22 +211,22 @@ class ClusterRun:
                                     files[start:start + PRELOAD_CHUNK])
 
     def _execute(self, client: Client, coordinator: ClientCoordinator,
-                 shards: list[Shard]) -> None:
+                 shards: list[Shard], merger: PartMerger) -> None:
         recipe = _portable(self.recipe)
         # Content taken down from this output: no shard stores it (the records are claimed
         # as the output's own by the preload, so no shard fetches them again).
         with RunState.reading(self.output / ".harvest" / STATE_FILE) as reader:
             tombstones = tuple(sorted(reader.tombstones)) if reader else ()
+        store = (self.store.url, self.store.storage_options) if self.store else None
         futures = {}
         for shard in shards:
             job = ShardJob(recipe, self.run_id, shard, str(self.output / SHARDS_DIR / shard.key),
-                           tombstones)
+                           tombstones, store)
             future = client.submit(run_shard, job, key=f"harvest-{shard.key}-{uuid.uuid4().hex[:8]}",
                                    pure=False)
             futures[future] = shard
         live = Summary(self.recipe.name)
         progress = Progress(live, enabled=self.show_progress)
-        merger = PartMerger(self.recipe)
         watcher = _ProgressWatcher(coordinator, live, progress)
         failed: list[str] = []
         watcher.start()
@@ -208,8 +244,18 @@ class ClusterRun:
                     self.summary.note_reason(shard.source, "shard", reason[:200])
                     continue
                 self._absorb(result)
-                merger.merge(self.output / SHARDS_DIR / shard.key)
+                try:
+                    self._merge(merger, shard.key, result)
+                except TransferError as exc:
+                    failed.append(shard.describe())
+                    log.error("shard %s not received: %s", shard.describe(), exc)
+                    self.summary.note_reason(shard.source, "shard", str(exc)[:200])
+                    continue
                 self.merged.add(future.key)
+            if self.store is not None:
+                # Attempts that committed beside this run's (a killed client's last
+                # shards): received too, before the run says it is complete.
+                self._receive_committed(merger)
             if failed:
                 self.summary.outcome = "incomplete"
                 self.summary.pending_note = (f"{len(failed)} shard(s) failed; run again to "
@@ -250,8 +296,35 @@ class ClusterRun:
             except Exception:  # a shard that cannot stop in time resumes next run
                 continue
             self._absorb(result)
-            merger.merge(self.output / SHARDS_DIR / futures[future].key)
+            self._merge(merger, futures[future].key, result)
         self.summary.outcome = "interrupted"
+
+    def _merge(self, merger: PartMerger, key: str, result: dict) -> None:
+        if self.store is None:
+            merger.merge(self.output / SHARDS_DIR / key)
+        elif "sent" in result:
+            crash_point("shard-committed")
+            merger.merge(self.store.receive(result["sent"], self.output))
+            self.store.settle(result["sent"])
+
+    def _receive_committed(self, merger: PartMerger) -> list[dict]:
+        committed = self.store.committed()
+        for marker in committed:
+            if not marker["merged"]:
+                merger.merge(self.store.receive(marker, self.output))
+                self.store.settle(marker)
+        return committed
+
+    def _received_before(self, shards: list[Shard], merger: PartMerger) -> list[Shard]:
+        """Through a store: the shards an earlier client saw committed but did not merge
+        (it was stopped) are merged now, and those that were complete do not run again."""
+        if self.store is None:
+            return shards
+        committed = self._receive_committed(merger)
+        done = {marker["shard"] for marker in committed if marker["outcome"] == "complete"}
+        if done:
+            log.info("%d shard(s) complete in the store already: not run again", len(done))
+        return [shard for shard in shards if shard.key not in done]
 
 
 class _Interrupted(Exception):

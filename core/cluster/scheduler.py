@@ -43,6 +43,7 @@ class _RunClaims:
     paths: dict  # path -> sha256
     progress: dict  # shard key -> [[source, term, outcome, n], ...]
     stop: bool = False
+    client: str | None = None  # the Dask client running it: gone, the run stops
     services: dict = field(default_factory=dict)  # name -> the object (Coordinator.service)
     uploads: dict = field(default_factory=dict)  # upload id -> pieces of a pickled service
 
@@ -67,6 +68,7 @@ class CoordinatorPlugin(SchedulerPlugin):
             "harvest_progress": self.progress,
             "harvest_stop": self.stop,
             "harvest_forget": self.forget,
+            "harvest_own": self.own,
             "harvest_service_hosted": self.service_hosted,
             "harvest_service_install": self.service_install,
             "harvest_service_call": self.service_call,
@@ -141,6 +143,17 @@ class CoordinatorPlugin(SchedulerPlugin):
 
     def stop(self, run: str) -> None:
         self._run(run).stop = True
+
+    def own(self, run: str, client: str) -> None:
+        self._run(run).client = client
+
+    def remove_client(self, scheduler, client: str) -> None:
+        """A client gone (killed, its machine lost): its shards still running stop at their
+        next report instead of running on for nobody (a new client may be running the
+        same shards by then)."""
+        for claims in self.runs.values():
+            if claims.client == client:
+                claims.stop = True
 
     def forget(self, run: str) -> None:
         claims = self.runs.pop(run, None)

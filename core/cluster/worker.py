@@ -2,13 +2,17 @@
 
 Images go straight to the output folder, which every worker must see at the same path
 (a local cluster, or a shared file system); run state and the parts of unshared sinks go
-to ``.harvest/shards/<shard>/`` inside it.
+to ``.harvest/shards/<shard>/`` inside it. With ``run.cluster_store``, the worker sees no
+folder of the client's: the shard runs in a scratch folder of the worker's and is sent
+whole through the store (``transfer``).
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import shutil
+import tempfile
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +20,12 @@ from distributed import get_worker
 from distributed.utils import sync
 
 from ..contract.recipe import Recipe
-from ..contract.shards import Shard
+from ..contract.shards import SHARDS_DIR, Shard
+from ..errors import HarvestError
 from ..pipeline.summary import Summary
 from ..secrets import RedactingFilter
 from .scheduler import SchedulerCoordinator
+from .transfer import ShardStore, attempt_name
 
 
 class ClusterCoordinator(SchedulerCoordinator):
@@ -40,19 +46,38 @@ class ShardJob:
     shard: Shard
     part_dir: str
     tombstones: tuple[str, ...] = ()  # content taken down (harvest takedown): never stored
+    # run.cluster_store and its options: the shard runs in scratch, then travels there.
+    store: tuple[str, dict] | None = None
 
 
 def run_shard(job: ShardJob) -> dict:
-    """A Dask task: the normal pipeline on one shard. Returns its summary."""
+    """A Dask task: the normal pipeline on one shard. Returns its summary (and, through a
+    store, the marker of the shard it sent)."""
+    if job.store is None:
+        return _run_shard(job, job.recipe, Path(job.part_dir))
+    scratch = Path(tempfile.mkdtemp(prefix="harvest-shard-",
+                                    dir=get_worker().local_directory))
+    try:
+        part_name = attempt_name(job.shard.key)
+        result = _run_shard(job, replace(job.recipe, output=scratch),
+                            scratch / SHARDS_DIR / part_name)
+        if (scratch / SHARDS_DIR / part_name).is_dir():  # not when stopped before it began
+            result["sent"] = ShardStore(*job.store).send(scratch, part_name,
+                                                         result["summary"]["outcome"])
+        return result
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _run_shard(job: ShardJob, recipe: Recipe, part_dir: Path) -> dict:
     from ..pipeline.engine import Engine
     from ..pipeline.scope import ShardScope
     from ..pipeline.stopping import Interrupted
 
-    part_dir = Path(job.part_dir)
     (part_dir / ".harvest").mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(part_dir / ".harvest" / "harvest.log", encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    handler.addFilter(RedactingFilter(job.recipe.resolver))
+    handler.addFilter(RedactingFilter(recipe.resolver))
     logger = logging.getLogger("harvest")
     logger.addHandler(handler)
     if logger.level == logging.NOTSET or logger.level > logging.INFO:
@@ -63,9 +88,9 @@ def run_shard(job: ShardJob) -> dict:
     try:
         coordinator = ClusterCoordinator(job.run, job.shard.key)
         if coordinator.report([]):  # the client stopped the run before this shard began
-            return {"shard": job.shard.key, "summary": Summary(job.recipe.name).to_dict()}
+            return {"shard": job.shard.key, "summary": Summary(recipe.name).to_dict()}
         scope = ShardScope([job.shard], part_dir, tombstones=set(job.tombstones))
-        engine = Engine(job.recipe, progress=False, scope=scope, coordinator=coordinator)
+        engine = Engine(recipe, progress=False, scope=scope, coordinator=coordinator)
         summary = engine.run()
         try:
             engine.report_progress()
@@ -75,6 +100,15 @@ def run_shard(job: ShardJob) -> dict:
     finally:
         logger.removeHandler(handler)
         handler.close()
+
+
+def check_store(url: str, storage_options: dict) -> str | None:
+    """Can this worker write to the cluster store? None when it can."""
+    try:
+        ShardStore(url, storage_options).check()
+    except HarvestError as exc:
+        return str(exc)
+    return None
 
 
 def check_output(output: str, token: str) -> str | None:

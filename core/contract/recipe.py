@@ -17,6 +17,7 @@ from ..options import (
     Bool,
     Float,
     Int,
+    MapOf,
     Option,
     OptionError,
     OptionType,
@@ -27,6 +28,7 @@ from ..options import (
     settings_class,
 )
 from ..options import Path as PathType
+from ..output.remote import CREDENTIALS_IN_URL, check_storage_options, without_credentials
 from ..record import Term
 from ..secrets import REFERENCE, SecretResolver
 from .registry import Registry
@@ -83,6 +85,11 @@ RUN_OPTIONS: tuple[Option, ...] = (
            help="memory all image decodes may take at once (checking images)"),
     Option("allow_file_urls", Bool(), False,
            help="let URL lists and other sources read file: URLs from this machine"),
+    Option("cluster_store", Str(), None,
+           help="on a cluster whose workers share no folder with the client: an fsspec URL "
+                "(s3://bucket/prefix) through which each finished shard travels whole"),
+    Option("cluster_store_options", MapOf(Str()), None,
+           help="fsspec options for cluster_store, e.g. {endpoint_url: ...} (no credentials)"),
 )
 
 
@@ -426,6 +433,11 @@ def load_recipe(path: str | Path, registry: Registry, *, environ: Mapping[str, s
         raise checker.fail(("images", "blur_faces"), problem)
     run = RunSettings(**checker.options(RUN_OPTIONS, data.get("run"), ("run",), base_dir),
                       images=images)
+    if run.cluster_store and without_credentials(run.cluster_store):
+        raise checker.fail(("run", "cluster_store"), CREDENTIALS_IN_URL)
+    if secret := check_storage_options(run.cluster_store_options):
+        raise checker.fail(("run", "cluster_store_options", secret),
+                           "credentials never go in a recipe; set them in the environment")
     sources = _parse_plugins(checker, "sources", data.get("sources"), registry, base_dir)
     if not sources:
         raise checker.fail(("sources",), "expected at least one source, e.g. [{use: flickr}]")
