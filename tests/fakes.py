@@ -31,7 +31,7 @@ class _QuietServer(ThreadingHTTPServer):
 class LocalServer:
     """A ThreadingHTTPServer on an ephemeral loopback port, with a request log."""
 
-    def __init__(self, handler_factory):
+    def __init__(self, handler_factory, host: str = "127.0.0.1"):
         self.requests: list[tuple[float, str, str, dict]] = []
         self.lock = threading.Lock()
         server = self
@@ -51,14 +51,15 @@ class LocalServer:
             def do_POST(self):
                 server._dispatch(self, "POST")
 
-        self.httpd = _QuietServer(("127.0.0.1", 0), Handler)
+        self.httpd = _QuietServer((host, 0), Handler)
         self.httpd.daemon_threads = True
         self.handle = handler_factory
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        host, port = self.httpd.server_address[:2]
+        return f"http://{host}:{port}"
 
     def start(self):
         self.thread.start()
@@ -141,9 +142,10 @@ class FakeFlickr:
     image_headers: dict[str, dict] = field(default_factory=dict)  # photo id -> extra headers
     licenses: dict[int, tuple[str, str]] = field(default_factory=lambda: dict(FLICKR_GETINFO))
     searches: list[dict] = field(default_factory=list)
+    host: str = "127.0.0.1"  # another address of this machine's, for other namespaces
 
     def start(self) -> FakeFlickr:
-        self.server = LocalServer(self.handle).start()
+        self.server = LocalServer(self.handle, self.host).start()
         self.url = self.server.url
         self.endpoint = self.url + "/services/rest/"
         self._images: dict[str, bytes] = {}

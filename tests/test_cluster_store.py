@@ -294,3 +294,127 @@ def test_a_marker_harvest_did_not_write_is_a_one_line_error(memory_store, tmp_pa
                                      b'{"shard": "../../etc", "part": "x"}')
     with pytest.raises(UsageError, match="committed/x/y.json: not a shard marker"):
         memory_store.committed()
+
+
+SUBNET = "10.213.77"
+
+
+def _can_make_namespaces() -> str | None:
+    if _can_hide_folders():
+        return _can_hide_folders()
+    if not shutil.which("ip"):
+        return "no ip command (iproute2)"
+    name = f"hvprobe{os.getpid()}"
+    made = subprocess.run(["ip", "netns", "add", name], capture_output=True, timeout=10)
+    subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=10)
+    return None if made.returncode == 0 else "this kernel refuses network namespaces"
+
+
+@contextmanager
+def machines(names: list[str]):
+    """A network namespace per name, each with its own address on a bridge whose host
+    side is ``SUBNET.1`` (where the test's servers listen): machines that reach each
+    other only over that link. Yields name -> address."""
+    tag = f"{os.getpid() % 10000}"
+    bridge = f"hvbr{tag}"
+    made: list[str] = []
+
+    def ip(*args):
+        subprocess.run(["ip", *args], check=True, capture_output=True, timeout=10)
+
+    try:
+        ip("link", "add", bridge, "type", "bridge")
+        ip("addr", "add", f"{SUBNET}.1/24", "dev", bridge)
+        ip("link", "set", bridge, "up")
+        addresses = {}
+        for n, name in enumerate(names):
+            namespace, host_end = f"hv{tag}{name}", f"hv{tag}h{n}"
+            ip("netns", "add", namespace)
+            made.append(namespace)
+            ip("link", "add", host_end, "type", "veth", "peer", "name", "eth0", "netns",
+               namespace)
+            ip("link", "set", host_end, "master", bridge, "up")
+            ip("-n", namespace, "addr", "add", f"{SUBNET}.{n + 2}/24", "dev", "eth0")
+            ip("-n", namespace, "link", "set", "eth0", "up")
+            ip("-n", namespace, "link", "set", "lo", "up")
+            addresses[name] = (namespace, f"{SUBNET}.{n + 2}")
+        yield addresses
+    finally:
+        for namespace in made:
+            subprocess.run(["ip", "netns", "del", namespace], capture_output=True, timeout=10)
+        subprocess.run(["ip", "link", "del", bridge], capture_output=True, timeout=10)
+
+
+@pytest.mark.skipif(bool(_can_make_namespaces()), reason=str(_can_make_namespaces()))
+def test_a_cluster_of_machines_that_share_no_folder_and_no_loopback(recipe_file, harvest,
+                                                                  tmp_path, monkeypatch):
+    """The scheduler and the client on one machine, two workers on two others (network
+    namespaces on a bridge, each worker's view of the client's folder an empty tmpfs), the
+    S3 server and the image host on the host side of the bridge: the one-machine result."""
+    from fakes import FakeFlickr
+    from moto.server import ThreadedMotoServer
+
+    with machines(["client", "w0", "w1"]) as at:
+        flickr = FakeFlickr(host=f"{SUBNET}.1").start()
+        monkeypatch.setenv("FLICKER_KEY", flickr.api_key)
+        monkeypatch.setenv("FLICKER_SECRET", "test-secret-abcdef")
+        monkeypatch.setenv("NO_PROXY", f"127.0.0.1,localhost,{SUBNET}.1")
+        moto = ThreadedMotoServer(ip_address=f"{SUBNET}.1", port=0, verbose=False)
+        moto.start()
+        processes = []
+        try:
+            flickr.photos = cluster_photos(40)
+            flickr.image_latency = 0.02
+            expected = _alone(flickr, recipe_file, harvest, tmp_path)
+            moto_host, moto_port = moto.get_host_and_port()
+            endpoint = f"http://{moto_host}:{moto_port}"
+            env = _env(endpoint, flickr, tmp_path)
+            env["NO_PROXY"] = f"127.0.0.1,localhost,{SUBNET}.1"
+            import boto3
+
+            bucket = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
+                                  aws_access_key_id="testing-key-id",
+                                  aws_secret_access_key="testing-secret")
+            bucket.create_bucket(Bucket=STORE_BUCKET)
+            client_dir = tmp_path / "client"
+            client_dir.mkdir()
+            output = client_dir / "out"
+            recipe = client_dir / "recipe.yml"
+            recipe.write_text(cluster_recipe(flickr, output, run=_store_run(endpoint, "net")))
+
+            namespace, address = at["client"]
+            scheduler = f"tcp://{address}:8786"
+            processes.append(subprocess.Popen(
+                ["ip", "netns", "exec", namespace, sys.executable, "-m",
+                 "distributed.cli.dask_scheduler", "--host", address, "--port", "8786",
+                 "--dashboard-address", ":0"], env=env, stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL))
+            for name in ("w0", "w1"):
+                worker_ns, worker_address = at[name]
+                scratch = tmp_path / f"scratch-{name}"
+                scratch.mkdir()
+                command = (f"mount -t tmpfs tmpfs {client_dir} && exec {sys.executable} -m "
+                           f"distributed.cli.dask_worker {scheduler} --nthreads 1 "
+                           f"--no-nanny --local-directory {scratch} --host {worker_address}")
+                processes.append(subprocess.Popen(
+                    ["ip", "netns", "exec", worker_ns, "unshare", "-m", "sh", "-c", command],
+                    env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            from conftest import REPO
+
+            done = subprocess.run(
+                ["ip", "netns", "exec", namespace, sys.executable, "-m",
+                 "harvest.core.commands.cli", "run", str(recipe), "--cluster", scheduler,
+                 "--no-progress"], env=env, cwd=REPO, capture_output=True, text=True,
+                timeout=300)
+            assert done.returncode == 0, done.stderr
+            records = stored(output)
+            assert {r["id"]: r["file"]["sha256"] for r in records} == expected
+            check_output(records, output)
+            markers = [json.loads(body) for body in _objects(bucket, "net/committed/").values()]
+            assert markers and all(m["merged"] for m in markers)
+        finally:
+            for process in processes:
+                process.kill()
+                process.wait()
+            moto.stop()
+            flickr.stop()
