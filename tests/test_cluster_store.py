@@ -146,6 +146,35 @@ def test_workers_that_share_no_folder_send_shards_through_the_store(
                                 f"run again") or any(
             f"{planned} shard(s) complete in the store already" in line for line in log[-5:])
 
+        # Someone else's object in the store, under a marker that looks like harvest's: the
+        # next run refuses it in one line naming what to remove, and stores nothing of it.
+        import hashlib
+        import io
+        import tarfile
+
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w") as tar:
+            evil = tarfile.TarInfo("../../escaped.txt")
+            evil.size = 4
+            tar.addfile(evil, io.BytesIO(b"evil"))
+        part = "flickr-0000000000000000~000000000000"
+        s3.put_object(Bucket=STORE_BUCKET, Key=f"run1/attempts/flickr-0000000000000000/{part}.tar",
+                      Body=buffer.getvalue())
+        s3.put_object(Bucket=STORE_BUCKET,
+                      Key=f"run1/committed/flickr-0000000000000000/{part}.json",
+                      Body=json.dumps({
+                          "shard": "flickr-0000000000000000", "part": part,
+                          "object": f"attempts/flickr-0000000000000000/{part}.tar",
+                          "sha256": hashlib.sha256(buffer.getvalue()).hexdigest(),
+                          "bytes": len(buffer.getvalue()), "outcome": "complete",
+                          "merged": False}).encode())
+        refused = _harvest(env, "run", recipe, "--cluster", address, "--no-progress")
+        assert refused.returncode == 2, refused.stderr
+        assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+        assert "which no shard writes" in refused.stderr
+        assert f"committed/flickr-0000000000000000/{part}.json" in refused.stderr
+        assert not list(tmp_path.rglob("escaped.txt")) and len(stored(output)) == 80
+
 
 @needs_hidden_folders
 def test_a_killed_worker_and_a_killed_client_lose_nothing_and_store_nothing_twice(

@@ -310,9 +310,15 @@ class ClusterRun:
     def _receive_committed(self, merger: PartMerger) -> list[dict]:
         committed = self.store.committed()
         for marker in committed:
-            if not marker["merged"]:
-                merger.merge(self.store.receive(marker, self.output))
-                self.store.settle(marker)
+            if marker["merged"]:
+                continue
+            try:
+                part_dir = self.store.receive(marker, self.output)
+            except TransferError as exc:
+                raise UsageError(f"{exc}; remove {self.store.url}/committed/{marker['shard']}/"
+                                 f"{marker['part']}.json to run that shard again") from None
+            merger.merge(part_dir)
+            self.store.settle(marker)
         return committed
 
     def _received_before(self, shards: list[Shard], merger: PartMerger) -> list[Shard]:
