@@ -12,6 +12,10 @@ start and the final merge are counted. Per-shard overhead: the same cluster runs
 recipe of K queries that find nothing, K = 1 and K = ``--empty-shards``, against a
 server without latency (so that it is harvest's own cost, not the API's: each shard
 also costs the API one search call, and one probe call while planning).
+
+``--store``: each worker count is also run with ``run.cluster_store`` on moto's S3 server
+(127.0.0.1): every shard sent whole through the store and received by the client, as
+for workers that share no folder. The rows side by side give that path's cost.
 """
 
 from __future__ import annotations
@@ -39,6 +43,30 @@ def recipe(endpoint: str, n: int, output: Path, concurrency: int, shard_size: in
     return bench.harvest_recipe(endpoint, n, output, concurrency, terms=terms,
                                 flickr_options=f"calls_per_hour: 100000000\n"
                                                f"shard_size: {shard_size}")
+
+
+def through_store(text: str, endpoint: str, prefix: str) -> str:
+    """The recipe with its shards sent through the store at ``endpoint``."""
+    return text.replace("\nrun:\n", f"\nrun:\n  cluster_store: s3://bench/{prefix}\n"
+                        f"  cluster_store_options: {{endpoint_url: '{endpoint}'}}\n", 1)
+
+
+def start_store() -> tuple[object, str]:
+    import logging
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # a line per S3 request
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
+                 aws_access_key_id="bench", aws_secret_access_key="bench").create_bucket(
+        Bucket="bench")
+    return server, endpoint
 
 
 def measure_tree(command: list[str], env: dict) -> dict:
@@ -87,6 +115,8 @@ def main(argv=None) -> int:
     parser.add_argument("--workers", default="1,2,4")
     parser.add_argument("--shards", type=int, default=16, help="date slices the query splits into")
     parser.add_argument("--empty-shards", type=int, default=40)
+    parser.add_argument("--store", action="store_true",
+                        help="also run each worker count through run.cluster_store (moto S3)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     workers = [int(w) for w in args.workers.split(",")]
@@ -98,17 +128,23 @@ def main(argv=None) -> int:
         print(f"making {args.n} JPEGs with EXIF...", flush=True)
         fake = bench.serve(bench.make_photos(args.n, spacing=SPACING), args.latency)
         env = dict(os.environ, FLICKER_KEY=bench.API_KEY, FLICKER_SECRET=bench.API_SECRET,
-                   NO_PROXY="127.0.0.1", HOME=str(work))
+                   NO_PROXY="127.0.0.1", HOME=str(work), AWS_ACCESS_KEY_ID="bench",
+                   AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
+        store, endpoint = start_store() if args.store else (None, "")
         shard_size = max(1, -(-args.n // args.shards))
         try:
             # Warm the geocoder's cache once, so no contender pays for building it.
             timed_run(work, "warm", recipe(fake.endpoint, 20, work / "warm", 4, 20), env, None)
-            for name, count in [("one process", None)] + [(f"{w} workers", w) for w in workers]:
+            plans = [("one process", None, False)] + [(f"{w} workers", w, False) for w in workers]
+            if args.store:
+                plans += [(f"{w} via store", w, True) for w in workers]
+            for name, count, via_store in plans:
                 print(f"{name}...", flush=True)
                 output = work / name.replace(" ", "-")
-                result = timed_run(work, name.replace(" ", "-"),
-                                   recipe(fake.endpoint, args.n, output, args.concurrency,
-                                          shard_size), env, count)
+                text = recipe(fake.endpoint, args.n, output, args.concurrency, shard_size)
+                if via_store:
+                    text = through_store(text, endpoint, name.replace(" ", "-"))
+                result = timed_run(work, name.replace(" ", "-"), text, env, count)
                 summary = json.loads((output / ".harvest" / "last-run.json").read_text())
                 result["stored"] = summary["totals"]["stored"]
                 result["images_per_s"] = args.n / result["seconds"]
@@ -117,6 +153,8 @@ def main(argv=None) -> int:
                 figures["runs"][name] = result
         finally:
             fake.stop()
+            if store is not None:
+                store.stop()
         # Harvest's own cost per shard: a server without latency, queries that find nothing.
         fake = bench.serve([], 0.0)
         try:
