@@ -21,7 +21,7 @@ _HOME = {
     "contract.sharded": ["JsonlAppender", "ShardedSink", "document_batches", "shard_options",
                          "strip_exif"],
     "output.storage": ["inside", "inside_check"],
-    "output.embeddings": ["EmbeddingStore"],
+    "output.embeddings": ["EmbeddingStore", "OutputEmbeddings"],
 }
 _MODULE_OF = {name: module for module, names in _HOME.items() for name in names}
 

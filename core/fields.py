@@ -99,6 +99,9 @@ RECORD_FIELDS: tuple[RecordField, ...] = (
     RecordField("near_duplicate_distance", "int", "Hamming distance to the nearest picture "
                 "of its group", "near_duplicates",
                 "review"),
+    RecordField("near_duplicate_similarity", "float", "cosine similarity of the embeddings "
+                "when they, not the hashes, found the copy (with embed)", "near_duplicates",
+                "review"),
     RecordField("phash", "str", "64-bit perceptual hash, hex", "near_duplicates",
                 "near_duplicates (later runs and shards)"),
     RecordField("dhash", "str", "64-bit difference hash, hex", "near_duplicates",

@@ -378,3 +378,102 @@ def test_groups_do_not_depend_on_the_order_pictures_arrive_in(recipe_file, harve
                       if not r.get("near_duplicate_of") and r["id"] not in aside)
         assert kept == ["A"], (order, kept, {k: r.get("near_duplicate_of") for k, r in records.items()},
                                aside)
+
+
+def test_default_quality_rules_keep_real_photos_and_flag_degraded_ones(recipe_file, harvest,
+                                                                        tmp_path):
+    """A recipe that writes nothing gets rules: real camera photos pass, a thumbnail does
+    not score as sharp, and a large photo blurred at full size (sharp-looking at 512 px) is
+    caught; ``defaults: false`` keeps everything."""
+    from PIL import ImageFilter
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    good = ("gps/DSCN0010.jpg", "exif-org/canon-ixus.jpg", "exif-org/nikon-e950.jpg")
+    for name in good:
+        shutil.copy(SAMPLES / name, photos / name.replace("/", "-"))
+    photo = Image.open(SAMPLES / "gps" / "DSCN0010.jpg").convert("RGB")
+    photo.resize((96, 72)).save(photos / "tiny.jpg", quality=90)
+    large = Image.new("RGB", (1920, 1440))  # a large sharp picture: the photo 3 x 3
+    for x in range(3):
+        for y in range(3):
+            large.paste(photo, (x * 640, y * 480))
+    large.save(photos / "large.jpg", quality=90)
+    large.filter(ImageFilter.GaussianBlur(2)).save(photos / "large-blurred.jpg", quality=90)
+    ImageEnhance.Brightness(photo).enhance(0.15).save(photos / "dark.jpg", quality=90)
+    ImageEnhance.Brightness(photo).enhance(2.5).save(photos / "overexposed.jpg", quality=90)
+    kept = {name.replace("/", "-") for name in good} | {"large.jpg"}
+    flagged = {"tiny.jpg": {"blur", "pixels"}, "large-blurred.jpg": {"blur_native"},
+               "dark.jpg": {"dark"}, "overexposed.jpg": {"overexposed"}}
+    for options, expect_rules in (("", True), (", options: {defaults: false}", False)):
+        output = tmp_path / f"out{len(options)}"
+        text = recipe(photos, output).replace(
+            "{use: near_duplicates, options: {action: mark}}", "{use: quality" + options + "}")
+        status, _, err = harvest("run", recipe_file(text, f"q{len(options)}.yml"),
+                                 "--no-progress")
+        assert status == 0, err
+        records = {r["source_id"]: r for r in read_jsonl(output / "records.jsonl")}
+        assert records["tiny.jpg"]["quality"]["blur"] < 50 < records[
+            "gps-DSCN0010.jpg"]["quality"]["blur"]
+        assert records["large-blurred.jpg"]["quality"]["blur"] > 100  # sharp at 512 px
+        if not expect_rules:
+            assert all("quality_ok" not in r and r.get("keep", True) for r in records.values())
+            continue
+        assert {name for name, r in records.items() if r["quality_ok"]} == kept, {
+            name: r.get("quality_failed") for name, r in records.items()}
+        for name, scores in flagged.items():
+            failed = {rule.split()[0] for rule in records[name]["quality_failed"]}
+            assert scores <= failed, (name, records[name]["quality_failed"])
+            assert records[name]["keep"] is False
+
+
+def test_embeddings_find_crops_and_turns_the_hashes_miss(recipe_file, harvest, tmp_path):
+    """With embed before it, a 20% corner crop and a 5-degree turn of real photos are found
+    (their hashes are too far), distinct photos stay apart, and later runs compare against
+    the stored embeddings; min_similarity: 1 leaves the copies apart."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    names = ("gps/DSCN0010.jpg", "gps/DSCN0025.jpg", "gps/DSCN0038.jpg",
+             "exif-org/canon-ixus.jpg")
+    for name in names:
+        shutil.copy(SAMPLES / name, photos / name.split("/")[1])
+    first = Image.open(SAMPLES / names[0]).convert("RGB")
+    w, h = first.size
+    first.crop((0, 0, int(w * 0.894), int(h * 0.894))).save(photos / "corner-crop.jpg",
+                                                            quality=90)
+    second = Image.open(SAMPLES / names[3]).convert("RGB")
+    second.rotate(5, Image.Resampling.BICUBIC).resize((w // 2, h // 2)).save(
+        photos / "turned.jpg", quality=90)
+    for option, linked in (("", True), (", min_similarity: 1", False)):
+        output = tmp_path / f"out{len(option)}"
+        text = recipe(photos, output).replace(
+            "enrichers: [{use: near_duplicates, options: {action: mark}}]",
+            "enrichers: [embed, {use: near_duplicates, options: {action: mark"
+            + option + "}}]")
+        status, _, err = harvest("run", recipe_file(text, f"e{len(option)}.yml"),
+                                 "--no-progress")
+        assert status == 0, err
+        records = {r["source_id"]: r for r in read_jsonl(output / "records.jsonl")}
+        marked = {name: r.get("near_duplicate_of") for name, r in records.items()}
+        aside = set(set_aside_ids(output))
+        if not linked:
+            assert not any(marked.values()) and not aside, (marked, aside)
+            continue
+        # The smaller copy is marked, or set aside when the original came after it.
+        for copy, original in (("corner-crop.jpg", "DSCN0010.jpg"),
+                               ("turned.jpg", "canon-ixus.jpg")):
+            assert marked[original] is None
+            assert marked[copy] == f"folder:{original}" or f"folder:{copy}" in aside, \
+                (marked, aside)
+        assert not aside - {"folder:corner-crop.jpg", "folder:turned.jpg"}, aside
+        assert {name for name, of in marked.items() if of} <= {"corner-crop.jpg",
+                                                               "turned.jpg"}, marked
+        # A later run: a copy is found by the embedding of a picture stored before.
+        first.crop((int(w * 0.1), 0, w, int(h * 0.9))).save(photos / "later-crop.jpg",
+                                                            quality=90)
+        status, _, err = harvest("run", tmp_path / f"e{len(option)}.yml", "--no-progress")
+        assert status == 0, err
+        later = {r["source_id"]: r for r in read_jsonl(output / "records.jsonl")}
+        assert later["later-crop.jpg"]["near_duplicate_of"] == "folder:DSCN0010.jpg"
+        assert 0.85 <= later["later-crop.jpg"]["near_duplicate_similarity"] < 1
+        (photos / "later-crop.jpg").unlink()

@@ -273,12 +273,13 @@ def test_relative_path_and_export_equals_the_page(scored_harvest, tmp_path, harv
 
 @pytest.fixture
 def cleaned_harvest(tmp_path, harvest, monkeypatch):
-    """Scored by Vision with the recipe's keep_if, by quality, and near-duplicates marked:
-    a red picture is there three times (as taken, half size, JPEG quality 30)."""
+    """Scored by Vision with the recipe's keep_if, by quality (scores only: its default
+    rules, made for photos, would flag these flat colours), and near-duplicates marked: a
+    red picture is there three times (as taken, half size, JPEG quality 30)."""
     return vision_harvest(tmp_path, harvest, monkeypatch, (8, 6, 4), """
   - use: vision
     options: {{endpoint: {vision}, synonyms: {{monkey: [macaque]}}, keep_if: {{monkey: ">=0.5"}}}}
-  - quality
+  - {{use: quality, options: {{defaults: false}}}}
   - near_duplicates""", copies=(("copy-half", (160, 120), 90), ("copy-q30", (320, 240), 30)))
 
 

@@ -12,6 +12,11 @@ pairs. The decisions are the ``CopyRegistry``'s (``near_duplicates_registry``), 
 service of the pipeline's coordinator: on a cluster it lives on the scheduler, so copies
 are found across every worker.
 
+With the ``embed`` enricher before it, a picture is also a copy of one whose embedding is
+at least ``min_similarity`` alike (cosine): crops, borders and small rotations, which the
+hashes miss. Pictures whose hashes match are copies whatever the embeddings say. A higher
+``min_similarity`` keeps more same-scene shots apart; 1 turns the embeddings off.
+
 Which copy is kept: the largest (width x height), then the one with the most reusable
 license (public domain, then CC BY, CC BY-SA, other licenses, unknown), then the earliest.
 A copy found later is marked (``near_duplicate_of``, ``near_duplicate_distance``) or, with
@@ -21,12 +26,15 @@ earlier one (already stored) is set aside: ``harvest export`` leaves it out.
 
 from __future__ import annotations
 
+import numpy as np
 from PIL import Image, ImageOps
 
 from harvest.core import (
     Bool,
     Choice,
+    EmbeddingStore,
     Enricher,
+    Float,
     Int,
     Option,
     Record,
@@ -91,6 +99,10 @@ class NearDuplicateEnricher(Enricher):
                help="also find copies flipped left to right (as blogs and ads do)"),
         Option("rotated", Bool(), True,
                help="also find copies turned by 90, 180 or 270 degrees"),
+        Option("min_similarity", Float(0.5, 1.0), 0.85,
+               help="with embed before it: pictures whose embeddings are at least this alike "
+                    "(cosine) are copies too (crops, borders, small rotations); higher keeps "
+                    "same-scene shots apart, 1 turns it off"),
         Option("action", Choice("mark", "drop"), "mark",
                help="mark later copies (near_duplicate_of) or drop them"),
     )
@@ -102,10 +114,25 @@ class NearDuplicateEnricher(Enricher):
                                          self.context.output_state_dirs)
         self.store: CopyStore | None = None  # what this pipeline placed, made when first used
         self.context.declare_derived(STORE_NAME, "hashes", "id", key="record_id")
+        self.embeddings = None
+        if self.config["min_similarity"] < 1 and self._embedded_before():
+            self.embeddings = EmbeddingStore(self.context.state_dir)
         self.views = (("mirrored",) if self.config["mirrored"] else ()) + (
             ("rotated 90", "rotated 180", "rotated 270") if self.config["rotated"] else ())
 
+    def _embedded_before(self) -> bool:
+        """Whether an embedding enricher opened before this one writes this output's
+        embeddings (so each picture's is stored by the time it gets here)."""
+        try:
+            from .efficientnet_lite import EMBEDDING_WRITERS
+        except ImportError:
+            return False
+        return self.context.state_dir.resolve() in EMBEDDING_WRITERS
+
     def close(self) -> None:
+        if self.embeddings is not None:
+            self.embeddings.close()
+            self.embeddings = None
         if self.store is not None:
             self.store.close()
             self.store = None
@@ -119,16 +146,22 @@ class NearDuplicateEnricher(Enricher):
             phash, dhash, views = perceptual_hashes(inside(output, record.file.path),
                                                     self.views)
             record.fields["phash"], record.fields["dhash"] = f"{phash:016x}", f"{dhash:016x}"
-            work.append((record, (record.id, phash, dhash, record.file.width
+            work.append((record, [record.id, phash, dhash, record.file.width
                                   * record.file.height,
-                                  license_rank(record.fields.get("license")), views)))
+                                  license_rank(record.fields.get("license")), views,
+                                  record.file.sha256, None]))
         if not work:
             return
-        batch = [item for _, item in work]
+        if self.embeddings is not None:
+            vectors = self.embeddings.vectors([record.file.sha256 for record, _ in work])
+            for record, item in work:
+                vector = vectors.get(record.file.sha256)
+                item[7] = None if vector is None else vector.astype(np.float16)
+        batch = [tuple(item) for _, item in work]
         work = [record for record, _ in work]
         decisions, changed = self.context.coordinator.call(
             SERVICE, "place", batch, self.config["max_distance"],
-            self.config["max_dhash_distance"])
+            self.config["max_dhash_distance"], self.config["min_similarity"])
         if self.store is None:
             self.store = CopyStore(self.context.state_dir)
         self.store.save(changed)
@@ -137,6 +170,8 @@ class NearDuplicateEnricher(Enricher):
                 first_id, distance = decision["copy_of"], decision["distance"]
                 record.fields["near_duplicate_of"] = first_id
                 record.fields["near_duplicate_distance"] = distance
+                if decision.get("similarity") is not None:
+                    record.fields["near_duplicate_similarity"] = decision["similarity"]
                 if decision.get("view") == "mirrored":
                     record.fields["near_duplicate_mirrored"] = True
                 elif decision.get("view"):
