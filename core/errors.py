@@ -4,8 +4,11 @@ from __future__ import annotations
 
 
 def one_line(exc: BaseException) -> str:
-    """An exception as a summary's reason: its class and the first line of its message."""
+    """An exception as a summary's reason: its class and the first line of its message
+    (the message alone for one that says all, such as "cannot resolve HOST")."""
     text = str(exc)
+    if getattr(exc, "reason_is_message", False) and text:
+        return text.splitlines()[0]
     return f"{exc.__class__.__name__}: {text.splitlines()[0] if text else ''}"
 
 
