@@ -767,8 +767,9 @@ def _main(argv: list[str] | None = None) -> int:
         recipe = load_recipe(args.recipe, load_registry(), output=getattr(args, "output", None))
         return args.handler(args, recipe)
     except HarvestError as exc:
-        message = recipe.resolver.redact(str(exc)) if recipe is not None else str(exc)
-        print(f"harvest: error: {printable(message, 2000)}", file=sys.stderr)
+        for line in exc.lines():
+            message = recipe.resolver.redact(line) if recipe is not None else line
+            print(f"harvest: error: {printable(message, 2000)}", file=sys.stderr)
         return exc.exit_status
     except KeyboardInterrupt:
         print("harvest: interrupted", file=sys.stderr)
