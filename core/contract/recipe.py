@@ -95,6 +95,13 @@ RunSettings = settings_class(
         "``images:`` section.")
 
 
+# The run: options a download's final verdict (rejected) depends on: a change to one of
+# them may turn a refusal into a picture, so the records it refused are tried again.
+DOWNLOAD_VERDICT_OPTIONS = ("allow_private_addresses", "allow_file_urls", "respect_opt_outs",
+                            "respect_robots", "respect_tdmrep", "respect_noindex", "max_bytes",
+                            "max_pixels", "verify_images", "user_agent")
+
+
 @dataclass
 class PluginSpec:
     kind: str  # sources | enrichers | sinks
@@ -192,6 +199,27 @@ class _Lines:
         while key_path not in self.lines and key_path:
             key_path = key_path[:-1]
         return self.lines.get(key_path)
+
+
+def verdict_settings(recipe: Recipe) -> dict[str, dict[str, Any]]:
+    """The settings each stage's final verdicts (rejected, dropped) depend on, by the stage
+    the run state names in a verdict's reason (``download``, ``images``, ``enrich LABEL``),
+    as JSON values: the run state keeps them, and the next run tries again the records a
+    changed stage refused (a secret shows as its reference, never its value)."""
+    import json
+
+    def plain(values: dict[str, Any]) -> dict[str, Any]:
+        return json.loads(json.dumps(values, default=str))
+
+    images = {f"images.{option.name}": getattr(recipe.run.images, option.name)
+              for option in IMAGE_OPTIONS}
+    download = {f"run.{name}": getattr(recipe.run, name) for name in DOWNLOAD_VERDICT_OPTIONS}
+    stages = {"download": plain({**download, **images}), "images": plain(images)}
+    for spec in recipe.enrichers:
+        stages[f"enrich {spec.label}"] = plain(
+            {"use": spec.use, **{f"options.{name}": value
+                                 for name, value in spec.options.items()}})
+    return stages
 
 
 def format_path(key_path: Sequence) -> str:
