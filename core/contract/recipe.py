@@ -100,6 +100,9 @@ RunSettings = settings_class(
 DOWNLOAD_VERDICT_OPTIONS = ("allow_private_addresses", "allow_file_urls", "respect_opt_outs",
                             "respect_robots", "respect_tdmrep", "respect_noindex", "max_bytes",
                             "max_pixels", "verify_images", "user_agent")
+# The images: filters, what the images stage drops by (a resize setting drops nothing).
+IMAGE_VERDICT_OPTIONS = ("min_image_size", "min_width", "min_height", "min_pixels",
+                         "max_aspect_ratio")
 
 
 @dataclass
@@ -211,10 +214,10 @@ def verdict_settings(recipe: Recipe) -> dict[str, dict[str, Any]]:
     def plain(values: dict[str, Any]) -> dict[str, Any]:
         return json.loads(json.dumps(values, default=str))
 
-    images = {f"images.{option.name}": getattr(recipe.run.images, option.name)
-              for option in IMAGE_OPTIONS}
+    images = {f"images.{name}": getattr(recipe.run.images, name)
+              for name in IMAGE_VERDICT_OPTIONS}
     download = {f"run.{name}": getattr(recipe.run, name) for name in DOWNLOAD_VERDICT_OPTIONS}
-    stages = {"download": plain({**download, **images}), "images": plain(images)}
+    stages = {"download": plain(download), "images": plain(images)}
     for spec in recipe.enrichers:
         stages[f"enrich {spec.label}"] = plain(
             {"use": spec.use, **{f"options.{name}": value
