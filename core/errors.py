@@ -4,8 +4,11 @@ from __future__ import annotations
 
 
 def one_line(exc: BaseException) -> str:
-    """An exception as a summary's reason: its class and the first line of its message."""
+    """An exception as a summary's reason: its class and the first line of its message
+    (the message alone for one that says all, such as "cannot resolve HOST")."""
     text = str(exc)
+    if getattr(exc, "reason_is_message", False) and text:
+        return text.splitlines()[0]
     return f"{exc.__class__.__name__}: {text.splitlines()[0] if text else ''}"
 
 
@@ -13,6 +16,10 @@ class HarvestError(Exception):
     """A failure the CLI reports in one line instead of a traceback."""
 
     exit_status = 1
+
+    def lines(self) -> list[str]:
+        """What the CLI prints, a ``harvest: error:`` line each."""
+        return [str(self)]
 
 
 class UsageError(HarvestError):
@@ -56,6 +63,27 @@ class RecipeError(UsageError):
         if self.key_path:
             where = f"{where}: {self.key_path}"
         return f"{where}: {self.message}"
+
+
+class RecipeErrors(RecipeError):
+    """Every error found in one recipe (at most ``shown`` of them said), so that a recipe
+    is fixed in one round, not one error per try. Its fields are the first error's."""
+
+    shown = 20
+
+    def __init__(self, errors: list[RecipeError]):
+        self.errors = errors
+        first = errors[0]
+        super().__init__(first.file, first.key_path, first.message, first.line)
+
+    def lines(self) -> list[str]:
+        said = [str(error) for error in self.errors[:self.shown]]
+        if len(self.errors) > self.shown:
+            said.append(f"{self.file}: and {len(self.errors) - self.shown} more errors")
+        return said
+
+    def __str__(self) -> str:
+        return "\n".join(self.lines()) if hasattr(self, "errors") else super().__str__()
 
 
 class PluginConfigError(UsageError):

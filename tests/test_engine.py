@@ -240,3 +240,58 @@ def test_ai_opt_outs_are_respected(flickr, recipe_file, harvest, tmp_path):
     output = tmp_path / "out2"
     run_flickr(harvest, recipe_file, flickr, output, run="respect_opt_outs: false")
     assert len(read_jsonl(output / "records.jsonl")) == 4
+
+
+def test_a_recipe_change_that_lets_refused_records_through_is_not_skipped(
+        flickr, recipe_file, harvest, tmp_path):
+    """A run refused loopback URLs; after allow_private_addresses: true the next run said
+    'skipped 2', exit 0, and stored nothing. The settings a refusal depended on are kept
+    in the run state: when they change, what that stage refused goes through again."""
+    flickr.photos = monkey_photos(2)
+    output = tmp_path / "out"
+    run_flickr(harvest, recipe_file, flickr, output, run="allow_private_addresses: false")
+    assert not (output / "records.jsonl").read_text()
+    recipe = recipe_file(flickr_recipe(flickr.endpoint, output))
+    status, out, err = harvest("run", recipe, "--no-progress")
+    assert status == 0, err
+    assert len(read_jsonl(output / "records.jsonl")) == 2
+    assert ("download: run.allow_private_addresses changed since the last run: the 2 "
+            "record(s) it rejected or dropped go through again") in err
+    # Unchanged, a record the recipe refuses stays refused and is not asked again.
+    status, out, err = harvest("run", recipe, "--no-progress")
+    assert status == 0 and "changed since the last run" not in err
+    assert last_run(output)["totals"]["skipped"] == 2 and flickr.image_requests() == 2
+
+
+def test_an_enricher_whose_options_changed_reconsiders_what_it_dropped(
+        flickr, recipe_file, harvest, tmp_path):
+    """Loosening a license filter brings back what it dropped; what another stage refused
+    (a 404) is not asked again."""
+    flickr.photos = [FakePhoto(id=str(i), title="x") for i in range(1, 5)]
+    base = flickr.url + "/img/"
+    (tmp_path / "list.csv").write_text(
+        f"url,license\n{base}1_l.jpg,CC-BY-4.0\n{base}2_l.jpg,CC-BY-4.0\n"
+        f"{base}3_l.jpg,CC-BY-NC-4.0\n{base}4_l.jpg,CC-BY-NC-4.0\n{base}99_l.jpg,CC-BY-4.0\n")
+    output = tmp_path / "out"
+
+    def run(allow: str) -> str:
+        recipe = recipe_file(f"""
+output: {output}
+run: {{allow_private_addresses: true, retries: 0}}
+sources: [{{use: urls, options: {{path: list.csv}}}}]
+enrichers:
+  - use: license
+    options: {{allow: [{allow}]}}
+""")
+        status, out, err = harvest("run", recipe, "--no-progress")
+        assert status == 0, err
+        return err
+
+    run("CC-BY")
+    assert len(read_jsonl(output / "records.jsonl")) == 2
+    assert flickr.image_requests() == 5
+    err = run("CC-BY, CC-BY-NC")
+    assert ("enrich license: options.allow changed since the last run: the 2 record(s) it "
+            "rejected or dropped go through again") in err
+    assert len(read_jsonl(output / "records.jsonl")) == 4
+    assert flickr.image_requests() == 5 + 2  # not the 404 again

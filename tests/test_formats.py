@@ -168,6 +168,15 @@ def test_hf_export_loads_with_datasets_and_has_a_card(flickr, recipe_file, harve
     # Personal fields (the attribution names the author) stay out without the key.
     assert "owner_name" not in loaded.column_names and row["attribution"] is None
     assert flickr.photos[0].ownername not in (destination / "metadata.jsonl").read_text()
+    # Loaded as a folder, the card's features apply: the label is a ClassLabel of the terms.
+    classified = datasets.load_dataset(str(destination), split="train",
+                                       cache_dir=str(tmp_path / "hf-cache-2"))
+    label = classified.features["label"]
+    assert isinstance(label, datasets.ClassLabel)
+    assert label.names == sorted(set(classified["term"]))
+    assert [label.int2str(value) for value in classified["label"]] == classified["term"]
+    assert classified.features["width"].dtype == "int64"
+    assert classified.num_rows == loaded.num_rows
 
     card = (destination / "README.md").read_text()
     front = yaml.safe_load(card.split("---")[1])

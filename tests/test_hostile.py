@@ -427,3 +427,47 @@ def test_a_hostile_robots_txt_is_bounded(harvest, recipe_file, tmp_path):
                                        for reason in reasons), reasons
         else:
             assert status == 0 and summary["totals"]["stored"] == 1, reasons
+
+
+def test_an_api_host_that_does_not_resolve_fails_fast_in_one_line(recipe_file, harvest,
+                                                                  tmp_path, monkeypatch):
+    """Offline, every search failed after run.retries lookups with a growing backoff (15 s
+    a term) and printed urllib3's 300-character chain. A name that does not resolve is
+    tried three times quickly, then not again for each later term; one short line says it.
+    Names under .invalid never resolve (RFC 6761); the resolver is made to answer so at
+    once, so the test does not depend on this machine's DNS."""
+    real_getaddrinfo = socket.getaddrinfo
+    lookups: list[str] = []
+
+    def getaddrinfo(host, *args, **kwargs):
+        if isinstance(host, str) and host.endswith(".invalid"):
+            lookups.append(host)
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return real_getaddrinfo(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    recipe = recipe_file(f"""
+terms: [monkey, cat, dog]
+output: {tmp_path / 'out'}
+sources:
+  - use: openverse
+    options: {{endpoint: "https://api.openverse.invalid"}}
+  - use: wikimedia
+    options: {{endpoint: "https://commons.wikimedia.invalid/w/api.php", contact: me@example.org}}
+""")
+    started = time.monotonic()
+    status, out, err = harvest("run", recipe, "--no-progress")
+    took = time.monotonic() - started
+    assert status == 3
+    assert took < 8, took  # it was 15 s a term and source
+    for label, host in (("openverse", "api.openverse.invalid"),
+                        ("wikimedia", "commons.wikimedia.invalid")):
+        said = f"cannot resolve {host}: is the network up?"
+        # The summary counts it for each term; the terminal says it once.
+        assert f"3  {label} search: {said}" in out
+        assert [line for line in err.splitlines() if host in line] == [
+            f"ERROR harvest.engine: {label}: search 'monkey' failed: {said}"]
+        # Three quick tries for the first term, one lookup for each later one.
+        assert lookups.count(host) == 3 + 2, lookups
+    assert "urllib3" not in out + err and "ConnectionPool" not in out + err
+    assert max(len(line) for line in (out + err).splitlines()) < 200

@@ -142,3 +142,32 @@ def test_bad_images_options_are_one_line_errors(images, fault, recipe_file, harv
     status, _, err = harvest("validate", recipe)
     assert status == 2
     assert fault in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_lowered_size_filter_brings_back_what_it_dropped(recipe_file, harvest, tmp_path):
+    """The images: filters are what the images stage's drops depend on: lowered, the next
+    run takes those pictures; a resize setting changed alone asks nothing again."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(2):
+        (photos / f"{i}.jpg").write_bytes(make_image(70 + i, size=(96, 64)))
+    output = tmp_path / "out"
+
+    def run(images: str) -> str:
+        recipe = recipe_file(f"""
+output: {output}
+images: {{{images}}}
+sources: [{{use: folder, options: {{path: photos}}}}]
+""")
+        status, _, err = harvest("run", recipe, "--no-progress")
+        assert status == 0, err
+        return err
+
+    run("min_image_size: 100")
+    assert not (output / "records.jsonl").exists() or not (output / "records.jsonl").read_text()
+    err = run("min_image_size: 100, encode_quality: 80")
+    assert "changed since the last run" not in err
+    err = run("min_image_size: 32, encode_quality: 80")
+    assert ("images: images.min_image_size changed since the last run: the 2 record(s) it "
+            "rejected or dropped go through again") in err
+    assert len(read_jsonl(output / "records.jsonl")) == 2

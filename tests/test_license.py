@@ -90,8 +90,9 @@ def test_families_match_any_version(license_id, allowed, tmp_path):
 
 
 def test_reconsider_after_changing_the_recipe(recipe_file, harvest, tmp_path):
-    """Records dropped under the old recipe are skipped by a re-run, unless asked to be
-    reconsidered; what was stored stays stored once."""
+    """Records dropped under the old recipe go through again once the option that dropped
+    them changed (the run state keeps the enricher's options), and --reconsider sends them
+    through again when asked; what was stored stays stored once."""
     from imagegen import make_image
 
     (tmp_path / "photos").mkdir()
@@ -108,8 +109,11 @@ enrichers: [{{use: license, options: {{keep_unknown: {str(keep_unknown).lower()}
 
     assert harvest("run", recipe(False), "--no-progress")[0] == 0
     assert not (output / "records.jsonl").exists() or not (output / "records.jsonl").read_text()
-    assert harvest("run", recipe(True), "--no-progress")[0] == 0
+    assert harvest("run", recipe(False), "--no-progress")[0] == 0  # unchanged: skipped
     assert not (output / "records.jsonl").exists() or not (output / "records.jsonl").read_text()
+    status, _, err = harvest("run", recipe(True), "--no-progress")
+    assert status == 0 and "options.keep_unknown changed since the last run" in err
+    assert len(read_jsonl(output / "records.jsonl")) == 3
     status, out, err = harvest("run", recipe(True), "--no-progress", "--reconsider", "dropped")
     assert status == 0, err
     ids = [r["id"] for r in read_jsonl(output / "records.jsonl")]

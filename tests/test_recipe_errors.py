@@ -121,7 +121,10 @@ def test_missing_secret_names_the_variable(recipe_file, harvest):
     path = recipe_file("name: x\nterms: [monkey]\noutput: out\nsources:\n  - use: flickr\n")
     status, _, err = harvest("validate", path)
     assert status == 2
-    check_one_line(err, "sources[0].options.api_key", "${FLICKER_KEY} is not set")
+    # Both missing secrets at once: the user sets both before trying again.
+    key, secret = err.strip().splitlines()
+    assert "sources[0].options.api_key" in key and "${FLICKER_KEY} is not set" in key
+    assert "sources[0].options.api_secret" in secret and "${FLICKER_SECRET} is not set" in secret
 
 
 def test_missing_recipe_file(tmp_path, harvest):
@@ -360,3 +363,57 @@ def test_a_missing_extra_names_the_plugin_not_an_option(recipe_file, harvest, tm
     code, out, err = harvest("validate", recipe)
     assert code == 2 and "sinks[1].use" in err and "options.use" not in err, err
     assert "harvest-dataset[parquet]" in err
+
+
+def test_validate_reports_every_error_at_once_in_the_order_of_the_file(recipe_file, harvest,
+                                                                       tmp_path):
+    """Fixing a recipe took a round per error; now one round: each error one line with
+    its file, line and key path, a misspelt key not also reported as missing."""
+    path = recipe_file("""name: x
+outptu: out
+run: {concurrency: many, retries: 2}
+sources:
+  - use: foldr
+  - use: urls
+    options: {path: missing.txt, formt: csv}
+sinks: [jsonl, parquets]
+retain_days: 0
+""")
+    status, out, err = harvest("validate", path)
+    assert status == 2 and not out
+    lines = err.strip().splitlines()
+    expected = [
+        ("recipe.yml:2: outptu", "did you mean 'output'?"),
+        ("recipe.yml:3: run.concurrency", "expected"),
+        ("recipe.yml:5: sources[0].use", "did you mean 'folder'?"),
+        ("recipe.yml:7: sources[1].options.formt", "did you mean 'format'?"),
+        ("recipe.yml:7: sources[1].options.path", "no such file"),
+        ("recipe.yml:8: sinks[1].use", "did you mean 'parquet'?"),
+        ("recipe.yml:9: retain_days", "expected"),
+    ]
+    assert len(lines) == len(expected), err
+    for line, (where, what) in zip(lines, expected, strict=True):
+        assert line.startswith("harvest: error: ") and where in line and what in line, line
+    assert "output: required" not in err
+
+
+def test_at_most_twenty_errors_are_said(recipe_file, harvest):
+    sources = "".join(f"  - {{use: nope{i}, name: s{i}}}\n" for i in range(30))
+    path = recipe_file(f"name: x\noutput: out\nsources:\n{sources}")
+    status, _, err = harvest("validate", path)
+    lines = err.strip().splitlines()
+    assert status == 2 and len(lines) == 21
+    assert all("unknown source" in line for line in lines[:20])
+    assert lines[20].endswith("recipe.yml: and 10 more errors")
+
+
+@pytest.mark.parametrize("text, line, column", [
+    ("name: x\noutput: out\nsources:\n\t- use: folder\n", 4, 1),
+    ("name: x\noutput: out\nsources:\n  - use: folder\n    options:\n\t  path: .\n", 6, 1),
+    ("name:\tx\noutput: out\nsources: [{use: folder, options: {path: .}}]\n", 1, 6),
+])
+def test_a_tab_in_the_recipe_is_named_with_its_line(text, line, column, recipe_file, harvest):
+    status, _, err = harvest("validate", recipe_file(text))
+    assert status == 2
+    check_one_line(err, f"recipe.yml:{line}: YAML syntax error: a tab at column {column}",
+                   "YAML forbids tabs for indentation", "use spaces")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from conftest import FakePhoto, read_jsonl
 
 
@@ -157,3 +158,100 @@ sources: [{{use: folder, options: {{path: photos}}}}]
     assert status == 0 and "0 terms" in out, err
     assert harvest("run", recipe, "--no-progress")[0] == 0
     assert len(read_jsonl(tmp_path / "out" / "records.jsonl")) == 1
+
+
+def test_url_lists_from_parquet_arrow_csv_and_tsv_with_named_columns(flickr, recipe_file,
+                                                                     harvest, tmp_path):
+    """img2dataset's inputs: a table with its own column names (url_col, caption_col there),
+    and the columns asked for (save_additional_columns) carried into each record."""
+    import pyarrow as pa
+    import pyarrow.feather as feather
+    import pyarrow.parquet as pq
+
+    flickr.photos = [FakePhoto(id=str(i), title="x") for i in range(1, 9)]
+    base = flickr.url + "/img/"
+    lists = tmp_path / "lists"
+    lists.mkdir()
+
+    def table(first: int):
+        return pa.table({"URL": [f"{base}{first}_l.jpg", f"{base}{first + 1}_l.jpg"],
+                         "TEXT": [f"caption {first}", None],
+                         "similarity": [0.31, 0.29], "NSFW": ["UNLIKELY", "UNSURE"]})
+
+    pq.write_table(table(1), lists / "a.parquet")
+    feather.write_feather(table(3), lists / "b.arrow")
+    (lists / "c.csv").write_text(f"URL,TEXT,similarity,NSFW\n{base}5_l.jpg,caption 5,0.31,"
+                                 f"UNLIKELY\n{base}6_l.jpg,,0.29,UNSURE\n")
+    (lists / "d.tsv").write_text(f"URL\tTEXT\tsimilarity\tNSFW\n{base}7_l.jpg\tcaption 7\t"
+                                 f"0.31\tUNLIKELY\n{base}8_l.jpg\t\t0.29\tUNSURE\n")
+    sources = "\n".join(
+        f"  - {{use: urls, name: {name.split('.')[0]}, options: {{path: lists/{name}, "
+        f"url_column: URL, caption_column: TEXT, "
+        f"save_additional_columns: [similarity, NSFW]}}}}"
+        for name in ("a.parquet", "b.arrow", "c.csv", "d.tsv"))
+    output = tmp_path / "out"
+    recipe = recipe_file(f"""
+output: {output}
+run: {{allow_private_addresses: true}}
+sources:
+{sources}
+""")
+    status, _, err = harvest("run", recipe, "--no-progress")
+    assert status == 0, err
+    records = {r["url"].rsplit("/", 1)[-1]: r for r in read_jsonl(output / "records.jsonl")}
+    assert len(records) == 8
+    for first in (1, 3, 5, 7):
+        assert records[f"{first}_l.jpg"]["title"] == f"caption {first}"
+        assert records[f"{first}_l.jpg"]["NSFW"] == "UNLIKELY"
+        assert "title" not in records[f"{first + 1}_l.jpg"]
+        assert records[f"{first + 1}_l.jpg"]["NSFW"] == "UNSURE"
+    # Parquet and Arrow keep the column's type; CSV and TSV have text only.
+    assert records["1_l.jpg"]["similarity"] == records["3_l.jpg"]["similarity"] == 0.31
+    assert records["5_l.jpg"]["similarity"] == records["7_l.jpg"]["similarity"] == "0.31"
+    assert records["2_l.jpg"]["list_row"] == 2 and records["6_l.jpg"]["list_row"] == 3
+
+
+@pytest.mark.parametrize("name", ["list.csv", "list.tsv", "list.parquet", "list.arrow",
+                                  "list.jsonl"])
+@pytest.mark.parametrize("option", ["url_column: link", "caption_column: TEXT",
+                                    "save_additional_columns: [width, NSFW]"])
+def test_a_column_the_list_lacks_is_one_line_naming_the_file_and_the_column(
+        name, option, recipe_file, harvest, tmp_path):
+    import pyarrow as pa
+    import pyarrow.feather as feather
+    import pyarrow.parquet as pq
+
+    table = pa.table({"url": ["http://example.org/1.jpg"], "width": [10]})
+    path = tmp_path / name
+    if name.endswith(".parquet"):
+        pq.write_table(table, path)
+    elif name.endswith(".arrow"):
+        feather.write_feather(table, path)
+    elif name.endswith(".jsonl"):
+        path.write_text(json.dumps({"url": "http://example.org/1.jpg", "width": 10}) + "\n")
+    else:
+        separator = "\t" if name.endswith(".tsv") else ","
+        path.write_text(f"url{separator}width\nhttp://example.org/1.jpg{separator}10\n")
+    recipe = recipe_file(f"""
+output: out
+sources: [{{use: urls, options: {{path: {name}, {option}}}}}]
+""")
+    status, out, err = harvest("validate", recipe)
+    missing = option.split(": ")[1].strip("[]").split(", ")[-1]
+    assert status == 2 and not out
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert str(path) in lines[0] and f"no column {missing!r}" in lines[0]
+    assert "it has: url, width" in lines[0]
+    assert f"sources[0].options.{option.split(':')[0]}" in lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_plain_url_list_has_no_columns_to_save(recipe_file, harvest, tmp_path):
+    (tmp_path / "list.txt").write_text("http://example.org/1.jpg\n")
+    recipe = recipe_file("""
+output: out
+sources: [{use: urls, options: {path: list.txt, save_additional_columns: [width]}}]
+""")
+    status, _, err = harvest("validate", recipe)
+    assert status == 2 and "list.txt is a plain list of URLs: it has no columns" in err

@@ -56,6 +56,11 @@ def _parser() -> argparse.ArgumentParser:
                      help="run on a Dask cluster of N worker processes on this machine")
     run.set_defaults(handler=_cmd_run, logs=True, reads_recipe=True)
 
+    from .get import add_parser as add_get_parser
+
+    add_get_parser(commands)
+    commands.choices["get"].set_defaults(handler=_cmd_get, logs=True)
+
     validate = commands.add_parser("validate", help="check a recipe without running it")
     validate.add_argument("recipe", type=Path)
     validate.set_defaults(handler=_cmd_validate, logs=True, reads_recipe=True)
@@ -709,6 +714,25 @@ def _cmd_run(args, recipe: Recipe) -> int:
     return EXIT_STATUS.get(summary.outcome, 1)
 
 
+def _cmd_get(args) -> int:
+    from .get import forget_recipe, prepare_recipe
+
+    made_output = not args.output.exists()
+    path, new = prepare_recipe(args)
+    try:
+        recipe = load_recipe(path, load_registry())
+    except HarvestError:
+        if new:
+            forget_recipe(path, made_output)
+        raise
+    args.limit = args.cluster = args.local_workers = args.reconsider = None
+    args.verify_sinks = False
+    status = _cmd_run(args, recipe)
+    print(f"the recipe is {path}: this command again or `harvest run {path}` resumes; "
+          f"edit it for more (docs/recipe.md)")
+    return status
+
+
 def _reconsider(text: str | None) -> set[str]:
     if not text:
         return set()
@@ -746,8 +770,9 @@ def _main(argv: list[str] | None = None) -> int:
         recipe = load_recipe(args.recipe, load_registry(), output=getattr(args, "output", None))
         return args.handler(args, recipe)
     except HarvestError as exc:
-        message = recipe.resolver.redact(str(exc)) if recipe is not None else str(exc)
-        print(f"harvest: error: {printable(message, 2000)}", file=sys.stderr)
+        for line in exc.lines():
+            message = recipe.resolver.redact(line) if recipe is not None else line
+            print(f"harvest: error: {printable(message, 2000)}", file=sys.stderr)
         return exc.exit_status
     except KeyboardInterrupt:
         print("harvest: interrupted", file=sys.stderr)

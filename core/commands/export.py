@@ -148,7 +148,9 @@ def _write_dataset(output: Path, destination: Path, *, fmt: str = "imagefolder",
                 columns = {name: record.get(name) for name in HF_COLUMNS}
                 metadata.write(json.dumps({
                     "file_name": path, "label": folder,
-                    **{k: v if v is None or isinstance(v, (str, int, float)) else None
+                    # Text, as the card declares them (a number as its digits).
+                    **{k: (v if isinstance(v, str) else str(v))
+                       if isinstance(v, (str, int, float)) else None
                        for k, v in columns.items()},
                     "width": file_info.get("width"), "height": file_info.get("height"),
                     "sha256": sha}, ensure_ascii=False) + "\n")
@@ -168,7 +170,9 @@ def _write_dataset(output: Path, destination: Path, *, fmt: str = "imagefolder",
     if embeddings:
         _write_embeddings(output, destination, exported)
     write_card(destination, card_title(output), tally, fmt=fmt,
-               metadata_file="metadata.jsonl" if fmt == "hf" else "manifest.csv")
+               metadata_file="metadata.jsonl" if fmt == "hf" else "manifest.csv",
+               columns={**{name: "string" for name in HF_COLUMNS}, "width": "int64",
+                        "height": "int64", "sha256": "string"} if fmt == "hf" else None)
     return counts
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import difflib
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,7 +14,7 @@ import yaml
 
 from ..download.faces import missing_detector
 from ..download.shaping import IMAGE_OPTIONS, ImageSettings
-from ..errors import RecipeError, UsageError
+from ..errors import RecipeError, RecipeErrors, UsageError
 from ..options import (
     Bool,
     Float,
@@ -98,6 +100,16 @@ RunSettings = settings_class(
     ("images", ImageSettings, field(default=ImageSettings())),  # the ``images:`` section
     module=__name__, doc="The recipe's ``run:`` section (every field a :data:`RUN_OPTIONS` entry) and its "
         "``images:`` section.")
+
+
+# The run: options a download's final verdict (rejected) depends on: a change to one of
+# them may turn a refusal into a picture, so the records it refused are tried again.
+DOWNLOAD_VERDICT_OPTIONS = ("allow_private_addresses", "allow_file_urls", "respect_opt_outs",
+                            "respect_robots", "respect_tdmrep", "respect_noindex", "max_bytes",
+                            "max_pixels", "verify_images", "user_agent")
+# The images: filters, what the images stage drops by (a resize setting drops nothing).
+IMAGE_VERDICT_OPTIONS = ("min_image_size", "min_width", "min_height", "min_pixels",
+                         "max_aspect_ratio")
 
 
 @dataclass
@@ -199,6 +211,27 @@ class _Lines:
         return self.lines.get(key_path)
 
 
+def verdict_settings(recipe: Recipe) -> dict[str, dict[str, Any]]:
+    """The settings each stage's final verdicts (rejected, dropped) depend on, by the stage
+    the run state names in a verdict's reason (``download``, ``images``, ``enrich LABEL``),
+    as JSON values: the run state keeps them, and the next run tries again the records a
+    changed stage refused (a secret shows as its reference, never its value)."""
+    import json
+
+    def plain(values: dict[str, Any]) -> dict[str, Any]:
+        return json.loads(json.dumps(values, default=str))
+
+    images = {f"images.{name}": getattr(recipe.run.images, name)
+              for name in IMAGE_VERDICT_OPTIONS}
+    download = {f"run.{name}": getattr(recipe.run, name) for name in DOWNLOAD_VERDICT_OPTIONS}
+    stages = {"download": plain(download), "images": plain(images)}
+    for spec in recipe.enrichers:
+        stages[f"enrich {spec.label}"] = plain(
+            {"use": spec.use, **{f"options.{name}": value
+                                 for name, value in spec.options.items()}})
+    return stages
+
+
 def format_path(key_path: Sequence) -> str:
     text = ""
     for part in key_path:
@@ -209,16 +242,32 @@ def format_path(key_path: Sequence) -> str:
 
 def did_you_mean(given, known) -> str:
     """``: did you mean 'folder'?`` for a name close to a known one, else nothing."""
-    import difflib
-
     if not isinstance(given, str):
         return ""
     close = difflib.get_close_matches(given, [str(k) for k in known], n=1, cutoff=0.6)
     return f": did you mean {close[0]!r}?" if close else ""
 
+class _Reported(Exception):
+    """The errors of a part are in the checker's list already; the part has no value."""
+
+
 class _Checker:
-    def __init__(self, path: Path, lines: _Lines, resolver: SecretResolver):
+    def __init__(self, path: Path, lines: _Lines, resolver: SecretResolver,
+                 errors: list[RecipeError] | None = None):
         self.path, self.lines, self.resolver = path, lines, resolver
+        # Every error of the recipe, said together at the end (see ``collecting``).
+        self.errors: list[RecipeError] = [] if errors is None else errors
+
+    @contextmanager
+    def collecting(self) -> Iterator[None]:
+        """An error in the block is kept for the report and checking goes on with the
+        next part: one round of fixes, not one per error."""
+        try:
+            yield
+        except RecipeError as exc:
+            self.errors.append(exc)
+        except _Reported:
+            pass
 
     def fail(self, key_path: tuple, message: str) -> RecipeError:
         return RecipeError(self.path, format_path(key_path), message, self.lines.line(key_path))
@@ -257,30 +306,38 @@ class _Checker:
         if not isinstance(given, dict):
             raise self.fail(key_path, "expected a mapping of option: value")
         by_name = {option.name: option for option in declared}
+        before = len(self.errors)
         for name in given:
             if name not in by_name:
                 known = ", ".join(by_name) or "none"
-                raise self.fail(key_path + (name,),
-                                f"unknown option{did_you_mean(name, by_name)} (known: {known})")
+                self.errors.append(self.fail(
+                    key_path + (name,),
+                    f"unknown option{did_you_mean(name, by_name)} (known: {known})"))
         result: dict[str, Any] = {}
         for option in declared:
-            here = key_path + (option.name,)
-            if option.name in given and given[option.name] is not None:
-                value = given[option.name]
-            elif option.required:
-                raise self.fail(here, f"required option missing: expected {option.type.name}")
-            else:
-                value = option.default
-            if value is None:
-                result[option.name] = None
-                continue
-            result[option.name] = self.value(option.type, value, here, base_dir)
-            if option.check is not None:
-                try:
-                    option.check(result[option.name])
-                except ValueError as exc:
-                    raise self.fail(here, str(exc)) from None
+            with self.collecting():
+                result[option.name] = self._option(option, given, key_path, base_dir)
+        if len(self.errors) > before:
+            raise _Reported()
         return result
+
+    def _option(self, option: Option, given: dict, key_path: tuple, base_dir: Path) -> Any:
+        here = key_path + (option.name,)
+        if option.name in given and given[option.name] is not None:
+            value = given[option.name]
+        elif option.required:
+            raise self.fail(here, f"required option missing: expected {option.type.name}")
+        else:
+            value = option.default
+        if value is None:
+            return None
+        converted = self.value(option.type, value, here, base_dir)
+        if option.check is not None:
+            try:
+                option.check(converted)
+            except ValueError as exc:
+                raise self.fail(here, str(exc)) from None
+        return converted
 
     def value(self, option_type: OptionType, value: Any, key_path: tuple, base_dir: Path) -> Any:
         if isinstance(option_type, Secret):
@@ -309,28 +366,33 @@ def _parse_terms(checker: _Checker, raw: Any, default_language: str) -> list[Ter
     terms: list[Term] = []
     seen: set[str] = set()
     for index, item in enumerate(raw):
-        here = ("terms", index)
-        queries: list[tuple[str, str]] = []
-        if isinstance(item, (str, int, float)) and not isinstance(item, bool):
-            queries.append((default_language, str(item)))
-        elif isinstance(item, dict) and item:
-            for lang, texts in item.items():
-                if not isinstance(lang, str) or not LANGUAGE.fullmatch(lang):
-                    raise checker.fail(here + (lang,), "expected a language code such as en, ja "
-                                                       "or pt-BR as the key")
-                for text in texts if isinstance(texts, list) else [texts]:
-                    if not isinstance(text, (str, int, float)) or isinstance(text, bool) \
-                            or not str(text).strip():
-                        raise checker.fail(here + (lang,), "expected a non-empty search text")
-                    queries.append((lang, str(text).strip()))
-        else:
-            raise checker.fail(here, "expected a term (text) or a mapping language: text")
-        key = next((text for lang, text in queries if lang == "en"), queries[0][1])
-        if key in seen:
-            raise checker.fail(here, f"term {key!r} is listed twice")
-        seen.add(key)
-        terms.append(Term(key=key, queries=tuple(queries)))
+        with checker.collecting():
+            _parse_term(checker, item, ("terms", index), default_language, seen, terms)
     return terms
+
+
+def _parse_term(checker: _Checker, item: Any, here: tuple, default_language: str,
+                seen: set[str], terms: list[Term]) -> None:
+    queries: list[tuple[str, str]] = []
+    if isinstance(item, (str, int, float)) and not isinstance(item, bool):
+        queries.append((default_language, str(item)))
+    elif isinstance(item, dict) and item:
+        for lang, texts in item.items():
+            if not isinstance(lang, str) or not LANGUAGE.fullmatch(lang):
+                raise checker.fail(here + (lang,), "expected a language code such as en, ja "
+                                                   "or pt-BR as the key")
+            for text in texts if isinstance(texts, list) else [texts]:
+                if not isinstance(text, (str, int, float)) or isinstance(text, bool) \
+                        or not str(text).strip():
+                    raise checker.fail(here + (lang,), "expected a non-empty search text")
+                queries.append((lang, str(text).strip()))
+    else:
+        raise checker.fail(here, "expected a term (text) or a mapping language: text")
+    key = next((text for lang, text in queries if lang == "en"), queries[0][1])
+    if key in seen:
+        raise checker.fail(here, f"term {key!r} is listed twice")
+    seen.add(key)
+    terms.append(Term(key=key, queries=tuple(queries)))
 
 
 def _parse_plugins(checker: _Checker, kind: str, raw: Any, registry: Registry,
@@ -342,36 +404,51 @@ def _parse_plugins(checker: _Checker, kind: str, raw: Any, registry: Registry,
     specs: list[PluginSpec] = []
     labels: set[str] = set()
     for index, item in enumerate(raw):
-        here = (kind, index)
-        if isinstance(item, str):
-            item = {"use": item}
-        if not isinstance(item, dict) or "use" not in item:
-            raise checker.fail(here, "expected a mapping with `use: NAME` (and `options:`)")
-        unknown = set(item) - {"use", "name", "options"}
-        if unknown:
-            wrong = sorted(unknown)[0]
-            raise checker.fail(here + (wrong,), f"unknown key"
-                               f"{did_you_mean(wrong, ('use', 'name', 'options'))} "
-                               "(expected use, name, options)")
-        use = item["use"]
-        info = registry.get(kind, use) if isinstance(use, str) else None
-        if info is None:
-            known = ", ".join(registry.names(kind)) or "none installed"
-            raise checker.fail(here + ("use",), f"unknown {kind[:-1]} {use!r}"
-                               f"{did_you_mean(use, registry.names(kind))} (known: {known})")
-        label = str(item.get("name") or use)
-        if label in labels:
-            raise checker.fail(here, f"two {kind} are called {label!r}; give one a `name:`")
-        labels.add(label)
-        options = checker.options(info.cls.options, item.get("options"), here + ("options",),
-                                  base_dir)
-        try:
-            info.cls.check_options(options)
-        except OptionError as exc:  # option None: the plugin itself (a missing extra)
-            where = here + ("use",) if exc.option is None else here + ("options", exc.option)
-            raise checker.fail(where, str(exc)) from None
-        specs.append(PluginSpec(kind, use, label, format_path(here), info.cls, options))
+        with checker.collecting():
+            specs.append(_parse_plugin(checker, kind, (kind, index), item, registry, base_dir,
+                                       labels))
     return specs
+
+
+def _parse_plugin(checker: _Checker, kind: str, here: tuple, item: Any, registry: Registry,
+                  base_dir: Path, labels: set[str]) -> PluginSpec:
+    if isinstance(item, str):
+        item = {"use": item}
+    if not isinstance(item, dict) or "use" not in item:
+        raise checker.fail(here, "expected a mapping with `use: NAME` (and `options:`)")
+    unknown = set(item) - {"use", "name", "options"}
+    if unknown:
+        wrong = sorted(unknown)[0]
+        raise checker.fail(here + (wrong,), f"unknown key"
+                           f"{did_you_mean(wrong, ('use', 'name', 'options'))} "
+                           "(expected use, name, options)")
+    use = item["use"]
+    info = registry.get(kind, use) if isinstance(use, str) else None
+    if info is None:
+        known = ", ".join(registry.names(kind)) or "none installed"
+        raise checker.fail(here + ("use",), f"unknown {kind[:-1]} {use!r}"
+                           f"{did_you_mean(use, registry.names(kind))} (known: {known})")
+    label = str(item.get("name") or use)
+    if label in labels:
+        raise checker.fail(here, f"two {kind} are called {label!r}; give one a `name:`")
+    labels.add(label)
+    options = checker.options(info.cls.options, item.get("options"), here + ("options",),
+                              base_dir)
+    try:
+        info.cls.check_options(options)
+    except OptionError as exc:  # option None: the plugin itself (a missing extra)
+        where = here + ("use",) if exc.option is None else here + ("options", exc.option)
+        raise checker.fail(where, str(exc)) from None
+    return PluginSpec(kind, use, label, format_path(here), info.cls, options)
+
+
+def _tab_problem(text: str, mark) -> str:
+    """PyYAML's "found character '\\t' that cannot start any token", said plainly."""
+    lines = text.splitlines()
+    line = lines[mark.line] if mark.line < len(lines) else ""
+    column = line.index("\t") + 1 if "\t" in line else mark.column + 1
+    return (f"a tab at column {column}: YAML forbids tabs for indentation (and the reader "
+            f"refuses them after ':' and '-' too): use spaces")
 
 
 def load_recipe(path: str | Path, registry: Registry, *, environ: Mapping[str, str] | None = None,
@@ -394,6 +471,8 @@ def load_recipe(path: str | Path, registry: Registry, *, environ: Mapping[str, s
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        if mark is not None and ("'\\t'" in problem or "tab" in problem):
+            problem = _tab_problem(text, mark)
         raise RecipeError(path, "", f"YAML syntax error: {problem}",
                           mark.line + 1 if mark else None) from None
     except RecursionError:
@@ -403,65 +482,93 @@ def load_recipe(path: str | Path, registry: Registry, *, environ: Mapping[str, s
     if not isinstance(data, dict):
         raise RecipeError(path, "", "expected a YAML mapping with name, terms, sources, sinks")
 
+    errors: list[RecipeError] = []
     resolver_file = None
-    provisional = _Checker(path, lines, SecretResolver(environ=environ))
+    provisional = _Checker(path, lines, SecretResolver(environ=environ), errors)
+    # A misspelt key (sorces) is one error: not also "sources: required".
+    meant: set[str] = set()
     for key in data:
         if key not in TOP_LEVEL:
-            raise provisional.fail((key,), f"unknown key{did_you_mean(key, TOP_LEVEL)} "
-                                           f"(expected one of {', '.join(TOP_LEVEL)})")
+            meant.update(difflib.get_close_matches(str(key), TOP_LEVEL, n=1, cutoff=0.6))
+            errors.append(provisional.fail((key,), f"unknown key{did_you_mean(key, TOP_LEVEL)} "
+                                                   f"(expected one of {', '.join(TOP_LEVEL)})"))
     if data.get("credentials") is not None:
-        credentials = provisional.value(PathType(), data["credentials"], ("credentials",), base_dir)
-        resolver_file = Path(credentials)
+        with provisional.collecting():
+            credentials = provisional.value(PathType(), data["credentials"], ("credentials",),
+                                            base_dir)
+            resolver_file = Path(credentials)
     resolver = SecretResolver(resolver_file, environ=environ)
-    checker = _Checker(path, lines, resolver)
+    checker = _Checker(path, lines, resolver, errors)
 
-    name = checker.value(Str(), data.get("name") or path.stem, ("name",), base_dir)
-    language = checker.value(Str(LANGUAGE.pattern, "a language code such as en"),
-                             data.get("language", "en"), ("language",), base_dir)
+    name = language = output_dir = images = run = None
+    with checker.collecting():
+        name = checker.value(Str(), data.get("name") or path.stem, ("name",), base_dir)
+    with checker.collecting():
+        language = checker.value(Str(LANGUAGE.pattern, "a language code such as en"),
+                                 data.get("language", "en"), ("language",), base_dir)
     # Terms may be left out when no source searches by them (folders, URL lists).
-    terms = (_parse_terms(checker, data.get("terms"), language)
-             if data.get("terms") is not None else None)
-    if output is not None:
-        output_dir = Path(output).resolve()
-    elif data.get("output") is not None:
-        output_dir = Path(checker.value(PathType(), data["output"], ("output",), base_dir))
-    else:
-        raise checker.fail(("output",), "required: the folder images and run state go to")
-    images = ImageSettings(**checker.options(IMAGE_OPTIONS, data.get("images"), ("images",),
-                                             base_dir))
-    if images.blur_faces and (problem := missing_detector()):
-        raise checker.fail(("images", "blur_faces"), problem)
-    run = RunSettings(**checker.options(RUN_OPTIONS, data.get("run"), ("run",), base_dir),
-                      images=images)
-    if run.cluster_store and without_credentials(run.cluster_store):
-        raise checker.fail(("run", "cluster_store"), CREDENTIALS_IN_URL)
-    if secret := check_storage_options(run.cluster_store_options):
-        raise checker.fail(("run", "cluster_store_options", secret),
-                           "credentials never go in a recipe; set them in the environment")
-    sources = _parse_plugins(checker, "sources", data.get("sources"), registry, base_dir)
-    if not sources:
-        raise checker.fail(("sources",), "expected at least one source, e.g. [{use: flickr}]")
-    if terms is None:
+    terms = None
+    if data.get("terms") is not None:
+        with checker.collecting():
+            terms = _parse_terms(checker, data.get("terms"), language or "en")
+    with checker.collecting():
+        if output is not None:
+            output_dir = Path(output).resolve()
+        elif data.get("output") is not None:
+            output_dir = Path(checker.value(PathType(), data["output"], ("output",), base_dir))
+        elif "output" not in meant:
+            raise checker.fail(("output",), "required: the folder images and run state go to")
+    with checker.collecting():
+        images = ImageSettings(**checker.options(IMAGE_OPTIONS, data.get("images"),
+                                                 ("images",), base_dir))
+        if images.blur_faces and (problem := missing_detector()):
+            raise checker.fail(("images", "blur_faces"), problem)
+    with checker.collecting():
+        run = RunSettings(**checker.options(RUN_OPTIONS, data.get("run"), ("run",), base_dir),
+                          images=images or ImageSettings())
+        if run.cluster_store and without_credentials(run.cluster_store):
+            raise checker.fail(("run", "cluster_store"), CREDENTIALS_IN_URL)
+        if secret := check_storage_options(run.cluster_store_options):
+            raise checker.fail(("run", "cluster_store_options", secret),
+                               "credentials never go in a recipe; set them in the environment")
+    sources: list[PluginSpec] = []
+    with checker.collecting():
+        sources = _parse_plugins(checker, "sources", data.get("sources"), registry, base_dir)
+        if not sources and not data.get("sources") and "sources" not in meant:
+            raise checker.fail(("sources",), "expected at least one source, e.g. "
+                                             "[{use: flickr}]")
+    if terms is None and data.get("terms") is None:
         searching = [spec.label for spec in sources if spec.cls.needs_terms(spec.options)]
-        if searching:
+        if searching and "terms" not in meant:
             verb = "searches" if len(searching) == 1 else "search"
-            raise checker.fail(("terms",), f"required: {', '.join(searching)} {verb} by terms "
-                                           f"(e.g. terms: [monkey, {{en: cage, ja: 檻}}])")
+            errors.append(checker.fail(("terms",), f"required: {', '.join(searching)} {verb} "
+                                                   f"by terms (e.g. terms: [monkey, "
+                                                   f"{{en: cage, ja: 檻}}])"))
         terms = []
-    enrichers = _parse_plugins(checker, "enrichers", data.get("enrichers"), registry, base_dir)
-    sinks = _parse_plugins(checker, "sinks", data.get("sinks"), registry, base_dir)
-    if not sinks:
-        defaults = [info for info in registry.all("sinks") if info.cls.is_default]
-        for info in defaults:
-            options = checker.options(info.cls.options, {}, ("sinks",), base_dir)
-            sinks.append(PluginSpec("sinks", info.name, info.name, "sinks (default)", info.cls,
-                                    options))
-        if not sinks:
-            raise checker.fail(("sinks",), "expected at least one sink")
+    enrichers: list[PluginSpec] = []
+    with checker.collecting():
+        enrichers = _parse_plugins(checker, "enrichers", data.get("enrichers"), registry,
+                                   base_dir)
+    sinks: list[PluginSpec] = []
+    with checker.collecting():
+        sinks = _parse_plugins(checker, "sinks", data.get("sinks"), registry, base_dir)
+        if not sinks and not data.get("sinks"):
+            defaults = [info for info in registry.all("sinks") if info.cls.is_default]
+            for info in defaults:
+                options = checker.options(info.cls.options, {}, ("sinks",), base_dir)
+                sinks.append(PluginSpec("sinks", info.name, info.name, "sinks (default)",
+                                        info.cls, options))
+            if not sinks:
+                raise checker.fail(("sinks",), "expected at least one sink")
     retain_days = None
     if data.get("retain_days") is not None:
-        retain_days = checker.value(Int(1, 36_500), data["retain_days"], ("retain_days",),
-                                    base_dir)
+        with checker.collecting():
+            retain_days = checker.value(Int(1, 36_500), data["retain_days"], ("retain_days",),
+                                        base_dir)
+    if errors:
+        # In the order of the file, so the list reads as the recipe does.
+        errors.sort(key=lambda error: error.line if error.line is not None else 10**9)
+        raise RecipeErrors(errors) if len(errors) > 1 else errors[0]
     return Recipe(path=path, name=name, terms=terms, output=output_dir, run=run,
                   sources=sources, enrichers=enrichers, sinks=sinks, resolver=resolver,
                   retain_days=retain_days)

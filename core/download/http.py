@@ -10,6 +10,7 @@ a source, a cap on the calls and on the time one search may spend waiting on the
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 import urllib.request
@@ -20,7 +21,7 @@ import urllib3
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
-from .netguard import DEADLINES, BoundedRetry, pool_classes
+from .netguard import DEADLINES, BoundedRetry, NameNotResolved, UnresolvedNames, pool_classes
 
 RETRY_STATUSES = (429, 500, 502, 503, 504)
 ANSWER_CHUNK = 64 * 1024
@@ -28,6 +29,12 @@ ANSWER_CHUNK = 64 * 1024
 
 class ApiLimitReached(requests.exceptions.RequestException):
     """An API call or a search went past one of the run's bounds (the reason says which)."""
+
+
+class HostNotResolved(requests.exceptions.ConnectionError):
+    """An API host whose name did not resolve (``NameNotResolved``), as requests raises."""
+
+    reason_is_message = True
 
 
 class SearchBudget:
@@ -148,6 +155,9 @@ class PoliteAdapter(HTTPAdapter):
             if own_deadline and DEADLINES.passed() is not None:
                 raise ApiLimitReached(f"API answer took longer than run.api_deadline "
                                       f"({self.deadline:g} s)") from None
+            cause = sys.exc_info()[1]
+            if cause is not None and cause.args and isinstance(cause.args[0], NameNotResolved):
+                raise HostNotResolved(str(cause.args[0]), request=request) from None
             raise
         finally:
             if own_deadline:
@@ -197,6 +207,7 @@ class HttpClient:
         self.environment_proxies = bool(self._proxies)
         self._pools: dict[str, urllib3.PoolManager] | None = None
         self._pool_lock = threading.Lock()
+        self.unresolved = UnresolvedNames()
 
     def pool(self, url: str) -> urllib3.PoolManager:
         """A urllib3 pool for ``url``: the downloader's lighter path (requests' per-request
@@ -229,7 +240,7 @@ class HttpClient:
                             status=self.retries, backoff_factor=self.backoff, backoff_max=60,
                             status_forcelist=RETRY_STATUSES, allowed_methods=frozenset(methods),
                             respect_retry_after_header=True, raise_on_status=False,
-                            max_retry_after=self.max_retry_after)
+                            max_retry_after=self.max_retry_after, unresolved=self.unresolved)
 
     def session(self, *, retry_post: bool = False,
                 budget: SearchBudget | None = None) -> requests.Session:

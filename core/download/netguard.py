@@ -21,6 +21,7 @@ import time
 
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+from urllib3.exceptions import MaxRetryError, NameResolutionError
 from urllib3.util.retry import Retry
 
 # NAT64 prefixes (RFC 6052 well-known, RFC 8215 local use): the last 32 bits are IPv4.
@@ -30,6 +31,43 @@ _SIIT = ipaddress.ip_network("::ffff:0:0:0/96")  # RFC 6145 IPv4-translated
 
 class RefusedAddress(Exception):
     """A connection to a non-public address, refused before any request went out."""
+
+
+# A name that does not resolve is the network down or a typo, not a busy server: a couple
+# of quick lookups (a resolver's hiccup), not run.retries with its growing backoff, which
+# made an offline run spend 15 s on each term.
+NAME_RETRIES = 2
+NAME_BACKOFF = 0.25
+# After that a host stays "not resolving" this long for the whole run: every later call
+# fails after one lookup, instead of retrying again for each term.
+NAME_MEMORY = 60.0
+
+
+class NameNotResolved(OSError):
+    """A host name that did not resolve, after a few quick tries."""
+
+    reason_is_message = True
+
+    def __init__(self, host: str):
+        super().__init__(f"cannot resolve {host}: is the network up?")
+        self.host = host
+
+
+class UnresolvedNames:
+    """Hosts whose name did not resolve in the last ``NAME_MEMORY`` seconds."""
+
+    def __init__(self):
+        self._since: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def remember(self, host: str) -> None:
+        with self._lock:
+            self._since[host] = time.monotonic()
+
+    def recent(self, host: str) -> bool:
+        with self._lock:
+            since = self._since.get(host)
+        return since is not None and time.monotonic() - since < NAME_MEMORY
 
 
 class RetryAfterTooLong(Exception):
@@ -227,16 +265,50 @@ class BoundedRetry(Retry):
     """urllib3's Retry with two bounds: a Retry-After longer than ``max_retry_after``
     gives up at once, and no wait runs past the download's deadline."""
 
-    def __init__(self, *args, max_retry_after: float = 300.0, **kwargs):
+    def __init__(self, *args, max_retry_after: float = 300.0,
+                 unresolved: UnresolvedNames | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.max_retry_after = max_retry_after
+        self.unresolved = unresolved
         # urllib3 clamps Retry-After to this (6 h by default) before we see it.
         self.retry_after_max = 10**9
 
     def new(self, **kw) -> BoundedRetry:
         retry = super().new(**kw)
         retry.max_retry_after = self.max_retry_after
+        retry.unresolved = self.unresolved
         return retry
+
+    def increment(self, method=None, url=None, response=None, error=None, _pool=None,
+                  _stacktrace=None) -> BoundedRetry:
+        """A name that does not resolve ends in one line (``NameNotResolved``) after
+        ``NAME_RETRIES`` quick tries, or at once when it did not resolve a moment ago."""
+        if isinstance(error, NameResolutionError):
+            host = getattr(_pool, "host", None) or "the host"
+            tries = 1 + sum(isinstance(h.error, NameResolutionError) for h in self.history)
+            if tries > NAME_RETRIES or (self.unresolved is not None
+                                        and self.unresolved.recent(host)):
+                self._unresolved(host, error)
+            try:
+                return super().increment(method, url, response, error, _pool, _stacktrace)
+            except MaxRetryError:  # run.retries is 0, or spent on other errors
+                self._unresolved(host, error)
+        return super().increment(method, url, response, error, _pool, _stacktrace)
+
+    def _unresolved(self, host: str, error: Exception):
+        if self.unresolved is not None:
+            self.unresolved.remember(host)
+        raise NameNotResolved(host) from error
+
+    def get_backoff_time(self) -> float:
+        unresolved = 0
+        for attempt in reversed(self.history):
+            if not isinstance(attempt.error, NameResolutionError):
+                break
+            unresolved += 1
+        if unresolved:
+            return NAME_BACKOFF * 2 ** (unresolved - 1)
+        return super().get_backoff_time()
 
     def sleep_for_retry(self, response) -> bool:
         retry_after = self.get_retry_after(response)

@@ -53,10 +53,13 @@ class Tally:
 
 
 def write_card(destination: Path, name: str, tally: Tally, *, fmt: str,
-               metadata_file: str) -> None:
+               metadata_file: str, columns: dict[str, str] | None = None) -> None:
     """``metadata_file``: the table of the export (manifest.csv or metadata.jsonl) the
-    Croissant record set reads its fields from."""
-    (destination / "README.md").write_text(_readme(name, tally, fmt), encoding="utf-8")
+    Croissant record set reads its fields from. ``columns``: the metadata's columns
+    besides the image and the label, and their ``datasets`` types (``string``, ``int64``):
+    the card then declares the features, the label a ``ClassLabel`` of the classes."""
+    (destination / "README.md").write_text(_readme(name, tally, fmt, columns),
+                                           encoding="utf-8")
     (destination / "croissant.json").write_text(
         json.dumps(_croissant(destination, name, tally, metadata_file), indent=1,
                    ensure_ascii=False) + "\n", encoding="utf-8")
@@ -77,7 +80,7 @@ def _size_category(count: int) -> str:
     return "10M<n<100M"
 
 
-def _readme(name: str, tally: Tally, fmt: str) -> str:
+def _readme(name: str, tally: Tally, fmt: str, columns: dict[str, str] | None = None) -> str:
     front = {
         "pretty_name": name,
         "license": _license_summary(tally),
@@ -85,6 +88,14 @@ def _readme(name: str, tally: Tally, fmt: str) -> str:
         "size_categories": [_size_category(tally.images)],
         "tags": ["harvest", "image"],
     }
+    if columns is not None:
+        # What `datasets.load_dataset(FOLDER)` reads the types from: without it the label
+        # taken from metadata.jsonl is a string, and a classifier wants a ClassLabel.
+        names = {str(index): label for index, label in enumerate(sorted(tally.classes))}
+        front["configs"] = [{"config_name": "default", "features": [
+            {"name": "image", "dtype": "image"},
+            {"name": "label", "dtype": {"class_label": {"names": names}}},
+            *({"name": column, "dtype": dtype} for column, dtype in columns.items())]}]
     if tally.languages:
         front["language"] = sorted({lang.split("-")[0] for lang in tally.languages})
     if front["license"] == "other":

@@ -64,6 +64,10 @@ CREATE TABLE IF NOT EXISTS removals (  -- takedowns and purges decided, not yet 
     paths TEXT NOT NULL,  -- the image files to delete (JSON list)
     records INTEGER NOT NULL  -- 1: the records leave the sinks too
 );
+CREATE TABLE IF NOT EXISTS verdict_settings (  -- what each stage's refusals depended on
+    stage TEXT PRIMARY KEY,  -- download | images | enrich LABEL: a reason's first words
+    settings TEXT NOT NULL   -- JSON: {key: value}
+);
 CREATE TABLE IF NOT EXISTS runs (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     started REAL NOT NULL,
@@ -435,6 +439,37 @@ class RunState:
         with self.db:
             return self.db.execute(f"DELETE FROM records WHERE status IN ({marks})",
                                    sorted(statuses)).rowcount
+
+    @_writes
+    def reconsider_changed(self, current: dict[str, dict]) -> list[tuple[str, list[str], int]]:
+        """Forgets the records rejected or dropped at a stage whose settings changed since
+        the last run (or that the recipe no longer has), so that they go through again,
+        and keeps ``current`` for the next run. (stage, the keys changed, how many records)
+        for each stage that had some; a state from before this was kept changes nothing."""
+        self.commit()
+        before = {stage: json.loads(settings) for stage, settings in
+                  self.db.execute("SELECT stage, settings FROM verdict_settings")}
+        changes = []
+        with self.db:
+            for stage, old in before.items():
+                new = current.get(stage)
+                if new == old:
+                    continue
+                changed = (["no longer in the recipe"] if new is None else
+                           sorted(key for key in set(old) | set(new)
+                                  if old.get(key, None) != new.get(key, None)
+                                  or (key in old) != (key in new)))
+                prefix = f"{stage}: "
+                count = self.db.execute(
+                    "DELETE FROM records WHERE status IN ('rejected', 'dropped') "
+                    "AND substr(reason, 1, ?) = ?", (len(prefix), prefix)).rowcount
+                if count:
+                    changes.append((stage, changed, count))
+            self.db.execute("DELETE FROM verdict_settings")
+            self.db.executemany("INSERT INTO verdict_settings VALUES (?, ?)",
+                                [(stage, json.dumps(settings, sort_keys=True))
+                                 for stage, settings in current.items()])
+        return changes
 
     def stored_before(self, cutoff: float) -> int:
         """How many stored records were last written before ``cutoff`` (a Unix time)."""

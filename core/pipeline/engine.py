@@ -346,6 +346,7 @@ class Engine:
         run's limit, each marked with its source's label."""
         context = self.context
         found = 0
+        said: set[tuple[str, str]] = set()
         for spec, source, query, limit in self.scope.streams(context, sources):
             budget = source.context.budget
             if budget is not None:
@@ -369,8 +370,12 @@ class Engine:
             except Exception as exc:
                 # One failed query (an API outage after retries) must not end the run.
                 reason = one_line(exc)
-                log.error("%s: search %r failed: %s", spec.label,
-                          query.text if query else "", reason)
+                # The same failure for every term (the network down) is said once on the
+                # terminal; the log file keeps every term's line.
+                level = logging.INFO if (spec.label, reason) in said else logging.ERROR
+                said.add((spec.label, reason))
+                log.log(level, "%s: search %r failed: %s", spec.label,
+                        query.text if query else "", reason)
                 context.summary.note_reason(spec.label, "search", reason)
                 self.search_failures += 1
 

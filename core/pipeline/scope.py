@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Protocol
 
 from ..cleaning.curation import write_scoring
+from ..contract.recipe import verdict_settings
 from ..contract.shards import Shard
 from ..download.fetch import Fetched, Fetcher
 from ..download.fetchpool import ProcessFetchPool
@@ -82,6 +83,11 @@ class LocalScope:
         # What the review page starts from.
         write_scoring(context.folders.root, [(spec.cls, spec.options) for spec in recipe.enrichers])
         remember_sinks(recipe)
+        # A refusal holds while what decided it holds: after allow_private_addresses or a
+        # license filter changed, skipping what they refused would hide the change.
+        for stage, changed, count in state.reconsider_changed(verdict_settings(recipe)):
+            log.warning("%s: %s changed since the last run: the %d record(s) it rejected or "
+                        "dropped go through again", stage, ", ".join(changed), count)
         if state.removals():
             log.warning("a takedown or purge was interrupted and is not finished: its "
                         "pictures are not stored again, but may still be in the sinks; run "
