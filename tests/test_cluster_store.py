@@ -447,3 +447,17 @@ def test_a_cluster_of_machines_that_share_no_folder_and_no_loopback(recipe_file,
                 process.wait()
             moto.stop()
             flickr.stop()
+
+
+def test_credentials_for_the_cluster_store_never_go_in_the_recipe(flickr, recipe_file, harvest,
+                                                                  tmp_path):
+    key, secret = "AKIAEXAMPLEKEY", "wJalr/SECRET+xyz"
+    for run, where in ((f'{{cluster_store: "s3://{key}:{secret}@bucket/x"}}', "run.cluster_store"),
+                       (f'{{cluster_store: "s3://bucket/x", cluster_store_options: '
+                        f'{{secret_access_key: "{secret}"}}}}',
+                        "run.cluster_store_options.secret_access_key")):
+        recipe = recipe_file(cluster_recipe(flickr, tmp_path / "out", run=run))
+        status, out, err = harvest("validate", recipe)
+        assert status == 2 and where in err and "environment" in err, err
+        assert len(err.strip().splitlines()) == 1, err
+        assert key not in out + err and secret not in out + err, err
