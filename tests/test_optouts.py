@@ -21,7 +21,8 @@ from harvest.core.contract.recipe import RUN_OPTIONS
 from harvest.core.download.optouts import location_matches  # noqa
 
 # What a recipe that leaves out its run: section gets.
-RUN_DEFAULTS = {option.name: option.type.convert(option.default) for option in RUN_OPTIONS}
+RUN_DEFAULTS = {option.name: None if option.default is None else option.type.convert(option.default)
+                for option in RUN_OPTIONS}
 
 
 class Host:
