@@ -344,9 +344,23 @@ def paired_ratios(ours: list[dict], theirs: list[dict]) -> str:
     return f"{span(speed, 2)}x, {span(cpu, 2)}x"
 
 
-def report(rows: list[dict], cases: list[tuple[str, str]], tools: list[str], site: dict,
-           command: str) -> list[str]:
-    lines = [f"command: {command}", ""]
+def without_startup(rows: list[dict], startups: list[dict]) -> list[dict]:
+    """Each run's figures per image beyond the start-up run's: (T - T0) / (N - n) for its
+    seconds and CPU, T0 and n from the tool's start-up runs on the same scheme (their mean)."""
+    derived = []
+    for row in rows:
+        base = [s for s in startups if s["scheme"] == row["scheme"] and s["tool"] == row["tool"]]
+        extra = row["n"] - base[0]["n"]
+        seconds = row["seconds"] - sum(s["seconds"] for s in base) / len(base)
+        cpu = row["cpu"] - sum(s["cpu"] for s in base) / len(base)
+        derived.append(dict(row, images_per_s=extra / max(seconds, 1e-3),
+                            cpu_ms_per_image=1000 * max(cpu, 0.0) / extra))
+    return derived
+
+
+def report(rows: list[dict], cases: list[tuple[str, str]], tools: list[str],
+           site: dict) -> list[str]:
+    lines = []
     header = "| case | " + " | ".join(f"{tool} /s, CPU ms/img" for tool in tools)
     if "harvest" in tools and "img2dataset" in tools:
         header += " | harvest/img2dataset speed, CPU"
@@ -387,6 +401,8 @@ def main(argv=None) -> int:
     parser.add_argument("--concurrency", type=int, default=64,
                         help="harvest's downloads in flight, img2dataset's threads per "
                              "process, curl's --parallel-max")
+    parser.add_argument("--startup-n", type=int, default=20,
+                        help="images in each tool's start-up run per scheme and round (0: none)")
     parser.add_argument("--nginx-workers", type=int, default=2)
     parser.add_argument("--img2dataset-venv", type=Path,
                         default=Path("~/.cache/harvest-bench/img2dataset-venv").expanduser())
@@ -422,6 +438,7 @@ def main(argv=None) -> int:
     cert, key = make_certificate(work)
     server = Nginx(nginx_binary, work, www, (cert, key), args.nginx_workers)
     rows: list[dict] = []
+    startups: list[dict] = []
     failures: list[str] = []
     try:
         probe = f"{server.url('http')}/{next(iter(site))}/0.jpg"
@@ -432,40 +449,55 @@ def main(argv=None) -> int:
                    no_proxy="127.0.0.1", NO_ALBUMENTATIONS_UPDATE="1", HOME=str(work / "home"))
         (work / "home").mkdir()
         cases = [(scheme, kind) for scheme in schemes for kind in KINDS if kind in site]
-        for scheme, kind in cases:
-            count, expected_bytes = site[kind]["count"], site[kind]["bytes"]
+
+        def run(tool: str, scheme: str, kind: str, label: str, round_number: int,
+                count: int) -> dict:
             urls = [f"{server.url(scheme)}/{kind}/{index}.jpg" for index in range(count)]
-            listing = work / f"{scheme}-{kind}.txt"
+            name = f"{scheme}-{label}-{tool}-{round_number}"
+            listing, out = work / f"{name}.txt", work / name
             listing.write_text("".join(url + "\n" for url in urls))
-            for round_number in range(1, args.rounds + 1):
-                shift = (round_number - 1) % len(tools)
-                for tool in tools[shift:] + tools[:shift]:
-                    out = work / f"{scheme}-{kind}-{tool}-{round_number}"
-                    if tool == "harvest":
-                        command = harvest_command(listing, out, args.concurrency)
-                    elif tool == "img2dataset":
-                        command = img2dataset_command(img2dataset, listing, out, args.concurrency)
-                    else:
-                        command = curl_command(urls, out, cert if scheme == "https" else None,
-                                               args.concurrency)
-                    print(f"{scheme} {kind} round {round_number}: {tool}...", end=" ", flush=True)
-                    nginx_before = server.cpu_seconds()
-                    figures = measure(command, env, work / f"{out.name}.log")
-                    nginx_cpu = server.cpu_seconds() - nginx_before
-                    files, size = stored_files(out / "images" if tool == "harvest" else out)
-                    row = {"scheme": scheme, "kind": kind, "tool": tool, "round": round_number,
-                           "n": count, **figures, "stored": files, "stored_bytes": size,
-                           "images_per_s": count / figures["seconds"],
-                           "cpu_ms_per_image": 1000 * figures["cpu"] / count,
-                           "nginx_cpu_ms_per_image": 1000 * nginx_cpu / count}
-                    rows.append(row)
-                    print(f"{row['images_per_s']:,.0f}/s, {row['cpu_ms_per_image']:.2f} CPU ms/img, "
-                          f"stored {files}/{count}", flush=True)
-                    if figures["exit"] != 0 or files != count or size != expected_bytes:
-                        failures.append(f"{tool} on {scheme} {kind} round {round_number}: exit "
-                                        f"{figures['exit']}, stored {files} of {count} files, "
-                                        f"{size} of {expected_bytes} bytes "
-                                        f"(log: {work / (out.name + '.log')})")
+            if tool == "harvest":
+                command = harvest_command(listing, out, args.concurrency)
+            elif tool == "img2dataset":
+                command = img2dataset_command(img2dataset, listing, out, args.concurrency)
+            else:
+                command = curl_command(urls, out, cert if scheme == "https" else None,
+                                       args.concurrency)
+            print(f"{scheme} {label} round {round_number}: {tool}...", end=" ", flush=True)
+            nginx_before = server.cpu_seconds()
+            figures = measure(command, env, work / f"{name}.log")
+            nginx_cpu = server.cpu_seconds() - nginx_before
+            files, size = stored_files(out / "images" if tool == "harvest" else out)
+            row = {"scheme": scheme, "kind": label, "tool": tool, "round": round_number,
+                   "n": count, **figures, "stored": files, "stored_bytes": size,
+                   "images_per_s": count / figures["seconds"],
+                   "cpu_ms_per_image": 1000 * figures["cpu"] / count,
+                   "nginx_cpu_ms_per_image": 1000 * nginx_cpu / count}
+            print(f"{row['images_per_s']:,.0f}/s, {row['cpu_ms_per_image']:.2f} CPU ms/img, "
+                  f"stored {files}/{count}", flush=True)
+            expected_bytes = sum((www / kind / f"{index}.jpg").stat().st_size
+                                 for index in range(count))
+            if figures["exit"] != 0 or files != count or size != expected_bytes:
+                failures.append(f"{tool} on {scheme} {label} round {round_number}: exit "
+                                f"{figures['exit']}, stored {files} of {count} files, "
+                                f"{size} of {expected_bytes} bytes (log: {work / name}.log)")
+            return row
+
+        for scheme in schemes:
+            # Start-up (imports, worker processes, the first connections) on a few images,
+            # so that the per-image cost of the long runs can be told apart from it.
+            first_kind = next(iter(site))
+            startup_n = min(args.startup_n, site[first_kind]["count"])
+            for round_number in range(1, args.rounds + 1 if startup_n else 1):
+                for tool in tools:
+                    startups.append(run(tool, scheme, first_kind, "start-up", round_number,
+                                        startup_n))
+            for kind in (kind for case_scheme, kind in cases if case_scheme == scheme):
+                for round_number in range(1, args.rounds + 1):
+                    shift = (round_number - 1) % len(tools)
+                    for tool in tools[shift:] + tools[:shift]:
+                        rows.append(run(tool, scheme, kind, kind, round_number,
+                                        site[kind]["count"]))
     finally:
         server.stop()
 
@@ -475,8 +507,20 @@ def main(argv=None) -> int:
           f"the tool and nginx; concurrency {args.concurrency} (harvest downloads, img2dataset "
           f"threads per process x 2 processes, curl --parallel-max); CPU is the tool's whole "
           f"process tree")
-    for line in report(rows, cases, tools, site, command):
+    print(f"command: {command}\n\nWhole runs, start-up included:\n")
+    for line in report(rows, cases, tools, site):
         print(line)
+    if startups and all(row["n"] > startups[0]["n"] for row in rows):
+        spans = []
+        for scheme in schemes:
+            for tool in tools:
+                runs = [s for s in startups if s["scheme"] == scheme and s["tool"] == tool]
+                spans.append(f"{scheme} {tool} {span([s['seconds'] for s in runs], 2)} s, "
+                             f"{span([s['cpu'] for s in runs], 2)} s CPU")
+        print(f"\nStart-up runs on {startups[0]['n']} images: {'; '.join(spans)}")
+        print("\nPer image beyond start-up ((T - T0) / (N - n), T0 of the start-up runs):\n")
+        for line in report(without_startup(rows, startups), cases, tools, site):
+            print(line)
     if "curl" in tools:
         for scheme, kind in cases:
             case = [r for r in rows if r["scheme"] == scheme and r["kind"] == kind]
@@ -490,7 +534,7 @@ def main(argv=None) -> int:
                       f"tool's: {verdict}")
     if args.json:
         args.json.write_text(json.dumps({"command": command, "site": site, "runs": rows,
-                                         "failures": failures}, indent=2))
+                                         "startups": startups, "failures": failures}, indent=2))
     if not args.keep and not failures:
         shutil.rmtree(work, ignore_errors=True)
     if failures:
