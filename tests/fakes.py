@@ -21,7 +21,14 @@ from imagegen import make_image
 from PIL import Image
 
 
-class _QuietServer(ThreadingHTTPServer):
+class _BackloggedServer(ThreadingHTTPServer):
+    # socketserver listens with a backlog of 5: a client opening a connection per request
+    # (img2dataset, a burst of retries) overflows it and waits on SYN retransmits, which
+    # real hosts (nginx: backlog=4096) do not make it do.
+    request_queue_size = 1024
+
+
+class _QuietServer(_BackloggedServer):
     def handle_error(self, request, client_address):
         # A client that hangs up mid-response (a stopped run) is not the server's error.
         if not isinstance(sys.exc_info()[1], ConnectionError):
@@ -492,6 +499,6 @@ class QuietHandler(BaseHTTPRequestHandler):
 
 def serve_in_thread(handler: type[BaseHTTPRequestHandler]) -> tuple[ThreadingHTTPServer, str]:
     """A threading HTTP server on a free 127.0.0.1 port, and its base URL."""
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server = _BackloggedServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server, f"http://127.0.0.1:{server.server_address[1]}"
