@@ -518,3 +518,32 @@ def test_the_same_harvest_gives_the_same_groups_however_it_is_run(recipe_file, h
         groups.append(heads)
         assert heads.get("misc/half-of-animal-03.jpg") == "animals/animal-03.jpg", (run, heads)
     assert all(group == groups[0] for group in groups), groups
+
+
+def test_a_takedown_with_near_duplicates_follows_set_aside_copies(recipe_file, harvest,
+                                                                  tmp_path):
+    """A half-size copy harvested before its original is set aside when the original
+    comes (its record, written already, has no near_duplicate_of). A takedown of either
+    with --near-duplicates takes both, and the set-aside list forgets the removed ids."""
+    photo = Image.open(SAMPLES / "gps" / "DSCN0010.jpg").convert("RGB")
+    photo.thumbnail((800, 800))
+    for direction in ("original", "copy"):
+        photos = tmp_path / f"photos-{direction}"
+        photos.mkdir()
+        photo.resize((photo.width // 2, photo.height // 2)).save(photos / "0-copy.jpg",
+                                                                 quality=85)
+        photo.save(photos / "1-original.jpg", quality=92)
+        shutil.copyfile(SAMPLES / "gps" / "DSCN0042.jpg", photos / "2-other.jpg")
+        output = tmp_path / f"out-{direction}"
+        text = recipe(photos, output) + "run: {concurrency: 1, workers: 1}\n"
+        assert harvest("run", recipe_file(text, f"{direction}.yml"), "--no-progress")[0] == 0
+        records = {r["relative_path"][0]: r for r in read_jsonl(output / "records.jsonl")}
+        assert set_aside_ids(output).keys() == {records["0"]["id"]}
+        assert not records["0"].get("near_duplicate_of")
+        target = records["1" if direction == "original" else "0"]
+        status, out, err = harvest("takedown", str(output), "--sha256",
+                                   target["file"]["sha256"], "--near-duplicates")
+        assert status == 0, err
+        left = {r["relative_path"][0] for r in read_jsonl(output / "records.jsonl")}
+        assert left == {"2"}, (direction, left)
+        assert set_aside_ids(output) == {}

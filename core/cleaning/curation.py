@@ -7,6 +7,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 from pathlib import Path
 
 from ..options import Thresholds
@@ -305,25 +306,73 @@ def load_saved_review(output: Path) -> tuple[dict, dict] | None:
 SET_ASIDE = Path(".harvest") / "set-aside.jsonl"
 
 
-def set_aside(output: Path, record_id: str, reason: str, by: str) -> None:
+def set_aside(output: Path, record_id: str, reason: str, by: str,
+              copy_of: str | None = None) -> None:
+    """``copy_of``: the record kept instead, when the two hold the same picture (a takedown
+    with ``--near-duplicates`` follows that link)."""
     path = output / SET_ASIDE
     path.parent.mkdir(parents=True, exist_ok=True)
+    entry = {"id": record_id, "reason": reason, "by": by}
+    if copy_of is not None:
+        entry["copy_of"] = copy_of
     with path.open("a", encoding="utf-8") as handle:
-        handle.write(json.dumps({"id": record_id, "reason": reason, "by": by},
-                                ensure_ascii=False) + "\n")
+        handle.write(json.dumps(entry, ensure_ascii=False) + "\n")
 
 
-def set_aside_ids(output: Path) -> dict[str, str]:
-    """Record id -> why it was set aside."""
+def _set_aside_entries(output: Path) -> list[dict]:
     path = output / SET_ASIDE
     if not path.is_file():
-        return {}
-    found = {}
+        return []
+    entries = []
     with path.open(encoding="utf-8") as handle:
         for line in handle:
             try:
                 entry = json.loads(line)
-                found[entry["id"]] = entry.get("reason", "")
-            except (ValueError, KeyError, TypeError):
+            except ValueError:
                 continue  # a line cut off by a crash
-    return found
+            if isinstance(entry, dict) and isinstance(entry.get("id"), str):
+                entries.append(entry)
+    return entries
+
+
+# How harvest worded a near-duplicate's reason before set-aside lines named ``copy_of``.
+_OLD_COPY_REASON = re.compile(r"near duplicate of (\S+) \(distance \d+\)")
+
+
+def set_aside_copies(output: Path) -> dict[str, str]:
+    """Record id -> the record kept instead of it, for the records set aside as copies."""
+    copies = {}
+    for entry in _set_aside_entries(output):
+        kept = entry.get("copy_of")
+        if kept is None and (old := _OLD_COPY_REASON.match(str(entry.get("reason", "")))):
+            kept = old.group(1)
+        if isinstance(kept, str):
+            copies[entry["id"]] = kept
+    return copies
+
+
+def forget_set_aside(output: Path, record_ids: set[str]) -> int:
+    """A takedown's or purge's: the lines of removed records go (rewritten whole,
+    atomically); a record set aside for a removed one stays set aside. Done again after a
+    crash, it finishes."""
+    entries = _set_aside_entries(output)
+    kept = [entry for entry in entries if entry["id"] not in record_ids]
+    if len(kept) == len(entries):
+        return 0
+    path = output / SET_ASIDE
+    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with temp.open("w", encoding="utf-8") as handle:
+        for entry in kept:
+            if entry.get("copy_of") in record_ids:
+                entry = {**entry, "copy_of": None,
+                         "reason": "near duplicate of a picture since taken down"}
+            handle.write(json.dumps(entry, ensure_ascii=False) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temp, path)
+    return len(entries) - len(kept)
+
+
+def set_aside_ids(output: Path) -> dict[str, str]:
+    """Record id -> why it was set aside."""
+    return {entry["id"]: entry.get("reason", "") for entry in _set_aside_entries(output)}

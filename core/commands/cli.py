@@ -154,7 +154,7 @@ def _parser() -> argparse.ArgumentParser:
     what.add_argument("--owner", help="every picture of this owner (name, id or alias)")
     takedown.add_argument("--reason", help="why, for the audit log (no personal data)")
     takedown.add_argument("--near-duplicates", action="store_true",
-                          help="also its near-duplicates (near_duplicate_of)")
+                          help="also its near-duplicates, linked either way (near_duplicate_of, or set aside for it)")
     _key_arguments(takedown, required=False)
     takedown.set_defaults(handler=_cmd_takedown, logs=True)
 
@@ -260,7 +260,7 @@ def _carry_out_removals(output: Path, sinks, unreached: list[str], carried: _Car
     of each sink, the image files deleted. Each step can be done again, so a crash at any
     point is finished by the next takedown or purge; one that could not reach every sink
     stays pending."""
-    from ..cleaning.curation import forget_in_overlays
+    from ..cleaning.curation import forget_in_overlays, forget_set_aside
     from ..contract.shards import state_dirs
     from ..output.derived import forget_derived
     from ..output.embeddings import forget_embeddings
@@ -290,6 +290,7 @@ def _carry_out_removals(output: Path, sinks, unreached: list[str], carried: _Car
             forget_embeddings(state_dirs(output), shas)
             forget_derived(state_dirs(output), shas, ids)
             forget_in_overlays(output, ids)
+            forget_set_aside(output, ids)
             for sha in shas:
                 if len(sha) == 64 and sha.isalnum():
                     (output / ".harvest" / "thumbs" / f"{sha}.jpg").unlink(missing_ok=True)
@@ -320,6 +321,7 @@ def _decide_then_remove(output: Path, sinks, unreached, carried, entry: dict, id
 
 
 def _cmd_takedown(args) -> int:
+    from ..cleaning.curation import set_aside_copies
     from ..output.crypto import FieldCipher
     from ..output.lock import OutputLock
     from ..output.takedown import audit_entry, select
@@ -335,6 +337,7 @@ def _cmd_takedown(args) -> int:
             chosen = select(output / "records.jsonl", url=args.url, sha256=args.sha256,
                             source_id=args.source_id, owner=args.owner,
                             near_duplicates=args.near_duplicates,
+                            set_aside_copies=set_aside_copies(output),
                             cipher=FieldCipher(keyring) if keyring else None)
             if args.sha256:
                 chosen.sha256s.add(args.sha256.lower())

@@ -40,9 +40,13 @@ class Selection:
 
 def select(records_path: Path, *, url: str | None = None, sha256: str | None = None,
            source_id: str | None = None, owner: str | None = None,
-           near_duplicates: bool = False, cipher=None) -> Selection:
+           near_duplicates: bool = False, cipher=None,
+           set_aside_copies: dict[str, str] | None = None) -> Selection:
     """The records a takedown removes, and their pictures. ``cipher`` decrypts owner fields
-    of an encrypted harvest; without it, an owner can only be matched in clear text."""
+    of an encrypted harvest; without it, an owner can only be matched in clear text.
+    ``near_duplicates``: each chosen record's copies go too, both ways, whether the copy
+    came later (``near_duplicate_of``) or earlier and was set aside for it
+    (``set_aside_copies``: record id -> the record kept instead)."""
     if not records_path.is_file():
         raise UsageError(f"{records_path}: no records file (is this a harvest output folder?)")
     chosen = Selection()
@@ -69,13 +73,17 @@ def select(records_path: Path, *, url: str | None = None, sha256: str | None = N
                 if held:
                     chosen.sha256s.add(held)
     # Every record that holds one of those pictures goes with it.
+    links = {record["id"]: record["near_duplicate_of"] for record in everything
+             if record.get("near_duplicate_of")} if near_duplicates else {}
+    if near_duplicates:
+        links.update(set_aside_copies or {})
     grew = True
     while grew:
         grew = False
         for record in everything:
             info = record.get("file") or {}
             linked = (info.get("sha256") in chosen.sha256s
-                      or (near_duplicates and (record.get("near_duplicate_of") in chosen.ids)))
+                      or links.get(record["id"]) in chosen.ids)
             if linked and record["id"] not in chosen.ids:
                 chosen.ids.add(record["id"])
                 grew = True
@@ -85,12 +93,10 @@ def select(records_path: Path, *, url: str | None = None, sha256: str | None = N
                 grew = True
             if record["id"] in chosen.ids and info.get("path"):
                 chosen.paths.add(info["path"])
-        if near_duplicates:
-            for record in everything:
-                if record["id"] in chosen.ids and record.get("near_duplicate_of") \
-                        and record["near_duplicate_of"] not in chosen.ids:
-                    chosen.ids.add(record["near_duplicate_of"])
-                    grew = True
+        for record_id, kept in links.items():
+            if record_id in chosen.ids and kept not in chosen.ids:
+                chosen.ids.add(kept)
+                grew = True
     return chosen
 
 

@@ -183,7 +183,7 @@ class NearDuplicateEnricher(Enricher):
                        f"through {record.id}, which links their groups")
                 set_aside(self.context.output_dir, earlier_id,
                           f"near duplicate of {kept_id} (distance {distance}), {why}",
-                          self.context.name)
+                          self.context.name, copy_of=kept_id)
 
 
 @hookimpl
