@@ -45,10 +45,13 @@ def blind_cluster(tmp_path, hidden, env, workers: int = 2):
          "--port", "0", "--dashboard-address", ":0", "--scheduler-file", str(scheduler_file)],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
     try:
-        deadline = time.monotonic() + 30
-        while not scheduler_file.exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        address = json.loads(scheduler_file.read_text())["address"]
+        deadline, address = time.monotonic() + 30, None
+        while address is None and time.monotonic() < deadline:
+            try:  # the scheduler writes its file in more than one step
+                address = json.loads(scheduler_file.read_text())["address"]
+            except (OSError, ValueError, KeyError):
+                time.sleep(0.05)
+        assert address, "the Dask scheduler did not start"
         for n in range(workers):
             scratch = tmp_path / f"worker-{n}"
             scratch.mkdir()

@@ -154,7 +154,8 @@ def _parser() -> argparse.ArgumentParser:
     what.add_argument("--owner", help="every picture of this owner (name, id or alias)")
     takedown.add_argument("--reason", help="why, for the audit log (no personal data)")
     takedown.add_argument("--near-duplicates", action="store_true",
-                          help="also its near-duplicates, linked either way (near_duplicate_of, or set aside for it)")
+                          help="also its near-duplicates, linked either way "
+                               "(near_duplicate_of, or set aside for it)")
     _key_arguments(takedown, required=False)
     takedown.set_defaults(handler=_cmd_takedown, logs=True)
 
