@@ -284,3 +284,31 @@ def test_a_picture_without_faces_keeps_its_bytes_and_format():
         stored, shaped = shape_in_memory(data, ImageSettings(blur_faces=True), 200, 150,
                                          image_format, "x", lambda amount: nullcontext())
         assert shaped is None and stored == data, image_format
+
+
+def test_faces_of_40_pixels_in_a_large_photo_are_found_and_blurred():
+    """Two faces of about 40 px in a 3200 px picture: the whole picture seen at 640 px
+    shrinks them to 8 px and finds nothing (blur_min_face: 0, the only pass before);
+    the tiles find both, once each, and the stored copy has them blurred."""
+
+    from harvest.core.download.faces import find_faces
+
+    people = Image.open(SAMPLES / "exif-org/canon-ixus.jpg").convert("RGB")
+    canvas = Image.open(SAMPLES / LANDSCAPE).convert("RGB").resize((3200, 2400))
+    canvas.paste(people.resize((851, 638)), (1700, 900))
+    assert find_faces(canvas, 0.25, 0) == []
+    faces = find_faces(canvas, 0.25, 40)
+    assert len(faces) == 2, faces
+    for face in faces:
+        x, y, w, h = face["box"]
+        assert 30 <= w * 3200 <= 60 and 1700 <= x * 3200 <= 2551 and 900 <= y * 2400 <= 1538
+    out = io.BytesIO()
+    canvas.save(out, "JPEG", quality=92)
+    stored, shaped = shape_in_memory(out.getvalue(), ImageSettings(blur_faces=True), 3200, 2400,
+                                     "JPEG", "x", lambda amount: nullcontext())
+    assert shaped is not None and len(shaped.faces) == 2
+    after = Image.open(io.BytesIO(stored)).convert("RGB")
+    x, y, w, h = faces[0]["box"]
+    box = (round(x * 3200), round(y * 2400), round((x + w) * 3200), round((y + h) * 2400))
+    difference = ImageChops.difference(after.crop(box), canvas.crop(box))
+    assert max(band[1] for band in difference.getextrema()) > 40  # the face is changed

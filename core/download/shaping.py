@@ -57,6 +57,11 @@ IMAGE_OPTIONS: tuple[Option, ...] = (
                 "than a blurred ear"),
     Option("blur_margin", Float(0.0, 1.0), 0.2,
            help="grow each face box by this fraction of its size on every side"),
+    Option("blur_min_face", Int(0, 10_000), 40,
+           help="smallest face looked for, in pixels of the picture: a large picture is also "
+                "searched in overlapping tiles (0.5 s for 3200x2400 here); 0: the whole "
+                "picture at 640 px only, faster, and a 4,000 px photo's faces under about "
+                "190 px are missed"),
 )
 
 
@@ -196,7 +201,7 @@ def _render(source, settings: ImageSettings, width: int, height: int, image_form
             0x0112, 1) != 1 else image
         faces = None
         if settings.blur_faces:
-            faces = find_faces(picture, settings.blur_min_confidence)
+            faces = find_faces(picture, settings.blur_min_confidence, settings.blur_min_face)
             # No face: stored as it would be without blurring (a GIF stays a GIF).
             if not faces and not (replace(settings, blur_faces=False).active and reencodes(
                     settings, width, height, image_format, blurring=False)):
