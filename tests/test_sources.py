@@ -211,8 +211,23 @@ sources:
     assert records["2_l.jpg"]["list_row"] == 2 and records["6_l.jpg"]["list_row"] == 3
 
 
-@pytest.mark.parametrize("name", ["list.csv", "list.tsv", "list.parquet", "list.arrow",
-                                  "list.jsonl"])
+def test_a_jsonl_list_whose_lines_have_keys_of_their_own_is_valid(recipe_file, harvest,
+                                                                  tmp_path):
+    """JSONL declares no columns: a key the first line lacks may be on the others, so
+    validate does not judge the list by its first line (it refused this recipe)."""
+    (tmp_path / "list.jsonl").write_text(
+        json.dumps({"url": "http://example.org/1.jpg"}) + "\n"
+        + json.dumps({"url": "http://example.org/2.jpg", "caption": "a cat", "width": 10}) + "\n")
+    recipe = recipe_file("""
+output: out
+sources: [{use: urls, options: {path: list.jsonl, caption_column: caption,
+                                save_additional_columns: [width]}}]
+""")
+    status, out, err = harvest("validate", recipe)
+    assert status == 0, err
+
+
+@pytest.mark.parametrize("name", ["list.csv", "list.tsv", "list.parquet", "list.arrow"])
 @pytest.mark.parametrize("option", ["url_column: link", "caption_column: TEXT",
                                     "save_additional_columns: [width, NSFW]"])
 def test_a_column_the_list_lacks_is_one_line_naming_the_file_and_the_column(

@@ -211,20 +211,14 @@ def _among(columns: list[str]) -> str:
 
 
 def _columns(kind: str, path: Path) -> list[str] | None:
-    """The list's column names (a JSONL list's: its first object's keys)."""
+    """The list's column names; None when the list does not declare them (JSONL, whose
+    lines may each have keys of their own, or an empty list)."""
     if kind in ("csv", "tsv"):
         line = next(_lines(path, None), None)
         if line is None:
             return None
         return next(csv.reader([line], delimiter="\t" if kind == "tsv" else ","), [])
     if kind == "jsonl":
-        for line in _lines(path, None):
-            if line.strip():
-                try:
-                    row = json.loads(line)
-                except ValueError:
-                    continue
-                return list(row) if isinstance(row, dict) else None
         return None
     return _columnar_schema(kind, path).names
 
