@@ -141,13 +141,15 @@ def test_workers_that_share_no_folder_send_shards_through_the_store(
         assert summary["totals"]["stored"] == 0 and summary["totals"]["downloaded"] == 0
         assert len(stored(output)) == 80
         # No shard ran again: the only searches were the plan's probes (one result each).
-        # No shard ran again.
-        log = (output / ".harvest" / "harvest.log").read_text().splitlines()
-        planned = int(next(line for line in reversed(log) if "shards planned" in line)
-                      .split(": ")[-1].split()[0])
-        assert log[-1].endswith(f"{planned} shard(s) complete in the store already: not "
-                                f"run again") or any(
-            f"{planned} shard(s) complete in the store already" in line for line in log[-5:])
+        # Every shard ran again (a list may have grown), and fetched nothing: what the
+        # output holds is claimed as its own before the shards start.
+
+        # A new output with the same store: the shards run and store everything again
+        # (the store's markers of the first output hold it back from nothing).
+        shutil.rmtree(output)
+        fresh = _harvest(env, "run", recipe, "--cluster", address, "--no-progress")
+        assert fresh.returncode == 0, fresh.stderr
+        assert {r["id"]: r["file"]["sha256"] for r in stored(output)} == expected
 
         # Someone else's object in the store, under a marker that looks like harvest's: the
         # next run refuses it in one line naming what to remove, and stores nothing of it.
@@ -464,3 +466,47 @@ def test_credentials_for_the_cluster_store_never_go_in_the_recipe(flickr, recipe
         assert status == 2 and where in err and "environment" in err, err
         assert len(err.strip().splitlines()) == 1, err
         assert key not in out + err and secret not in out + err, err
+
+
+@needs_hidden_folders
+def test_a_shard_run_again_through_the_store_fetches_nothing_it_stored(
+        s3, s3_server, flickr, tmp_path):  # noqa: F811
+    """A URL list cut into byte ranges gives the same shards at every run. Run again, each
+    shard starts from an empty state on its worker, yet fetches nothing the output holds;
+    URLs added to the list are fetched by the next run."""
+    from fakes import FakePhoto
+
+    s3.create_bucket(Bucket=STORE_BUCKET)
+    flickr.photos = [FakePhoto(id=str(i), title="x") for i in range(1, 41)]
+    inputs = tmp_path / "inputs"  # the workers see this folder, not the client's
+    inputs.mkdir()
+    listing = inputs / "list.txt"
+    listing.write_text("".join(f"{flickr.url}/img/{i}_l.jpg\n" for i in range(1, 31)))
+    client_dir = tmp_path / "client"
+    client_dir.mkdir()
+    output = client_dir / "out"
+    recipe = client_dir / "recipe.yml"
+    recipe.write_text(f"""
+output: {output}
+run: {{allow_private_addresses: true, concurrency: 4, rate_per_host: 1000,
+      cluster_store: "s3://{STORE_BUCKET}/urls",
+      cluster_store_options: {{endpoint_url: "{s3_server}"}}}}
+sources: [{{use: urls, options: {{path: {listing}, shard_size: 400}}}}]
+sinks: [jsonl]
+""")
+    env = _env(s3_server, flickr, tmp_path)
+    with blind_cluster(tmp_path, client_dir, env) as (address, _):
+        def run() -> dict:
+            done = _harvest(env, "run", recipe, "--cluster", address, "--no-progress")
+            assert done.returncode == 0, done.stderr
+            return json.loads((output / ".harvest" / "last-run.json").read_text())["totals"]
+
+        assert run()["stored"] == 30
+        again = run()
+        assert again["downloaded"] == 0 and again["stored"] == 0, again
+        listing.write_text(listing.read_text()
+                           + "".join(f"{flickr.url}/img/{i}_l.jpg\n" for i in range(31, 41)))
+        more = run()
+        assert more["stored"] == 10 and more["downloaded"] == 10, more
+        records = stored(output)
+        assert len(records) == 40 == len({r["id"] for r in records})

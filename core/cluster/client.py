@@ -200,7 +200,11 @@ class ClusterRun:
         shard's, then the output's own."""
         main, *shards = state_dirs(self.output)
         owners = [(shard_of(state_dir.parent.name), state_dir) for state_dir in shards]
-        for owner, state_dir in [*owners, (MAIN_OWNER, main)]:
+        # Through a store a shard runs again from an empty state of its own: what the
+        # output holds is claimed as the output's first, or the shard would fetch it again.
+        # With a shared folder the shard resumes from its state, which knows its records.
+        order = [(MAIN_OWNER, main), *owners] if self.store else [*owners, (MAIN_OWNER, main)]
+        for owner, state_dir in order:
             with RunState.reading(state_dir / STATE_FILE) as reader:
                 claims = reader and reader.claims()
             if claims is None:
@@ -323,14 +327,14 @@ class ClusterRun:
 
     def _received_before(self, shards: list[Shard], merger: PartMerger) -> list[Shard]:
         """Through a store: the shards an earlier client saw committed but did not merge
-        (it was stopped) are merged now, and those that were complete do not run again."""
-        if self.store is None:
-            return shards
-        committed = self._receive_committed(merger)
-        done = {marker["shard"] for marker in committed if marker["outcome"] == "complete"}
-        if done:
-            log.info("%d shard(s) complete in the store already: not run again", len(done))
-        return [shard for shard in shards if shard.key not in done]
+        (it was stopped) are merged now. Every shard then runs, as with a shared folder
+        (a list may have grown, the output may be new); what this output holds already is
+        claimed as its own, so no shard fetches it again."""
+        if self.store is not None:
+            received = [m for m in self._receive_committed(merger) if not m["merged"]]
+            if received:
+                log.info("%d shard(s) committed by an earlier client received", len(received))
+        return shards
 
 
 class _Interrupted(Exception):
