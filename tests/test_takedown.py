@@ -272,3 +272,21 @@ def test_a_derived_store_declaration_is_checked_before_any_sql(tmp_path):
     db = sqlite3.connect(state / "labels.sqlite")
     assert db.execute("SELECT count(*) FROM labels").fetchone()[0] == 1
     db.close()
+
+
+def test_near_duplicates_follow_every_link_of_a_record(tmp_path):
+    """A record can be a later copy of one picture and set aside for another: a takedown
+    of either, with near-duplicates, takes it (one link per record kept only the last)."""
+    from harvest.core.output.takedown import select
+
+    records = tmp_path / "records.jsonl"
+    rows = [{"id": "a", "file": {"sha256": "1" * 64, "path": "images/a.jpg"}},
+            {"id": "b", "file": {"sha256": "2" * 64, "path": "images/b.jpg"}},
+            {"id": "c", "near_duplicate_of": "a",
+             "file": {"sha256": "3" * 64, "path": "images/c.jpg"}}]
+    records.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    for target, expected in (("1", {"a", "c", "b"}), ("2", {"b", "c", "a"})):
+        chosen = select(records, sha256=target * 64, near_duplicates=True,
+                        set_aside_copies={"c": "b"})
+        assert chosen.ids == expected, (target, chosen.ids)
+    assert select(records, sha256="1" * 64, set_aside_copies={"c": "b"}).ids == {"a"}

@@ -182,7 +182,9 @@ class OverlayWriter:
 
     def _remove_abandoned(self) -> None:
         for temp in self.path.parent.glob(f".{self.path.stem}.*.tmp"):
-            if temp == self.temp:
+            # A minute old at least: a writer that made its file a moment ago may not
+            # hold its lock yet.
+            if temp == self.temp or _age(temp) < 60:
                 continue
             try:
                 with open(temp, "rb") as handle:
@@ -206,6 +208,15 @@ class OverlayWriter:
         os.fsync(self.handle.fileno())
         self.handle.close()
         self.temp.replace(self.path)
+
+
+def _age(path: Path) -> float:
+    import time
+
+    try:
+        return time.time() - path.stat().st_mtime
+    except OSError:
+        return 0.0
 
 
 def write_overlay(output: Path, field: str, scores: dict[str, dict[str, float]]) -> Path:

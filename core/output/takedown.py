@@ -73,17 +73,22 @@ def select(records_path: Path, *, url: str | None = None, sha256: str | None = N
                 if held:
                     chosen.sha256s.add(held)
     # Every record that holds one of those pictures goes with it.
-    links = {record["id"]: record["near_duplicate_of"] for record in everything
-             if record.get("near_duplicate_of")} if near_duplicates else {}
+    # Record id -> the records it is a copy of: it may be both a later copy of one and
+    # set aside for another.
+    links: dict[str, set[str]] = {}
     if near_duplicates:
-        links.update(set_aside_copies or {})
+        for record in everything:
+            if record.get("near_duplicate_of"):
+                links.setdefault(record["id"], set()).add(record["near_duplicate_of"])
+        for record_id, kept in (set_aside_copies or {}).items():
+            links.setdefault(record_id, set()).add(kept)
     grew = True
     while grew:
         grew = False
         for record in everything:
             info = record.get("file") or {}
             linked = (info.get("sha256") in chosen.sha256s
-                      or links.get(record["id"]) in chosen.ids)
+                      or bool(links.get(record["id"], set()) & chosen.ids))
             if linked and record["id"] not in chosen.ids:
                 chosen.ids.add(record["id"])
                 grew = True
@@ -93,9 +98,9 @@ def select(records_path: Path, *, url: str | None = None, sha256: str | None = N
                 grew = True
             if record["id"] in chosen.ids and info.get("path"):
                 chosen.paths.add(info["path"])
-        for record_id, kept in links.items():
-            if record_id in chosen.ids and kept not in chosen.ids:
-                chosen.ids.add(kept)
+        for record_id, originals in links.items():
+            if record_id in chosen.ids and not originals <= chosen.ids:
+                chosen.ids |= originals
                 grew = True
     return chosen
 
