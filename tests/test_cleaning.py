@@ -419,7 +419,10 @@ def test_default_quality_rules_keep_real_photos_and_flag_degraded_ones(recipe_fi
         assert records["large-blurred.jpg"]["quality"]["blur"] > 100  # sharp at 512 px
         if not expect_rules:
             assert all("quality_ok" not in r and r.get("keep", True) for r in records.values())
+            assert "default rules" not in err
             continue
+        # Rules the recipe never wrote are said on the terminal when they flag pictures.
+        assert f"quality: {len(flagged)} picture(s) failed its default rules" in err, err
         assert {name for name, r in records.items() if r["quality_ok"]} == kept, {
             name: r.get("quality_failed") for name, r in records.items()}
         for name, scores in flagged.items():

@@ -121,6 +121,15 @@ class QualityEnricher(Enricher):
             raise OptionError("keep_if", f"{unknown[0]}: not a quality score (the scores: "
                                          f"{', '.join(SCORES)})")
 
+    def close(self) -> None:
+        flagged = getattr(self, "flagged_by_defaults", 0)
+        if flagged:
+            # Rules the recipe never wrote take pictures out of exports: say so, each run.
+            self.log.warning("%s: %d picture(s) failed its default rules and are marked "
+                             "keep: false, which export leaves out; set keep_if, or "
+                             "defaults: false to only score", self.context.name, flagged)
+        super().close()
+
     def enrich(self, records: list[Record]) -> None:
         output = self.context.output_dir.resolve()
         rules = {**(DEFAULT_RULES if self.config["defaults"] else {}),
@@ -138,6 +147,8 @@ class QualityEnricher(Enricher):
                 continue
             record.fields["quality_ok"] = not failed
             if failed:
+                if not self.config["keep_if"]:
+                    self.flagged_by_defaults = getattr(self, "flagged_by_defaults", 0) + 1
                 record.fields["quality_failed"] = failed
                 # The record's one verdict, which export and review read (no other
                 # scorer's pass may turn it back).
