@@ -339,9 +339,14 @@ def paired_ratios(ours: list[dict], theirs: list[dict]) -> str:
     """Speed and CPU-per-image ratios of runs in the same round, as a range over rounds."""
     pairs = [(mine, next(other for other in theirs if other["round"] == mine["round"]))
              for mine in ours]
-    speed = [mine["images_per_s"] / other["images_per_s"] for mine, other in pairs]
-    cpu = [mine["cpu_ms_per_image"] / other["cpu_ms_per_image"] for mine, other in pairs]
-    return f"{span(speed, 2)}x, {span(cpu, 2)}x"
+    # Beyond start-up, a tiny run's CPU can round to nothing (the smoke test's 50 images):
+    # no ratio then, rather than a division by zero.
+    speed = [mine["images_per_s"] / other["images_per_s"] for mine, other in pairs
+             if other["images_per_s"] > 0]
+    cpu = [mine["cpu_ms_per_image"] / other["cpu_ms_per_image"] for mine, other in pairs
+           if other["cpu_ms_per_image"] > 0]
+    return (f"{span(speed, 2) + 'x' if speed else 'n/a'}, "
+            f"{span(cpu, 2) + 'x' if cpu else 'n/a'}")
 
 
 def without_startup(rows: list[dict], startups: list[dict]) -> list[dict]:
