@@ -52,6 +52,10 @@ import time
 import urllib.request
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from run import tree_rss_mb  # noqa: E402  (bench/run.py, beside this file)
+
 IMG2DATASET = "img2dataset==1.47.0"
 TOOLS = ("harvest", "img2dataset", "curl")
 KINDS = ("small", "photo")
@@ -238,23 +242,6 @@ class Nginx:
 
 
 # -- measuring --------------------------------------------------------------------------------
-
-def tree_rss_mb(pid: int) -> float:
-    total, todo = 0.0, [pid]
-    while todo:
-        current = todo.pop()
-        try:
-            with open(f"/proc/{current}/status") as status:
-                for line in status:
-                    if line.startswith("VmRSS:"):
-                        total += int(line.split()[1]) / 1024
-            for task in os.listdir(f"/proc/{current}/task"):
-                with open(f"/proc/{current}/task/{task}/children") as children:
-                    todo.extend(int(child) for child in children.read().split())
-        except OSError:
-            continue
-    return total
-
 
 def measure(command: list[str], env: dict, log: Path) -> dict:
     """Runs a child to its end: wall seconds, CPU seconds of it and its waited-for

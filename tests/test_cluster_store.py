@@ -93,6 +93,16 @@ def _harvest(env, *args, check_kill=False):
                           env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
 
 
+def _client_side(tmp_path, flickr, s3_endpoint, prefix: str):
+    """The client's folder (hidden from the workers), its output and its recipe."""
+    client_dir = tmp_path / "client"
+    client_dir.mkdir()
+    output = client_dir / "out"
+    recipe = client_dir / "recipe.yml"
+    recipe.write_text(cluster_recipe(flickr, output, run=_store_run(s3_endpoint, prefix)))
+    return client_dir, output, recipe
+
+
 def _objects(bucket, prefix: str) -> dict[str, bytes]:
     listing = bucket.list_objects_v2(Bucket=STORE_BUCKET, Prefix=prefix).get("Contents", [])
     return {o["Key"]: bucket.get_object(Bucket=STORE_BUCKET, Key=o["Key"])["Body"].read()
@@ -112,11 +122,7 @@ def test_workers_that_share_no_folder_send_shards_through_the_store(
     s3.create_bucket(Bucket=STORE_BUCKET)
     flickr.photos = cluster_photos()
     expected = _alone(flickr, recipe_file, harvest, tmp_path)
-    client_dir = tmp_path / "client"
-    client_dir.mkdir()
-    output = client_dir / "out"
-    recipe = client_dir / "recipe.yml"
-    recipe.write_text(cluster_recipe(flickr, output, run=_store_run(s3_server, "run1")))
+    client_dir, output, recipe = _client_side(tmp_path, flickr, s3_server, "run1")
     env = _env(s3_server, flickr, tmp_path)
     with blind_cluster(tmp_path, client_dir, env) as (address, _):
         done = _harvest(env, "run", recipe, "--cluster", address, "--no-progress")
@@ -192,11 +198,7 @@ def test_a_killed_worker_and_a_killed_client_lose_nothing_and_store_nothing_twic
     flickr.photos = cluster_photos()
     expected = _alone(flickr, recipe_file, harvest, tmp_path)
     flickr.image_latency = 0.1
-    client_dir = tmp_path / "client"
-    client_dir.mkdir()
-    output = client_dir / "out"
-    recipe = client_dir / "recipe.yml"
-    recipe.write_text(cluster_recipe(flickr, output, run=_store_run(s3_server, "run2")))
+    client_dir, output, recipe = _client_side(tmp_path, flickr, s3_server, "run2")
     env = _env(s3_server, flickr, tmp_path)
     with blind_cluster(tmp_path, client_dir, env) as (address, workers):
         killed = _harvest(dict(env, HARVEST_TEST_KILL_AT="shard-committed"), "run", recipe,

@@ -136,7 +136,8 @@ class ClusterRun:
             try:
                 # Before the claims are loaded: what an earlier client left committed in
                 # the store holds claims too.
-                shards = self._received_before(shards, merger)
+                if self.store is not None:
+                    self._receive_committed(merger)
                 self._preload(coordinator)
             except BaseException:
                 self.summary.outcome = "failed"
@@ -163,12 +164,7 @@ class ClusterRun:
         probe = self.output / ".harvest" / f"cluster-probe-{token}"
         probe.write_text(token)
         try:
-            if not client.scheduler_info().get("workers"):
-                try:
-                    client.wait_for_workers(1, timeout=60)
-                except TimeoutError:
-                    raise UsageError(f"--cluster {self.address}: no worker joined the cluster "
-                                     f"within 60 s") from None
+            self._wait_for_a_worker(client)
             answers = client.run(check_output, str(self.output.resolve()), token)
         finally:
             probe.unlink(missing_ok=True)
@@ -179,15 +175,18 @@ class ClusterRun:
                              f"worker at the same path; worker {worker} cannot see it "
                              f"({problem})")
 
-    def _check_store(self, client: Client) -> None:
-        """Workers that share no folder with the client: each must write to the store."""
-        self.store.check()
+    def _wait_for_a_worker(self, client: Client) -> None:
         if not client.scheduler_info().get("workers"):
             try:
                 client.wait_for_workers(1, timeout=60)
             except TimeoutError:
                 raise UsageError(f"--cluster {self.address}: no worker joined the cluster "
                                  f"within 60 s") from None
+
+    def _check_store(self, client: Client) -> None:
+        """Workers that share no folder with the client: each must write to the store."""
+        self.store.check()
+        self._wait_for_a_worker(client)
         answers = client.run(check_store, self.store.url, self.store.storage_options)
         blind = {worker: problem for worker, problem in answers.items() if problem}
         if blind:
@@ -311,9 +310,12 @@ class ClusterRun:
             merger.merge(self.store.receive(result["sent"], self.output))
             self.store.settle(result["sent"])
 
-    def _receive_committed(self, merger: PartMerger) -> list[dict]:
-        committed = self.store.committed()
-        for marker in committed:
+    def _receive_committed(self, merger: PartMerger) -> None:
+        """Through a store: the attempts committed and not merged (a killed client's) are
+        received and merged. Every shard runs still, as with a shared folder (a list may
+        have grown, the output may be new); what the output holds is claimed as its own,
+        so no shard fetches it again."""
+        for marker in self.store.committed():
             if marker["merged"]:
                 continue
             try:
@@ -323,18 +325,7 @@ class ClusterRun:
                                  f"{marker['part']}.json to run that shard again") from None
             merger.merge(part_dir)
             self.store.settle(marker)
-        return committed
-
-    def _received_before(self, shards: list[Shard], merger: PartMerger) -> list[Shard]:
-        """Through a store: the shards an earlier client saw committed but did not merge
-        (it was stopped) are merged now. Every shard then runs, as with a shared folder
-        (a list may have grown, the output may be new); what this output holds already is
-        claimed as its own, so no shard fetches it again."""
-        if self.store is not None:
-            received = [m for m in self._receive_committed(merger) if not m["merged"]]
-            if received:
-                log.info("%d shard(s) committed by an earlier client received", len(received))
-        return shards
+            log.info("shard %s committed by an earlier client received", marker["part"])
 
 
 class _Interrupted(Exception):

@@ -59,9 +59,9 @@ def run_shard(job: ShardJob) -> dict:
                                     dir=get_worker().local_directory))
     try:
         part_name = attempt_name(job.shard.key)
-        result = _run_shard(job, replace(job.recipe, output=scratch),
-                            scratch / SHARDS_DIR / part_name)
-        if (scratch / SHARDS_DIR / part_name).is_dir():  # not when stopped before it began
+        part_dir = scratch / SHARDS_DIR / part_name
+        result = _run_shard(job, replace(job.recipe, output=scratch), part_dir)
+        if part_dir.is_dir():  # not when stopped before it began
             result["sent"] = ShardStore(*job.store).send(scratch, part_name,
                                                          result["summary"]["outcome"])
         return result

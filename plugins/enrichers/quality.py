@@ -121,8 +121,12 @@ class QualityEnricher(Enricher):
             raise OptionError("keep_if", f"{unknown[0]}: not a quality score (the scores: "
                                          f"{', '.join(SCORES)})")
 
+    def open(self) -> None:
+        super().open()
+        self.flagged_by_defaults = 0
+
     def close(self) -> None:
-        flagged = getattr(self, "flagged_by_defaults", 0)
+        flagged = getattr(self, "flagged_by_defaults", 0)  # 0 when it never opened
         if flagged:
             # Rules the recipe never wrote take pictures out of exports: say so, each run.
             self.log.warning("%s: %d picture(s) failed its default rules and are marked "
@@ -148,7 +152,7 @@ class QualityEnricher(Enricher):
             record.fields["quality_ok"] = not failed
             if failed:
                 if not self.config["keep_if"]:
-                    self.flagged_by_defaults = getattr(self, "flagged_by_defaults", 0) + 1
+                    self.flagged_by_defaults += 1
                 record.fields["quality_failed"] = failed
                 # The record's one verdict, which export and review read (no other
                 # scorer's pass may turn it back).
